@@ -1,0 +1,37 @@
+# llm-pipeline: `make demo` and `make test` each set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch goes in first so that nothing later pulls a multi-GB CUDA build; on a machine that keeps a
+# CPU wheel on disk (like ours) this takes seconds. Override for GPUs: make setup TORCH_SPEC='torch==2.13.0'
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench-curate clean help
+
+help:
+	@echo "make demo   - set up .venv, build the sample corpus, run curate -> train -> quantize -> serve"
+	@echo "make test   - set up .venv and run the test suite"
+	@echo "make clean  - remove runs/ and the generated corpus"
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+data/corpus/.built: $(VENV)/.installed src/pipeline/sample_data.py
+	$(VENV)/bin/pipeline sample-data --out data
+	touch $@
+
+demo: setup data/corpus/.built
+	$(VENV)/bin/pipeline run --config configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs data/corpus

@@ -1,0 +1,172 @@
+"""`pipeline {sample-data,curate,train,quantize,serve,run}`: one command per stage, and `run` for all.
+
+Every stage reads the previous stage's folder and writes its own under runs/<name>/<stage>/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, load_config
+
+log = logging.getLogger("pipeline")
+DEMO_TOKENS = 32
+
+EPILOG = """examples:
+  pipeline sample-data                       build the demo corpus from this machine's licence texts
+  pipeline run                               every stage with configs/demo.yaml, then one HTTP generation
+  pipeline train --config my.yaml train.max_steps=200 train.lora.r=8
+  pipeline curate --input 'corpus/*.jsonl.gz' --output /data/curated dedup.threshold=0.85
+  pipeline serve                             serve the last run's model on 127.0.0.1:8000 until Ctrl-C
+
+With RAY_ADDRESS set (or under `ray job submit`) the stages run on that cluster; otherwise on a
+local Ray started in this process."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeline", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    stages = {
+        "sample-data": "build the demo corpus (data/corpus/) and instruction set from local text",
+        "curate": "read, normalize, filter and deduplicate the corpus (Ray Data)",
+        "train": "fine-tune the model with LoRA on Ray Train + DeepSpeed",
+        "quantize": "merge the adapter and quantize to AWQ 4-bit (llm-compressor)",
+        "serve": "serve the exported model on Ray Serve until interrupted",
+        "run": "curate -> train -> quantize -> serve, then print a generation and a summary",
+    }
+    for name, help_text in stages.items():
+        s = sub.add_parser(name, help=help_text, description=help_text)
+        s.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+        s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=1e-4")
+        if name == "curate":
+            s.add_argument("--input", nargs="+", help="input files or globs (overrides data.input)")
+            s.add_argument("--output", help="output folder (default: runs/<name>/curate)")
+        if name == "sample-data":
+            s.add_argument("--out", default="data", help="the corpus goes to OUT/corpus/ (default: %(default)s)")
+            s.add_argument("--max-mb", type=float, default=4.0, help="corpus size in MB (default: %(default)s)")
+            s.add_argument("--instructions", action="store_true",
+                           help="also rewrite OUT/instructions.jsonl (the repo ships one)")
+        if name == "run":
+            s.add_argument("--keep-serving", action="store_true", help="leave the endpoint up at the end")
+    return p
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    line = "+" + "-" * (width + 2) + "+" + "-" * 52 + "+"
+    body = [f"| {k:<{width}} | {str(v)[:50]:<50} |" for k, v in rows]
+    return "\n".join([line, *body, line])
+
+
+def _wait_for_interrupt() -> None:
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_sample_data(args) -> None:
+    from pipeline.sample_data import build_corpus, write_instructions
+
+    out = Path(args.out)
+    files = build_corpus(out / "corpus", max_bytes=int(args.max_mb * 1e6))
+    print(f"corpus: {len(files)} jsonl files in {out / 'corpus'}")
+    if args.instructions:
+        print(f"instructions: {write_instructions(out / 'instructions.jsonl')}")
+
+
+def cmd_curate(cfg: PipelineConfig, args) -> dict:
+    from pipeline.curate.stage import run_curate
+
+    stats = run_curate(cfg, inputs=getattr(args, "input", None), out_dir=getattr(args, "output", None))
+    print(json.dumps({k: stats[k] for k in ("docs_in", "kept", "rejected", "by_reason")}, indent=2))
+    return stats
+
+
+def cmd_run(cfg: PipelineConfig, args) -> None:
+    from ray import serve
+
+    from pipeline.export.stage import run_quantize
+    from pipeline.serving.deploy import deploy, generate
+    from pipeline.train.stage import run_train
+
+    t0 = time.time()
+    stats = cmd_curate(cfg, args)
+    train = run_train(cfg)
+    quant = run_quantize(cfg)
+    url = deploy(cfg)
+    reply = generate(url, cfg.serve.demo_prompt, DEMO_TOKENS)
+    print(f"\nPOST {url}/generate {{'prompt': {cfg.serve.demo_prompt!r}}}\n-> {json.dumps(reply)}\n")
+    print(_table([
+        ("docs in / kept / rejected", f"{stats['docs_in']} / {stats['kept']} / {stats['rejected']}"),
+        ("train loss first -> last", f"{train['loss_first']:.4f} -> {train['loss_last']:.4f} ({train['steps']} steps)"),
+        ("train tokens/s", train["tokens_per_s"]),
+        ("quantized size", f"{quant.get('quantized_bytes', quant['merged_bytes']) / 1e6:.2f} MB "
+                           f"({quant.get('size_ratio', 1.0):.2f}x of {quant['merged_bytes'] / 1e6:.2f} MB)"),
+        ("perplexity 16-bit -> 4-bit", f"{quant['merged_perplexity']:.2f} -> {quant.get('quantized_perplexity', '-')}"),
+        ("endpoint", f"{url}/generate"),
+        ("wall time", f"{time.time() - t0:.0f} s"),
+    ]))
+    if args.keep_serving:
+        print(f"serving at {url}; Ctrl-C to stop")
+        _wait_for_interrupt()
+    serve.shutdown()
+
+
+def cmd_serve(cfg: PipelineConfig, args) -> None:
+    from ray import serve
+
+    from pipeline.serving.deploy import deploy
+
+    url = deploy(cfg)
+    print(f"serving at {url} (POST /generate, GET /healthz); Ctrl-C to stop")
+    _wait_for_interrupt()
+    serve.shutdown()
+
+
+def dispatch(args) -> None:
+    if args.command == "sample-data":
+        return cmd_sample_data(args)
+    cfg = load_config(args.config, args.overrides)
+    from pipeline.runtime import init_ray
+
+    init_ray()
+    if args.command == "curate":
+        cmd_curate(cfg, args)
+    elif args.command == "train":
+        from pipeline.train.stage import run_train
+
+        summary = run_train(cfg)
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+    elif args.command == "quantize":
+        from pipeline.export.stage import run_quantize
+
+        print(json.dumps(run_quantize(cfg), indent=2))
+    elif args.command == "serve":
+        cmd_serve(cfg, args)
+    elif args.command == "run":
+        cmd_run(cfg, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = _parser().parse_args(argv)
+    try:
+        dispatch(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"pipeline {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Exact dedup: hash the normalized text; rows that share a hash keep only the lowest id.
+
+Rows are hash-partitioned on the digest, so each block holds every copy of its texts and
+can decide alone; nothing is gathered in the driver.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import pandas as pd
+import ray
+
+from pipeline.curate.records import is_kept
+
+
+def add_digest(batch: pd.DataFrame) -> pd.DataFrame:
+    batch["digest"] = [hashlib.sha1(t.encode()).hexdigest() if r == "" else f"rejected:{i}"
+                       for t, r, i in zip(batch["text"], batch["reason"], batch["id"])]
+    return batch
+
+
+def mark_exact_duplicates(block: pd.DataFrame) -> pd.DataFrame:
+    kept = block[is_kept(block)]
+    survivors = kept.groupby("digest")["id"].min()
+    survivor = block["digest"].map(survivors)
+    dup = is_kept(block) & (survivor != block["id"])
+    block.loc[dup, "reason"] = "exact duplicate"
+    block.loc[dup, "duplicate_of"] = survivor[dup]
+    return block
+
+
+def exact_dedup(ds: ray.data.Dataset, num_blocks: int) -> ray.data.Dataset:
+    ds = ds.map_batches(add_digest, batch_format="pandas")
+    ds = ds.repartition(num_blocks, keys=["digest"])
+    return ds.map_batches(mark_exact_duplicates, batch_format="pandas", batch_size=None).drop_columns(["digest"])

@@ -1,0 +1,126 @@
+"""Readers: one Ray Data task per input file, turning every line/element/row into a record.
+
+Nothing here raises on bad data: a malformed line, invalid UTF-8 or a missing text field
+becomes a record with a `reason` and the raw input, so it ends up in `rejected/`.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+import ray
+
+from pipeline.curate.records import record
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches and Path(pattern).is_file():
+            matches = [pattern]
+        for m in matches:
+            files += sorted(str(p) for p in Path(m).rglob("*") if p.is_file()) if Path(m).is_dir() else [m]
+    if not files:
+        raise FileNotFoundError(f"no input files match {patterns}")
+    return files
+
+
+def file_format(path: str) -> str:
+    suffixes = [s for s in Path(path).suffixes if s not in (".gz",)]
+    fmt = FORMATS.get(suffixes[-1] if suffixes else "", None)
+    if fmt is None:
+        raise ValueError(f"{path}: unknown format; expected one of {sorted(FORMATS)} (optionally .gz)")
+    return fmt
+
+
+def _open_bytes(path: str) -> bytes:
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as fh:
+        return fh.read()
+
+
+def _from_value(value, rid: str, source: str, text_field: str, id_field: str, raw: str) -> dict:
+    if not isinstance(value, dict):
+        return record(rid, source=source, raw=raw, reason="not a JSON object")
+    if id_field in value and value[id_field] is not None:
+        rid = str(value[id_field])
+    text = value.get(text_field)
+    if not isinstance(text, str):
+        return record(rid, source=source, raw=raw, reason=f"missing text field {text_field!r}")
+    if not text.strip():
+        return record(rid, source=source, raw=raw, reason="empty text")
+    return record(rid, text=text, source=source)
+
+
+def _jsonl(path: str, data: bytes, text_field: str, id_field: str) -> Iterator[dict]:
+    for n, line in enumerate(data.splitlines(), start=1):
+        rid = f"{path}:{n}"
+        if not line.strip():
+            continue  # blank lines carry no record
+        try:
+            raw = line.decode("utf-8")
+        except UnicodeDecodeError:
+            yield record(rid, source=path, raw=line.decode("utf-8", "replace"), reason="invalid utf-8")
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as e:
+            yield record(rid, source=path, raw=raw, reason=f"malformed json: {e.msg}")
+            continue
+        yield _from_value(value, rid, path, text_field, id_field, raw)
+
+
+def _json_array(path: str, data: bytes, text_field: str, id_field: str) -> Iterator[dict]:
+    try:
+        values = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        yield record(f"{path}:0", source=path, raw=data[:10_000].decode("utf-8", "replace"),
+                     reason=f"malformed json file: {e}")
+        return
+    if not isinstance(values, list):
+        values = [values]
+    for n, value in enumerate(values):
+        yield _from_value(value, f"{path}:{n}", path, text_field, id_field, json.dumps(value)[:10_000])
+
+
+def _parquet(path: str, data: bytes, text_field: str, id_field: str) -> Iterator[dict]:
+    table = pq.read_table(io.BytesIO(data))
+    for n, row in enumerate(table.to_pylist()):
+        yield _from_value(row, f"{path}:{n}", path, text_field, id_field, json.dumps(row, default=str)[:10_000])
+
+
+def _text(path: str, data: bytes, text_field: str, id_field: str) -> Iterator[dict]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        yield record(path, source=path, raw=data[:10_000].decode("utf-8", "replace"), reason="invalid utf-8")
+        return
+    yield record(path, text=text, source=path) if text.strip() else record(path, source=path, reason="empty text")
+
+
+READERS = {"jsonl": _jsonl, "json": _json_array, "parquet": _parquet, "text": _text}
+
+
+def read_file(row: dict, text_field: str, id_field: str) -> list[dict]:
+    path = row["path"]
+    try:
+        data = _open_bytes(path)
+    except OSError as e:
+        return [record(path, source=path, reason=f"unreadable file: {e}")]
+    records = list(READERS[file_format(path)](path, data, text_field, id_field))
+    return records or [record(path, source=path, reason="empty file")]
+
+
+def read_corpus(patterns: list[str], text_field: str = "text", id_field: str = "id") -> ray.data.Dataset:
+    files = expand_inputs(patterns)
+    for f in files:
+        file_format(f)  # fail fast, before any task runs, on a file we cannot read
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    return ds.flat_map(read_file, fn_kwargs={"text_field": text_field, "id_field": id_field})

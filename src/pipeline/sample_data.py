@@ -1,0 +1,105 @@
+"""Sample data that needs no download: text that this machine's Debian packages ship.
+
+`/usr/share/doc/*/copyright` and `/usr/share/common-licenses/*` are real English prose
+with many natural near-duplicates (the same licence pasted into hundreds of packages,
+with small edits), which is exactly what curation has to handle.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+DOC_ROOTS = ("/usr/share/doc", "/usr/share/common-licenses")
+MAX_FILE_BYTES = 200_000  # a few multi-MB boost files repeat one text; skip them
+DOC_CHARS = 1500  # paragraphs are merged into documents of about this size
+
+
+def source_files() -> list[Path]:
+    files = sorted(Path(DOC_ROOTS[0]).glob("*/copyright"))
+    files += sorted(p for p in Path(DOC_ROOTS[1]).glob("*") if p.is_file())
+    return [p for p in files if p.stat().st_size <= MAX_FILE_BYTES]
+
+
+def split_documents(text: str, target_chars: int = DOC_CHARS) -> list[str]:
+    """Merge blank-line separated paragraphs into documents of about `target_chars`."""
+    docs, current = [], ""
+    for para in re.split(r"\n\s*\n", text):
+        current = f"{current}\n\n{para}" if current else para
+        if len(current) >= target_chars:
+            docs.append(current.strip())
+            current = ""
+    if current.strip():
+        docs.append(current.strip())
+    return docs
+
+
+def build_corpus(out_dir: str | Path, max_bytes: int = 4_000_000, shards: int = 4) -> list[Path]:
+    """Write the demo corpus as `shards` jsonl files; returns their paths. Deterministic."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records, size = [], 0
+    for path in source_files():
+        name = path.parent.name if path.name == "copyright" else f"license-{path.name}"
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for i, doc in enumerate(split_documents(text)):
+            records.append({"id": f"{name}/{i}", "text": doc, "source": str(path)})
+            size += len(doc.encode())
+        if size >= max_bytes:
+            break
+    paths = [out / f"part-{k:02d}.jsonl" for k in range(shards)]
+    handles = [p.open("w", encoding="utf-8") for p in paths]
+    for n, rec in enumerate(records):
+        handles[n % shards].write(json.dumps(rec) + "\n")
+    for h in handles:
+        h.close()
+    return paths
+
+
+FIELD = re.compile(r"^(Upstream-Name|Source|License|Copyright|Files):\s*(.+)$", re.M)
+# a stand-alone licence paragraph: "License: NAME" followed by its indented text
+LICENSE_BODY = re.compile(r"^License:\s*(\S[^\n]*)\n((?:[ \t]+\S[^\n]*\n?){3,})", re.M)
+
+
+def _copyright_fields(text: str) -> dict[str, list[str]]:
+    fields: dict[str, list[str]] = {}
+    for key, value in FIELD.findall(text):
+        fields.setdefault(key, []).append(value.strip())
+    return fields
+
+
+def instruction_pairs(limit: int = 400, seed: int = 0) -> list[dict]:
+    """Derive [TASK]/[INPUT]/[OUTPUT] pairs from machine-readable Debian copyright files."""
+    pairs = []
+    for path in sorted(Path(DOC_ROOTS[0]).glob("*/copyright")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.startswith("Format:") or len(text) > MAX_FILE_BYTES:
+            continue
+        f, package = _copyright_fields(text), path.parent.name
+        header = text[:400]
+        if f.get("Upstream-Name"):
+            pairs.append(("upstream-name", header, f["Upstream-Name"][0]))
+        for name, body in LICENSE_BODY.findall(text)[:2]:
+            pairs.append(("license", " ".join(body.split())[:300], name.strip()))
+        if f.get("License"):
+            pairs.append(("license-count", f"package {package}", str(len(set(f["License"])))))
+        if f.get("Copyright"):
+            pairs.append(("copyright-holder", f"package {package}", f["Copyright"][0]))
+    random.Random(seed).shuffle(pairs)
+    return [{"task": t, "input": i, "output": o} for t, i, o in pairs[:limit]]
+
+
+def format_instruction(task: str, input_text: str, output: str | None = None) -> str:
+    """The seed's multi-task template; `output=None` gives the prompt the model completes."""
+    prompt = f"[TASK] {task}\n[INPUT] {input_text}\n[OUTPUT] "
+    return prompt if output is None else prompt + output
+
+
+def write_instructions(path: str | Path, limit: int = 400) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for rec in instruction_pairs(limit):
+            fh.write(json.dumps(rec) + "\n")
+    return path

@@ -1,0 +1,76 @@
+"""Shared fixtures: one local Ray for the whole session, a small real corpus, a tiny config."""
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import ray
+
+from pipeline.config import PipelineConfig, load_config
+from pipeline.sample_data import build_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    from pipeline.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+# Records whose fate is known: they are appended to the real corpus sample.
+PLANTED = [
+    {"id": "planted-short", "text": "too few words"},
+    {"id": "planted-empty", "text": "   "},
+    {"id": "planted-notext", "body": "no text field here"},
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """~400 KB of real licence text (with its natural duplicates) plus planted bad records."""
+    root = tmp_path_factory.mktemp("corpus")
+    files = build_corpus(root, max_bytes=400_000, shards=2)
+    with files[0].open("a") as fh:
+        for rec in PLANTED:
+            fh.write(json.dumps(rec) + "\n")
+        fh.write('{"id": "planted-bad-json", "text": \n')
+        first = json.loads(files[1].read_text().splitlines()[0])
+        fh.write(json.dumps({"id": "planted-exact-copy", "text": first["text"]}) + "\n")
+        words = first["text"].split()
+        near = " ".join(words[:-1] + ["CHANGED"]) if len(words) > 60 else first["text"] + " extra"
+        fh.write(json.dumps({"id": "planted-near-copy", "text": near}) + "\n")
+    with files[1].open("ab") as fh:
+        fh.write(b'{"id": "planted-bad-utf8", "text": "caf\xe9"}\n')
+    return root
+
+
+def tiny_config(tmp: Path, corpus: Path, *overrides: str) -> PipelineConfig:
+    return load_config(TINY, [f"runs_dir={tmp}", f"data.input=[{corpus}/*.jsonl]",
+                              f"serve.port={free_port()}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_local, tiny_corpus, tmp_path_factory) -> PipelineConfig:
+    """curate -> train -> quantize once on the tiny corpus; stage tests assert on the outputs."""
+    from pipeline.curate.stage import run_curate
+    from pipeline.export.stage import run_quantize
+    from pipeline.train.stage import run_train
+
+    cfg = tiny_config(tmp_path_factory.mktemp("runs"), tiny_corpus)
+    run_curate(cfg)
+    run_train(cfg)
+    run_quantize(cfg)
+    return cfg

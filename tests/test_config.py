@@ -1,0 +1,42 @@
+import pytest
+
+from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
+
+
+def test_demo_config_loads_with_typed_overrides():
+    cfg = load_config(DEFAULT_CONFIG, ["train.lr=1e-4", "train.lora.r=8", "data.dedup.threshold=0.9",
+                                       "data.input=[a.jsonl, b.jsonl]", "serve.port=9000"])
+    assert cfg.train.lr == 1e-4 and cfg.train.lora.r == 8
+    assert cfg.data.dedup.threshold == 0.9
+    assert cfg.data.input == ["a.jsonl", "b.jsonl"]
+    assert cfg.serve.port == 9000
+
+
+def test_unknown_key_names_the_key_and_what_is_allowed():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT_CONFIG, ["train.lrr=0.1"])
+    msg = str(e.value)
+    assert "train.lrr: unknown key" in msg
+    assert "lr" in msg and "max_steps" in msg
+
+
+def test_bad_value_names_the_key_and_the_value():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT_CONFIG, ["train.zero_stage=5"])
+    assert "train.zero_stage" in str(e.value) and "5" in str(e.value)
+    with pytest.raises(ConfigError, match="train.lr.*'fast'"):
+        load_config(DEFAULT_CONFIG, ["train.lr=fast"])
+
+
+def test_cross_field_rule_and_malformed_override():
+    with pytest.raises(ConfigError, match="max_replicas"):
+        load_config(DEFAULT_CONFIG, ["serve.min_replicas=3", "serve.max_replicas=2"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(DEFAULT_CONFIG, ["train.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("no/such.yaml")
+
+
+def test_stage_dirs_live_under_runs_name(tmp_path):
+    cfg = load_config(DEFAULT_CONFIG, [f"runs_dir={tmp_path}", "name=exp1"])
+    assert cfg.stage_dir("train") == tmp_path / "exp1" / "train"

@@ -1,0 +1,79 @@
+"""`ray job submit` against a real Ray head started here (ray start --head on free ports)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port
+
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict:
+    # token auth is on by default in Ray 2.60; the CLI only sends the token when asked to
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    dash = free_port()
+    temp = Path(f"/tmp/rj-{uuid.uuid4().hex[:6]}")  # Ray's socket paths must stay short
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--temp-dir={temp}"]
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=_env(),
+                         capture_output=True).returncode != 0:
+        assert proc.poll() is None and time.time() < deadline, "ray head did not come up"
+        time.sleep(2)
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)  # --block: the head takes its processes down with it
+    proc.wait(timeout=60)
+
+
+def submit(address: str, *entrypoint: str, timeout_s: int = 900) -> tuple[str, str]:
+    job_id = f"test-{uuid.uuid4().hex[:8]}"
+    subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+                    "--submission-id", job_id, "--no-wait", "--", *entrypoint],
+                   env=_env(), cwd=REPO, check=True, capture_output=True, timeout=120)
+    deadline = time.time() + timeout_s
+    while True:
+        out = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job_id],
+                             env=_env(), capture_output=True, text=True).stdout
+        status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if f"status: {s}" in out or f"'{s}'" in out
+                       or s in out.split()), None)
+        if status or time.time() > deadline:
+            break
+        time.sleep(3)
+    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, job_id],
+                          env=_env(), capture_output=True, text=True).stdout
+    return status or "TIMEOUT", logs
+
+
+@pytest.mark.slow
+def test_pipeline_job_succeeds_and_writes_every_stage(head, tiny_corpus, tmp_path):
+    status, logs = submit(head, "python", "rayjobs/pipeline.py", "--config", "configs/tiny.yaml",
+                          f"runs_dir={tmp_path}", f"data.input=[{tiny_corpus}/*.jsonl]", f"serve.port={free_port()}")
+    assert status == "SUCCEEDED", logs[-3000:]
+    run = tmp_path / "tiny"
+    assert (run / "curate" / "stats.json").is_file()
+    assert (run / "train" / "final" / "adapter" / "adapter_config.json").is_file()
+    assert (run / "quantize" / "awq" / "config.json").is_file()
+    assert "POST http://127.0.0.1" in logs and "/generate" in logs
+
+
+def test_failing_job_reports_failed_with_our_message(head, tmp_path):
+    status, logs = submit(head, "python", "rayjobs/quantize.py", "--config", "configs/tiny.yaml",
+                          f"runs_dir={tmp_path}", timeout_s=300)
+    assert status == "FAILED"
+    assert "run `pipeline train` first" in logs
