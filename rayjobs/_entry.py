@@ -6,9 +6,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+# Python put this folder first on sys.path; its serve.py would shadow the serve/ app package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 if SRC.is_dir() and str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(1, str(HERE.parent))
 
 
 def run_stage(stage: str) -> int:

@@ -1,5 +1,6 @@
 """`ray job submit` against a real Ray head started here (ray start --head on free ports)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def head(tmp_path_factory):
     proc.wait(timeout=60)
 
 
-def submit(address: str, *entrypoint: str, timeout_s: int = 900) -> tuple[str, str]:
+def submit(address: str, *entrypoint: str, timeout_s: int = 600) -> tuple[str, str]:
     job_id = f"test-{uuid.uuid4().hex[:8]}"
     subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
                     "--submission-id", job_id, "--no-wait", "--", *entrypoint],
@@ -49,9 +50,9 @@ def submit(address: str, *entrypoint: str, timeout_s: int = 900) -> tuple[str, s
     deadline = time.time() + timeout_s
     while True:
         out = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job_id],
-                             env=_env(), capture_output=True, text=True).stdout
-        status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if f"status: {s}" in out or f"'{s}'" in out
-                       or s in out.split()), None)
+                             env=_env(), capture_output=True, text=True)
+        found = re.search(r": (SUCCEEDED|FAILED|STOPPED)\b", out.stdout + out.stderr)
+        status = found.group(1) if found else None
         if status or time.time() > deadline:
             break
         time.sleep(3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -116,6 +117,10 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
         ("endpoint", f"{url}/generate"),
         ("wall time", f"{time.time() - t0:.0f} s"),
     ]))
+    if os.environ.get("RAY_ADDRESS"):
+        # on a cluster the endpoint is the product: it stays up after this driver exits
+        print(f"serving at {url} on the cluster; `serve shutdown -y` stops it")
+        return
     if args.keep_serving:
         print(f"serving at {url}; Ctrl-C to stop")
         _wait_for_interrupt()
