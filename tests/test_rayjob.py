@@ -51,8 +51,9 @@ def submit(address: str, *entrypoint: str, timeout_s: int = 600) -> tuple[str, s
     while True:
         out = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job_id],
                              env=_env(), capture_output=True, text=True)
-        found = re.search(r": (SUCCEEDED|FAILED|STOPPED)\b", out.stdout + out.stderr)
-        status = found.group(1) if found else None
+        # `ray job status` ends with "Job '<id>' succeeded" (or failed / stopped) once the job is over
+        found = re.search(r"Job '[^']+' (succeeded|failed|stopped)", out.stdout + out.stderr)
+        status = found.group(1).upper() if found else None
         if status or time.time() > deadline:
             break
         time.sleep(3)
