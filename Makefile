@@ -7,11 +7,12 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench-curate clean help
+.PHONY: setup demo test bench-serve clean help
 
 help:
 	@echo "make demo   - set up .venv, build the sample corpus, run curate -> train -> quantize -> serve"
 	@echo "make test   - set up .venv and run the test suite"
+	@echo "make bench-serve - after make demo: serving QPS with @serve.batch on vs off (JSON)"
 	@echo "make clean  - remove runs/ and the generated corpus"
 
 setup: $(VENV)/.installed
@@ -32,6 +33,9 @@ demo: setup data/corpus/.built
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-serve: setup  # after `make demo`: dynamic batching on vs off, concurrency 1 and 8
+	$(PY) bench/load.py --compare-batching --config configs/demo.yaml --duration 20
 
 clean:
 	rm -rf runs data/corpus

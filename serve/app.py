@@ -1,44 +1,88 @@
 """The Ray Serve application: a FastAPI ingress in front of a generation engine.
 
-Run it with `pipeline serve --config FILE`, or `serve run serve.app:build_app model_dir=DIR`,
-or from a RayService's serveConfigV2 (import_path: serve.app:build_app, args: ServeArgs).
+Routes: POST /generate, POST /v1/completions, POST /v1/chat/completions (both with SSE streaming),
+GET /v1/models, GET /healthz, GET /metrics. Run it with `pipeline serve --config FILE`, with
+`serve run serve.app:build_app model_dir=DIR`, or from a RayService serveConfigV2
+(import_path: serve.app:build_app, args: the fields of ServeArgs).
 """
-
+import asyncio
+import hashlib
+import hmac
 import logging
+import os
+import time
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from ray.serve import Application
+from starlette.concurrency import iterate_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.serving.engine import PromptTooLong, load_engine
-from pipeline.serving.schemas import GenerateRequest, GenerateResponse, ServeArgs
+from pipeline.serving.engine import Completion, Sampling, load_engine, truncate_at_stop
+from pipeline.serving.metrics import ServeMetrics
+from pipeline.serving.openai_format import APIError, ChunkWriter, completion_body, error_response
+from pipeline.serving.schemas import ChatRequest, CompletionRequest, GenerateRequest, ServeArgs
 
 log = logging.getLogger("pipeline.serve")
-api = FastAPI(title="llm-pipeline", description="Generation from the model the pipeline trained.")
+api = FastAPI(title="llm-pipeline", description="Generation from the model the pipeline trained, "
+              "with an OpenAI-compatible subset under /v1.")
+OPEN_ROUTES = {"/healthz", "/docs", "/openapi.json", "/redoc"}
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+def _key_ok(request: Request, key_sha256: str) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    presented = hashlib.sha256(token.strip().encode()).hexdigest()
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented, key_sha256)
+
+
+def _route(request: Request) -> str:
+    """The path inside this app (Serve mounts it under a route prefix, given as root_path)."""
+    path, root = request.url.path, request.scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+@api.middleware("http")
+async def _auth_and_metrics(request: Request, call_next):
+    """Every request: API key first (before the body is even parsed), then metrics."""
+    state, start, path = request.app.state, time.perf_counter(), _route(request)
+    if state.key_sha256 and path not in OPEN_ROUTES and not _key_ok(request, state.key_sha256):
+        response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                  "authentication_error", "invalid_api_key")
+    else:
+        response = await call_next(request)
+    # label by the matched route only: arbitrary 404 paths must not grow the metric set without bound
+    route = getattr(request.scope.get("route"), "path", None) or "other"
+    state.metrics.requests.labels(route, str(response.status_code)).inc()
+    state.metrics.latency.labels(route).observe(time.perf_counter() - start)
+    return response
 
 
 @api.exception_handler(RequestValidationError)
-async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid_request(_: Request, exc: RequestValidationError):
+    errors = exc.errors()
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                         for e in exc.errors())
-    return _error(422 if "json_invalid" not in str(exc.errors()) else 400, problems, "invalid_request_error")
+                         for e in errors)
+    param = ".".join(str(p) for p in errors[0]["loc"] if p != "body") if errors else None
+    return error_response(400, problems, "invalid_request_error", param=param or None)
 
 
-@api.exception_handler(PromptTooLong)
-async def _prompt_too_long(_: Request, exc: PromptTooLong) -> JSONResponse:
-    return _error(400, str(exc), "invalid_request_error")
+@api.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError):
+    return exc.response()
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException):
+    return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
 
 
 @api.exception_handler(Exception)
-async def _internal(_: Request, exc: Exception) -> JSONResponse:
+async def _internal(_: Request, exc: Exception):
     log.exception("request failed")  # the trace goes to the replica log, never to the client
-    return _error(500, "internal error; see the replica log", "server_error")
+    return error_response(500, "internal error; see the replica log", "server_error")
 
 
 @serve.deployment
@@ -46,27 +90,151 @@ async def _internal(_: Request, exc: Exception) -> JSONResponse:
 class LLMServer:
     def __init__(self, args: ServeArgs):
         self.args = args
-        self.engine = load_engine(args.model_dir, args.engine)
+        self.engine = load_engine(args.model_dir, args.engine, max_num_seqs=args.max_queue)
+        self.metrics = api.state.metrics = ServeMetrics()
+        self.in_flight = 0
+        key = os.environ.get(args.api_key_env)
+        # only a digest is kept: the key itself never sits in the Serve config or replica state
+        api.state.key_sha256 = args.api_key_sha256 or (hashlib.sha256(key.encode()).hexdigest() if key else None)
+        self._batched.set_max_batch_size(args.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
+    # ---- plumbing shared by every route -------------------------------------------------------
+    def _check_model(self, name: str) -> None:
+        if name != self.args.model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server has {self.args.model_name!r}",
+                           "invalid_request_error", "model_not_found", "model")
+
+    def _sampling(self, prompt: str, max_tokens: int | None, temperature: float, top_p: float,
+                  stop: list[str]) -> Sampling:
+        n_prompt = self.engine.count_tokens(prompt)
+        if n_prompt > self.args.max_prompt_tokens:
+            raise APIError(400, f"prompt has {n_prompt} tokens; the limit is {self.args.max_prompt_tokens}",
+                           code="context_length_exceeded", param="prompt")
+        if max_tokens is not None and max_tokens > self.args.max_new_tokens:
+            raise APIError(400, f"max tokens {max_tokens} is over this server's limit of {self.args.max_new_tokens}",
+                           param="max_tokens")
+        return Sampling(max_tokens or min(16, self.args.max_new_tokens), temperature, top_p, tuple(stop))
+
+    async def _admit(self, handler):
+        """Queue limit (429) and timeout (408) around one request's work."""
+        if self.in_flight >= self.args.max_queue:
+            return APIError(429, f"server busy: {self.in_flight} requests queued (limit {self.args.max_queue}); "
+                            "retry later", "rate_limit_error", "queue_full").response()
+        self.in_flight += 1
+        self.metrics.queue.set(self.in_flight)
+        try:
+            return await asyncio.wait_for(handler(), timeout=self.args.request_timeout_s)
+        except asyncio.TimeoutError:
+            return APIError(408, f"request took longer than {self.args.request_timeout_s:.0f}s", "timeout").response()
+        except APIError as e:
+            return e.response()
+        finally:
+            self.in_flight -= 1
+            self.metrics.queue.set(self.in_flight)
+
+    # ---- generation -----------------------------------------------------------------------------
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _batched(self, items: list[tuple[str, Sampling]]) -> list[Completion]:
+        self.metrics.batch.observe(len(items))
+        return await asyncio.to_thread(self.engine.generate_batch, [p for p, _ in items], [s for _, s in items])
+
+    async def _complete(self, prompt: str, sampling: Sampling) -> Completion:
+        if getattr(self.engine, "continuous_batching", False):
+            c = await self.engine.agenerate(prompt, sampling)
+        else:
+            c = await self._batched((prompt, sampling))
+        self.metrics.tokens.labels("prompt").inc(c.prompt_tokens)
+        self.metrics.tokens.labels("completion").inc(c.completion_tokens)
+        return c
+
+    async def _pieces(self, prompt: str, sampling: Sampling) -> AsyncIterator[str]:
+        if getattr(self.engine, "continuous_batching", False):
+            async for piece in self.engine.astream(prompt, sampling):
+                yield piece
+        else:
+            async for piece in iterate_in_threadpool(self.engine.stream(prompt, sampling)):
+                yield piece
+
+    async def _sse(self, prompt: str, sampling: Sampling, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        writer, text, first = ChunkWriter(self.args.model_name, chat), "", True
+        stopped = False
+        async for piece in self._pieces(prompt, sampling):
+            if not piece:
+                continue
+            cut, stopped = truncate_at_stop(text + piece, sampling.stop)
+            if cut[len(text):]:
+                yield writer.piece(cut[len(text):], first=first)
+                first = False
+            text = cut
+            if stopped:
+                break
+        n_prompt, n_out = self.engine.count_tokens(prompt), self.engine.count_tokens(text)
+        reason = "stop" if stopped or n_out < sampling.max_new_tokens else "length"
+        yield writer.piece("", first=first, finish_reason=reason)
+        if include_usage:
+            yield writer.usage(n_prompt, n_out)
+        yield writer.done()
+        self.metrics.tokens.labels("prompt").inc(n_prompt)
+        self.metrics.tokens.labels("completion").inc(n_out)
+
+    async def _openai(self, prompt: str, req, max_tokens: int | None, chat: bool):
+        sampling = self._sampling(prompt, max_tokens, req.temperature, req.top_p, req.stop)
+        if req.stream:
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._sse(prompt, sampling, chat, include), media_type="text/event-stream")
+        return completion_body(self.args.model_name, await self._complete(prompt, sampling), chat)
+
+    # ---- routes ---------------------------------------------------------------------------------
     @api.get("/healthz")
     def healthz(self) -> dict:
         return {"status": "ok", "model": self.args.model_name}
 
-    @api.post("/generate", response_model=GenerateResponse)
-    def generate(self, req: GenerateRequest) -> GenerateResponse:
-        n_prompt = self.engine.count_tokens(req.prompt)
-        if n_prompt > self.args.max_prompt_tokens:
-            raise PromptTooLong(f"prompt has {n_prompt} tokens; the limit is {self.args.max_prompt_tokens}")
-        max_new = min(req.max_new_tokens, self.args.max_new_tokens)
-        c = self.engine.generate(req.prompt, max_new, req.temperature, req.top_p, req.stop)
-        return GenerateResponse(text=c.text, prompt_tokens=c.prompt_tokens,
-                                completion_tokens=c.completion_tokens, finish_reason=c.finish_reason)
+    @api.get("/metrics")
+    async def metrics_text(self):
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.args.model_name, "object": "model", "created": 0,
+                                            "owned_by": "llm-pipeline"}]}
+
+    @api.post("/generate")
+    async def generate(self, req: GenerateRequest):
+        async def handle():
+            s = self._sampling(req.prompt, req.max_new_tokens, req.temperature, req.top_p, req.stop)
+            c = await self._complete(req.prompt, s)
+            return {"text": c.text, "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                    "finish_reason": c.finish_reason}
+        return await self._admit(handle)
+
+    @api.post("/v1/completions")
+    async def completions(self, req: CompletionRequest):
+        async def handle():
+            self._check_model(req.model)
+            return await self._openai(req.prompt, req, req.max_tokens, chat=False)
+        return await self._admit(handle)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, req: ChatRequest):
+        async def handle():
+            self._check_model(req.model)
+            prompt = self.engine.apply_chat_template([m.model_dump() for m in req.messages])
+            return await self._openai(prompt, req, req.max_completion_tokens or req.max_tokens, chat=True)
+        return await self._admit(handle)
+
+
+def deployment_options(s: ServeArgs) -> dict:
+    return {
+        "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                               "target_ongoing_requests": s.target_ongoing_requests,
+                               "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s},
+        # one more than our own queue limit, so that the replica (not Serve's router) answers 429
+        "max_ongoing_requests": s.max_queue + 1,
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+    }
 
 
 def build_app(args: dict) -> Application:
     s = ServeArgs(**args)
-    return LLMServer.options(
-        autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                            "target_ongoing_requests": s.target_ongoing_requests},
-        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-    ).bind(s)
+    return LLMServer.options(**deployment_options(s)).bind(s)

@@ -105,7 +105,7 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
     train = run_train(cfg)
     quant = run_quantize(cfg)
     url = deploy(cfg)
-    reply = generate(url, cfg.serve.demo_prompt, DEMO_TOKENS)
+    reply = generate(url, cfg.serve.demo_prompt, DEMO_TOKENS, os.environ.get(cfg.serve.api_key_env))
     print(f"\nPOST {url}/generate {{'prompt': {cfg.serve.demo_prompt!r}}}\n-> {json.dumps(reply)}\n")
     print(_table([
         ("docs in / kept / rejected", f"{stats['docs_in']} / {stats['kept']} / {stats['rejected']}"),

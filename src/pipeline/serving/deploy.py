@@ -1,7 +1,9 @@
 """Deploy the serve/ app on Ray Serve from our config, and talk to it over HTTP."""
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 
 import requests
@@ -12,16 +14,19 @@ from pipeline.export.stage import served_model_dir
 from pipeline.serving.schemas import ServeArgs
 
 log = logging.getLogger("pipeline.serve")
+# ServeConfig fields that a replica takes as they are
+SHARED_FIELDS = {"engine", "max_new_tokens", "max_prompt_tokens", "max_batch_size", "batch_wait_timeout_s",
+                 "max_queue", "request_timeout_s", "api_key_env", "min_replicas", "max_replicas",
+                 "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s", "num_cpus", "num_gpus"}
 APP_NAME = "llm"
 
 
 def serve_args(cfg: PipelineConfig) -> ServeArgs:
     s = cfg.serve
-    return ServeArgs(model_dir=str(served_model_dir(cfg)), model_name=cfg.name, engine=s.engine,
-                     max_new_tokens=s.max_new_tokens, max_prompt_tokens=s.max_prompt_tokens,
-                     min_replicas=s.min_replicas,
-                     max_replicas=s.max_replicas, target_ongoing_requests=s.target_ongoing_requests,
-                     num_cpus=s.num_cpus, num_gpus=s.num_gpus)
+    key = os.environ.get(s.api_key_env)
+    return ServeArgs(model_dir=str(served_model_dir(cfg)), model_name=cfg.name,
+                     api_key_sha256=hashlib.sha256(key.encode()).hexdigest() if key else None,
+                     **s.model_dump(include=SHARED_FIELDS))
 
 
 def deploy(cfg: PipelineConfig) -> str:
@@ -50,7 +55,9 @@ def wait_healthy(url: str, timeout_s: float = 120) -> None:
         time.sleep(0.5)
 
 
-def generate(url: str, prompt: str, max_new_tokens: int) -> dict:
-    r = requests.post(f"{url}/generate", json={"prompt": prompt, "max_new_tokens": max_new_tokens}, timeout=120)
+def generate(url: str, prompt: str, max_new_tokens: int, api_key: str | None = None) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = requests.post(f"{url}/generate", json={"prompt": prompt, "max_new_tokens": max_new_tokens},
+                      headers=headers, timeout=120)
     r.raise_for_status()
     return r.json()

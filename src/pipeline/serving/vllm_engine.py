@@ -1,26 +1,55 @@
-"""vLLM engine for GPU replicas. vLLM cannot be installed beside llm-compressor, so this module
-is only imported where `choose_engine` found vLLM and a GPU (requirements-vllm.txt)."""
+"""vLLM engine for GPU replicas: AsyncLLMEngine with continuous batching. vLLM cannot be installed
+beside llm-compressor, so this module is only imported where `choose_engine` found vLLM and a GPU
+(requirements-vllm.txt); its arguments come from `engine.vllm_engine_args`, which is tested."""
 from __future__ import annotations
 
-from pipeline.serving.engine import Completion, _truncate_at_stop
+import uuid
+from typing import AsyncIterator
+
+from pipeline.serving.engine import DEFAULT_CHAT_TEMPLATE, Completion, Sampling, truncate_at_stop
 
 
 class VLLMEngine:
-    def __init__(self, engine_args: dict):
-        from vllm import LLM  # noqa: PLC0415 (optional dependency)
+    continuous_batching = True
 
-        self.llm = LLM(**engine_args)
-        self.tokenizer = self.llm.get_tokenizer()
+    def __init__(self, engine_args: dict):
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_args))
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(engine_args["tokenizer"])
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def generate(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                 stop: list[str]) -> Completion:
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        template = None if self.tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
+        return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    @staticmethod
+    def _params(s: Sampling):
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop or None)
-        out = self.llm.generate([prompt], params, use_tqdm=False)[0]
-        choice = out.outputs[0]
-        text, _ = _truncate_at_stop(choice.text, stop)
-        return Completion(text, len(out.prompt_token_ids), len(choice.token_ids), choice.finish_reason or "stop")
+        return SamplingParams(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                              stop=list(s.stop) or None)
+
+    async def _outputs(self, prompt: str, s: Sampling):
+        async for out in self.engine.generate(prompt, self._params(s), request_id=uuid.uuid4().hex):
+            yield out
+
+    async def agenerate(self, prompt: str, s: Sampling) -> Completion:
+        final = None
+        async for final in self._outputs(prompt, s):
+            pass
+        choice = final.outputs[0]
+        text, _ = truncate_at_stop(choice.text, s.stop)
+        return Completion(text, len(final.prompt_token_ids), len(choice.token_ids), choice.finish_reason or "stop")
+
+    async def astream(self, prompt: str, s: Sampling) -> AsyncIterator[str]:
+        sent = 0
+        async for out in self._outputs(prompt, s):
+            text = out.outputs[0].text
+            yield text[sent:]
+            sent = len(text)

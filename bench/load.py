@@ -1,0 +1,197 @@
+"""Load test for the serving endpoint: N concurrent clients for a fixed time; prints JSON.
+
+  python bench/load.py --url http://127.0.0.1:8000 --concurrency 8 --duration 20 [--stream] [--plot load.png]
+  python bench/load.py --compare-batching [--config configs/demo.yaml]   # batching on vs off, c=1 and c=8
+
+--compare-batching deploys the model of the config's last run twice on a local Ray (one replica
+each, @serve.batch max 8 vs 1) and measures both at concurrency 1 and 8 in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the serve/ app, when run from a checkout
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    v = sorted(values)
+    pick = lambda q: round(v[min(len(v) - 1, int(q * len(v)))], 4)  # noqa: E731
+    return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
+
+
+def one_request(session: requests.Session, url: str, body: dict, headers: dict, stream: bool) -> dict:
+    start = time.perf_counter()
+    ttft = None
+    try:
+        r = session.post(f"{url}/v1/completions", json={**body, "stream": stream}, headers=headers,
+                         timeout=120, stream=stream)
+        tokens = 0
+        if stream and r.ok:
+            for line in r.iter_lines(decode_unicode=True):
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    event = json.loads(line[6:])
+                    if event.get("usage"):
+                        tokens = event["usage"]["completion_tokens"]
+                    elif ttft is None:
+                        ttft = time.perf_counter() - start
+        elif r.ok:
+            tokens = r.json()["usage"]["completion_tokens"]
+        status = r.status_code
+    except requests.RequestException as e:
+        status, tokens = type(e).__name__, 0
+    return {"start": start, "latency": time.perf_counter() - start, "ttft": ttft, "status": status,
+            "tokens": tokens}
+
+
+def replica_counts(app: str | None) -> int | None:
+    try:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized() or app is None:
+            return None
+        return serve.status().applications[app].deployments["LLMServer"].replica_states.get("RUNNING", 0)
+    except Exception:  # noqa: BLE001 - replica counts are a best-effort extra
+        return None
+
+
+def run_load(url: str, model: str, concurrency: int, duration: float, max_tokens: int = 16,
+             stream: bool = False, api_key: str | None = None, app: str | None = None) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"model": model, "prompt": "Permission is hereby granted, free of charge,", "max_tokens": max_tokens,
+            "temperature": 0, "stream_options": {"include_usage": True}}
+    results, replicas, lock = [], [], threading.Lock()
+    t0 = time.perf_counter()
+    deadline = t0 + duration
+
+    def client(_):
+        with requests.Session() as s:
+            while time.perf_counter() < deadline:
+                res = one_request(s, url, body, headers, stream)
+                with lock:
+                    results.append(res)
+
+    def watch():
+        while time.perf_counter() < deadline:
+            n = replica_counts(app)
+            if n is not None:
+                replicas.append((round(time.perf_counter() - t0, 1), n))
+            time.sleep(1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(client, range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    ok = [r for r in results if r["status"] == 200]
+    return {
+        "url": url, "concurrency": concurrency, "duration_s": round(elapsed, 2), "stream": stream,
+        "requests": len(results), "ok": len(ok), "qps": round(len(ok) / elapsed, 3),
+        "tokens_per_s": round(sum(r["tokens"] for r in ok) / elapsed, 2),
+        "latency_s": percentiles([r["latency"] for r in ok]),
+        "ttft_s": percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
+        "errors_by_status": dict(Counter(str(r["status"]) for r in results if r["status"] != 200)),
+        "replicas_over_time": replicas,
+        "_timeline": [(round(r["start"] - t0, 3), round(r["latency"], 4)) for r in ok],
+    }
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [start + lat for start, lat in result["_timeline"]]
+    seconds = range(int(result["duration_s"]) + 1)
+    fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
+    axes[0].plot(list(seconds), [sum(1 for d in done if s <= d < s + 1) for s in seconds])
+    axes[0].set_ylabel("QPS")
+    axes[1].scatter([s for s, _ in result["_timeline"]], [lat for _, lat in result["_timeline"]], s=4)
+    axes[1].set_ylabel("latency (s)")
+    if result["replicas_over_time"]:
+        t, n = zip(*result["replicas_over_time"])
+        axes[2].step(t, n, where="post")
+    axes[2].set_ylabel("replicas")
+    axes[2].set_xlabel("seconds")
+    fig.suptitle(f"concurrency {result['concurrency']}: {result['qps']} QPS")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def compare_batching(config: str, duration: float, max_tokens: int) -> dict:
+    from ray import serve
+
+    from pipeline.config import load_config
+    from pipeline.runtime import init_ray
+    from pipeline.serving.deploy import serve_args, wait_healthy
+    from serve.app import build_app
+
+    cfg = load_config(config)
+    init_ray()
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
+    base = {**serve_args(cfg).model_dump(), "min_replicas": 1, "max_replicas": 1, "num_cpus": 1,
+            "batch_wait_timeout_s": 0.01}
+    out = {"model": base["model_dir"], "cpus": os.cpu_count(), "max_tokens": max_tokens, "runs": {}}
+    for name, batch in (("batching_off", 1), ("batching_on", 8)):
+        serve.run(build_app({**base, "max_batch_size": batch}), name=name, route_prefix=f"/{name}")
+        url = f"http://127.0.0.1:{cfg.serve.port}/{name}"
+        wait_healthy(url)
+        for c in (1, 8):
+            res = run_load(url, cfg.name, c, duration, max_tokens)
+            res.pop("_timeline")
+            out["runs"][f"{name}_c{c}"] = res
+            print(f"{name} c={c}: {res['qps']} QPS, p50 {res['latency_s'].get('p50')} s", file=sys.stderr)
+        serve.delete(name)
+    on, off = out["runs"]["batching_on_c8"]["qps"], out["runs"]["batching_off_c8"]["qps"]
+    out["speedup_qps_c8"] = round(on / off, 2) if off else None
+    serve.shutdown()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="base URL of a running endpoint")
+    p.add_argument("--model", default="demo", help="model name the endpoint serves (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--duration", type=float, default=20, help="seconds of load (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--stream", action="store_true", help="stream responses and measure time to first token")
+    p.add_argument("--api-key", default=os.environ.get("PIPELINE_API_KEY"))
+    p.add_argument("--ray-address", help="connect here to record the replica count over time (e.g. auto)")
+    p.add_argument("--app", default="llm", help="Serve application name for replica counts")
+    p.add_argument("--plot", help="write a PNG of QPS, latency and replicas over time")
+    p.add_argument("--compare-batching", action="store_true")
+    p.add_argument("--config", default="configs/demo.yaml")
+    args = p.parse_args()
+    if args.compare_batching:
+        print(json.dumps(compare_batching(args.config, args.duration, args.max_tokens), indent=2))
+        return
+    if not args.url:
+        p.error("--url or --compare-batching is required")
+    if args.ray_address:
+        import ray
+
+        ray.init(address=args.ray_address)
+    res = run_load(args.url, args.model, args.concurrency, args.duration, args.max_tokens, args.stream,
+                   args.api_key, args.app)
+    if args.plot:
+        plot(res, args.plot)
+    res.pop("_timeline")
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The serve/ app on a real local Ray Serve (127.0.0.1), serving the tiny run's AWQ model: every
+route over plain HTTP and through the official openai client, errors, API key, batching,
+queue limit, timeout and autoscaling."""
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import requests
+from ray import serve
+
+from pipeline.serving.deploy import serve_args, wait_healthy
+from pipeline.serving.engine import choose_engine, vllm_engine_args
+from serve.app import build_app
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def start_app(cfg, name: str, **overrides) -> str:
+    """Deploy one more copy of the app under /<name> with ServeArgs overrides; returns its URL."""
+    args = {**serve_args(cfg).model_dump(), **overrides}
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    url = f"http://127.0.0.1:{cfg.serve.port}/{name}"
+    wait_healthy(url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def app(tiny_run):
+    os.environ[tiny_run.serve.api_key_env] = KEY  # serve_args hashes it; the replicas never see it
+    try:
+        url = start_app(tiny_run, "main", max_batch_size=8, batch_wait_timeout_s=0.2)
+    finally:
+        del os.environ[tiny_run.serve.api_key_env]
+    yield url, tiny_run.name
+    serve.shutdown()
+
+
+def post(url, path, body, headers=AUTH, **kw):
+    return requests.post(f"{url}{path}", json=body, headers=headers, timeout=60, **kw)
+
+
+def sse_events(response) -> list:
+    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_generate_and_health(app):
+    url, _ = app
+    assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"  # open: probes carry no key
+    body = post(url, "/generate", {"prompt": "Permission is hereby", "max_new_tokens": 12, "stop": ["zzz"]}).json()
+    assert isinstance(body["text"], str) and 1 <= body["completion_tokens"] <= 12
+    assert body["prompt_tokens"] > 0 and body["finish_reason"] in ("stop", "length")
+
+
+def test_openai_routes_over_plain_http(app):
+    url, model = app
+    assert requests.get(f"{url}/v1/models", headers=AUTH, timeout=10).json()["data"][0]["id"] == model
+    c = post(url, "/v1/completions", {"model": model, "prompt": "The software", "max_tokens": 8,
+                                      "temperature": 0}).json()
+    assert c["object"] == "text_completion" and isinstance(c["choices"][0]["text"], str)
+    assert c["usage"]["completion_tokens"] <= 8
+    assert c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + c["usage"]["completion_tokens"]
+    chat = post(url, "/v1/chat/completions", {"model": model, "max_tokens": 8,
+                                              "messages": [{"role": "user", "content": "Name a licence."}]}).json()
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_streaming_sse_ends_with_done_and_usage(app):
+    url, model = app
+    r = post(url, "/v1/completions", {"model": model, "prompt": "Copyright", "max_tokens": 10, "stream": True,
+                                      "temperature": 0, "stream_options": {"include_usage": True}}, stream=True)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r)
+    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] > 0
+    assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    plain = post(url, "/v1/completions", {"model": model, "prompt": "Copyright", "max_tokens": 10,
+                                          "temperature": 0}).json()
+    assert text == plain["choices"][0]["text"]  # greedy: streaming and batch generation agree
+    chat = sse_events(post(url, "/v1/chat/completions", {"model": model, "max_tokens": 6, "stream": True,
+                                                         "messages": [{"role": "user", "content": "hi"}]},
+                           stream=True))
+    assert chat[0]["object"] == "chat.completion.chunk" and chat[0]["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_official_openai_client(app):
+    url, model = app
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list()] == [model]
+    c = client.completions.create(model=model, prompt="Permission", max_tokens=6, temperature=0)
+    assert c.usage.completion_tokens <= 6 and isinstance(c.choices[0].text, str)
+    chat = client.chat.completions.create(model=model, max_tokens=6,
+                                          messages=[{"role": "user", "content": "Which licence?"}])
+    assert chat.choices[0].message.role == "assistant"
+    pieces = list(client.chat.completions.create(model=model, max_tokens=6, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 messages=[{"role": "user", "content": "hi"}]))
+    assert pieces[-1].usage is not None and pieces[-1].usage.completion_tokens > 0
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/generate", {"prompt": ""}, 400, "prompt"),
+    ("/generate", {"prompt": 3}, 400, "prompt"),
+    ("/generate", {"max_new_tokens": 5}, 400, "prompt"),
+    ("/generate", {"prompt": "hi", "max_new_tokens": 0}, 400, "max_new_tokens"),
+    ("/generate", {"prompt": "hi", "max_new_tokens": 100000}, 400, "max_tokens"),
+    ("/generate", {"prompt": "word " * 5000}, 400, "prompt"),
+    ("/generate", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, None),
+])
+def test_bad_input_is_a_4xx_json_error(app, path, body, status, param):
+    url, _ = app
+    r = post(url, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and "Traceback" not in r.text
+    if param:
+        assert param in (err["param"] or "")
+
+
+def test_malformed_json_and_unknown_route(app):
+    url, _ = app
+    r = requests.post(f"{url}/generate", data="{not json", headers={**AUTH, "content-type": "application/json"},
+                      timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    r = requests.get(f"{url}/nope", headers=AUTH, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["message"]
+
+
+def test_api_key_is_enforced(app):
+    url, model = app
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = post(url, "/generate", {"prompt": "hi"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(f"{url}/v1/models", timeout=10).status_code == 401
+    assert requests.post(f"{url}/generate", json={"prompt": ""}, timeout=10).status_code == 401  # key before body
+
+
+def test_serve_batch_groups_concurrent_requests(app):
+    url, _ = app
+
+    def one(i):
+        return post(url, "/generate", {"prompt": f"Permission number {i}", "max_new_tokens": 8}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(one, range(8))) == [200] * 8
+    metrics = requests.get(f"{url}/metrics", headers=AUTH, timeout=10).text
+    sizes = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+             if line.startswith("llm_batch_size_")}
+    batches, requests_batched = sizes["llm_batch_size_count"], sizes["llm_batch_size_sum"]
+    assert requests_batched / batches > 1.5, sizes  # several requests shared one model.generate
+    assert 'llm_requests_total{route="/generate",status="200"}' in metrics
+    assert "llm_tokens_total" in metrics and "llm_queue_length" in metrics
+
+
+def test_queue_limit_429_and_timeout_408(tiny_run, app):
+    url = start_app(tiny_run, "tight", max_queue=2, batch_wait_timeout_s=2.0, max_batch_size=64,
+                    request_timeout_s=0.5)
+
+    def one(_):
+        return requests.post(f"{url}/generate", json={"prompt": "hi", "max_new_tokens": 2}, timeout=30)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one, range(8)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(429) >= 4 and set(codes) <= {408, 429}, codes
+    assert all(r.json()["error"]["message"] for r in responses)
+    serve.delete("tight")
+
+
+def test_autoscaling_up_under_load_and_back_down(tiny_run, app):
+    url = start_app(tiny_run, "scaled", min_replicas=1, max_replicas=2, target_ongoing_requests=1,
+                    upscale_delay_s=1, downscale_delay_s=4, num_cpus=0.25, max_batch_size=1)
+
+    def running() -> int:
+        states = serve.status().applications["scaled"].deployments["LLMServer"].replica_states
+        return states.get("RUNNING", 0)
+
+    stop, seen = time.time() + 60, [running()]
+
+    def client(_):
+        while time.time() < stop and seen[-1] < 2:
+            requests.post(f"{url}/generate", json={"prompt": "load", "max_new_tokens": 16}, timeout=60)
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(client, i) for i in range(6)]
+        while time.time() < stop and seen[-1] < 2:
+            time.sleep(1)
+            seen.append(running())
+        stop = 0
+        for f in futures:
+            f.result()
+    assert max(seen) >= 2, f"never scaled up: {seen}"
+    deadline = time.time() + 90
+    while running() > 1 and time.time() < deadline:
+        time.sleep(2)
+    assert running() == 1, "did not scale back down after the load stopped"
+    serve.delete("scaled")
+
+
+def test_engine_selection_and_vllm_arguments():
+    assert choose_engine("auto", vllm_present=False) == "transformers"
+    assert choose_engine("auto", vllm_present=True) == "vllm"
+    assert choose_engine("transformers", vllm_present=True) == "transformers"
+    with pytest.raises(RuntimeError, match="requirements-vllm.txt"):
+        choose_engine("vllm", vllm_present=False)
+    args = vllm_engine_args("/models/awq", max_model_len=2048, max_num_seqs=64)
+    assert args == {"model": "/models/awq", "tokenizer": "/models/awq", "max_model_len": 2048, "max_num_seqs": 64,
+                    "dtype": "auto", "gpu_memory_utilization": 0.85, "trust_remote_code": False}
