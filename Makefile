@@ -35,7 +35,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench-serve: setup  # after `make demo`: dynamic batching on vs off, concurrency 1 and 8
-	$(PY) bench/load.py --compare-batching --config configs/demo.yaml --duration 20
+	$(PY) bench/load.py --compare-batching --config configs/demo.yaml --duration 20 --out runs/bench-serve.json
 
 clean:
 	rm -rf runs data/corpus

@@ -67,7 +67,7 @@ def replica_counts(app: str | None) -> int | None:
         return None
 
 
-def run_load(url: str, model: str, concurrency: int, duration: float, max_tokens: int = 16,
+def run_load(url: str, model: str, concurrency: int, duration: float, max_tokens: int = 64,
              stream: bool = False, api_key: str | None = None, app: str | None = None) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body = {"model": model, "prompt": "Permission is hereby granted, free of charge,", "max_tokens": max_tokens,
@@ -167,7 +167,7 @@ def main() -> None:
     p.add_argument("--model", default="demo", help="model name the endpoint serves (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--duration", type=float, default=20, help="seconds of load (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default: %(default)s)")
     p.add_argument("--stream", action="store_true", help="stream responses and measure time to first token")
     p.add_argument("--api-key", default=os.environ.get("PIPELINE_API_KEY"))
     p.add_argument("--ray-address", help="connect here to record the replica count over time (e.g. auto)")
@@ -175,9 +175,10 @@ def main() -> None:
     p.add_argument("--plot", help="write a PNG of QPS, latency and replicas over time")
     p.add_argument("--compare-batching", action="store_true")
     p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--out", help="also write the JSON here (Ray's worker logs share stdout)")
     args = p.parse_args()
     if args.compare_batching:
-        print(json.dumps(compare_batching(args.config, args.duration, args.max_tokens), indent=2))
+        emit(compare_batching(args.config, args.duration, args.max_tokens), args.out)
         return
     if not args.url:
         p.error("--url or --compare-batching is required")
@@ -190,7 +191,14 @@ def main() -> None:
     if args.plot:
         plot(res, args.plot)
     res.pop("_timeline")
-    print(json.dumps(res, indent=2))
+    emit(res, args.out)
+
+
+def emit(result: dict, path: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
 
 
 if __name__ == "__main__":

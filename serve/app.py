@@ -21,6 +21,7 @@ from ray.serve import Application
 from starlette.concurrency import iterate_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.serving.batching import BatchMerger
 from pipeline.serving.engine import Completion, Sampling, load_engine, truncate_at_stop
 from pipeline.serving.metrics import ServeMetrics
 from pipeline.serving.openai_format import APIError, ChunkWriter, completion_body, error_response
@@ -96,6 +97,8 @@ class LLMServer:
         key = os.environ.get(args.api_key_env)
         # only a digest is kept: the key itself never sits in the Serve config or replica state
         api.state.key_sha256 = args.api_key_sha256 or (hashlib.sha256(key.encode()).hexdigest() if key else None)
+        self.merger = BatchMerger(getattr(self.engine, "generate_batch", None), args.max_batch_size,
+                                  on_batch=self.metrics.batch.observe)
         self._batched.set_max_batch_size(args.max_batch_size)
         self._batched.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
@@ -134,10 +137,10 @@ class LLMServer:
             self.metrics.queue.set(self.in_flight)
 
     # ---- generation -----------------------------------------------------------------------------
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    # several small batches may be in flight at once: the merger joins them into one generate call
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=8)
     async def _batched(self, items: list[tuple[str, Sampling]]) -> list[Completion]:
-        self.metrics.batch.observe(len(items))
-        return await asyncio.to_thread(self.engine.generate_batch, [p for p, _ in items], [s for _, s in items])
+        return await self.merger.run(items)
 
     async def _complete(self, prompt: str, sampling: Sampling) -> Completion:
         if getattr(self.engine, "continuous_batching", False):
@@ -229,8 +232,9 @@ def deployment_options(s: ServeArgs) -> dict:
         "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                                "target_ongoing_requests": s.target_ongoing_requests,
                                "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s},
-        # one more than our own queue limit, so that the replica (not Serve's router) answers 429
-        "max_ongoing_requests": s.max_queue + 1,
+        # one more than our own queue limit, so that the replica (not Serve's router) answers 429;
+        # at least what @serve.batch may hold in flight (max_batch_size x 8 concurrent batches)
+        "max_ongoing_requests": max(s.max_queue + 1, s.max_batch_size * 8),
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     }
 
