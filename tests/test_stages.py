@@ -36,6 +36,10 @@ def test_quantized_model_is_awq_int4_and_generates(tiny_run):
     assert "lm_head" in qcfg["ignore"] and any(name.endswith("mlp.gate") for name in qcfg["ignore"])
     assert report["quantized_bytes"] < report["merged_bytes"]
     assert report["quantized_perplexity"] == pytest.approx(report["merged_perplexity"], rel=0.1)
+    assert report["gate"] == {"max_ppl_increase": 0.02, "perplexity_change": report["perplexity_change"],
+                              "passed": True, "forced": False}
+    assert report["serve_model"] == "awq"
+    assert report["merged_tokens_per_s"] > 0 and report["quantized_tokens_per_s"] > 0
 
     tok = AutoTokenizer.from_pretrained(awq)
     model = AutoModelForCausalLM.from_pretrained(awq)
@@ -58,3 +62,36 @@ def test_merged_model_matches_adapter_model(tiny_run):
     assert torch.allclose(ref, got, atol=0.1), (ref - got).abs().max()  # bf16 merge
 
 
+
+
+def test_quality_gate_decisions():
+    from pipeline.export.stage import gate
+
+    ok = gate({"perplexity_change": 0.015}, 0.02, force=False)
+    assert ok["gate"]["passed"] and ok["serve_model"] == "awq"
+    bad = gate({"perplexity_change": 0.05}, 0.02, force=False)
+    assert not bad["gate"]["passed"] and bad["serve_model"] is None
+    forced = gate({"perplexity_change": 0.05}, 0.02, force=True)
+    assert forced["gate"]["forced"] and forced["serve_model"] == "awq"
+
+
+def test_quality_gate_stops_a_model_over_budget_unless_forced(tiny_run, tiny_corpus, tmp_path):
+    """A tolerance no quantization can meet (perplexity must fall by half) must stop deployment."""
+    import shutil
+
+    from conftest import tiny_config
+    from pipeline.errors import QualityGateError
+    from pipeline.export.stage import run_quantize, served_model_dir
+
+    strict = tiny_config(tmp_path, tiny_corpus, "quantize.max_ppl_increase=-0.5")
+    for stage in ("curate", "train"):
+        shutil.copytree(tiny_run.stage_dir(stage), strict.stage_dir(stage))
+    with pytest.raises(QualityGateError, match="over the -50.00% limit"):
+        run_quantize(strict)
+    report = json.loads((strict.stage_dir("quantize") / "quant_report.json").read_text())
+    assert report["gate"]["passed"] is False and report["serve_model"] is None
+    with pytest.raises(QualityGateError, match="--force"):
+        served_model_dir(strict)
+    forced = run_quantize(strict, force=True)
+    assert forced["gate"]["forced"] is True
+    assert served_model_dir(strict) == strict.stage_dir("quantize") / "awq"

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, load_config
+from pipeline.errors import QualityGateError
 
 log = logging.getLogger("pipeline")
 DEMO_TOKENS = 32
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="also rewrite OUT/instructions.jsonl (the repo ships one)")
         if name == "run":
             s.add_argument("--keep-serving", action="store_true", help="leave the endpoint up at the end")
+        if name in ("quantize", "run"):
+            s.add_argument("--force", action="store_true",
+                           help="serve the 4-bit model even when it fails the perplexity gate")
     return p
 
 
@@ -103,7 +107,7 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
     t0 = time.time()
     stats = cmd_curate(cfg, args)
     train = run_train(cfg)
-    quant = run_quantize(cfg)
+    quant = run_quantize(cfg, force=args.force)
     url = deploy(cfg)
     reply = generate(url, cfg.serve.demo_prompt, DEMO_TOKENS, os.environ.get(cfg.serve.api_key_env))
     print(f"\nPOST {url}/generate {{'prompt': {cfg.serve.demo_prompt!r}}}\n-> {json.dumps(reply)}\n")
@@ -113,7 +117,8 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
         ("train tokens/s", train["tokens_per_s"]),
         ("quantized size", f"{quant.get('quantized_bytes', quant['merged_bytes']) / 1e6:.2f} MB "
                            f"({quant.get('size_ratio', 1.0):.2f}x of {quant['merged_bytes'] / 1e6:.2f} MB)"),
-        ("perplexity 16-bit -> 4-bit", f"{quant['merged_perplexity']:.2f} -> {quant.get('quantized_perplexity', '-')}"),
+        ("perplexity 16-bit -> 4-bit", f"{quant['merged_perplexity']:.2f} -> {quant.get('quantized_perplexity', '-')} "
+                                       f"({quant.get('perplexity_change', 0):+.2%})"),
         ("endpoint", f"{url}/generate"),
         ("wall time", f"{time.time() - t0:.0f} s"),
     ]))
@@ -155,7 +160,7 @@ def dispatch(args) -> None:
     elif args.command == "quantize":
         from pipeline.export.stage import run_quantize
 
-        print(json.dumps(run_quantize(cfg), indent=2))
+        print(json.dumps(run_quantize(cfg, force=args.force), indent=2))
     elif args.command == "serve":
         cmd_serve(cfg, args)
     elif args.command == "run":
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         dispatch(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, QualityGateError) as e:
         print(f"pipeline {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

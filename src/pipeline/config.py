@@ -89,8 +89,11 @@ class QuantizeConfig(Section):
     bits: Literal[4] = 4
     group_size: int = Field(128, ge=32, description="weights per quantization group")
     symmetric: bool = True
-    calib_samples: int = Field(64, ge=1)
+    calib_samples: int = Field(64, ge=1, description="curated documents AWQ calibrates on")
     calib_seq_len: int = Field(128, ge=16)
+    eval_samples: int = Field(32, ge=1, description="held-out curated documents the quality gate scores")
+    max_ppl_increase: float = Field(
+        0.02, description="quality gate: fail when 4-bit perplexity exceeds 16-bit by more than this fraction")
 
 
 class ServeConfig(Section):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +22,24 @@ def perplexity(model_dir: Path, texts: list[str], seq_len: int) -> float:
         total_nll += loss.item() * (ids.shape[1] - 1)
         total_tokens += ids.shape[1] - 1
     return math.exp(total_nll / max(total_tokens, 1))
+
+
+@torch.no_grad()
+def generation_tokens_per_s(model_dir: Path, prompts: list[str], new_tokens: int = 32) -> float:
+    """Greedy decoding speed at batch 1 on this machine's device (after one warm-up call)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    generated, elapsed = 0, 0.0
+    for i, prompt in enumerate([prompts[0], *prompts]):
+        ids = tokenizer(prompt[:200], return_tensors="pt").to(device)
+        start = time.perf_counter()
+        out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        if i:  # the first call only warms up
+            elapsed += time.perf_counter() - start
+            generated += out.shape[1] - ids["input_ids"].shape[1]
+    return round(generated / elapsed, 1)
 
 
 def weight_bytes(model_dir: Path) -> int:

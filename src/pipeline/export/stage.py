@@ -12,49 +12,78 @@ import ray
 import torch
 
 from pipeline.config import PipelineConfig
+from pipeline.errors import QualityGateError
 from pipeline.export.awq import quantize_awq
-from pipeline.export.evaluate import perplexity, weight_bytes
+from pipeline.export.evaluate import generation_tokens_per_s, perplexity, weight_bytes
 from pipeline.export.merge import merge_adapter
 from pipeline.model import sample_texts
 from pipeline.runtime import atomic_dir
 
 log = logging.getLogger("pipeline.quantize")
-HELD_OUT = 32  # curated documents kept out of calibration to measure perplexity
 
 
-def _quantize(cfg: PipelineConfig) -> dict:
+def gate(report: dict, max_increase: float, force: bool) -> dict:
+    """Decide whether the quantized model may be served; records the decision in the report."""
+    change = report["perplexity_change"]
+    passed = change <= max_increase
+    report.update(gate={"max_ppl_increase": max_increase, "perplexity_change": change,
+                        "passed": passed, "forced": force and not passed},
+                  serve_model="awq" if passed or force else None)
+    return report
+
+
+def _quantize(cfg: PipelineConfig, force: bool) -> dict:
     train = json.loads((cfg.stage_dir("train") / "metrics.json").read_text())
     q = cfg.quantize
-    texts = list(sample_texts(cfg.stage_dir("curate") / "kept", q.calib_samples + HELD_OUT))
+    texts = list(sample_texts(cfg.stage_dir("curate") / "kept", q.calib_samples + q.eval_samples))
     calib, held_out = texts[:q.calib_samples], texts[q.calib_samples:]
+    if not held_out:
+        raise ValueError(f"the curated corpus has {len(texts)} documents: none left after "
+                         f"{q.calib_samples} calibration samples to measure perplexity on")
     with atomic_dir(cfg.stage_dir("quantize")) as out:
         merged = merge_adapter(train["base_model"], train["adapter"], out / "merged", torch.bfloat16)
         # paths in the report are relative to the stage folder, which is renamed at the end
         report = {"merged": "merged", "merged_bytes": weight_bytes(merged),
-                  "merged_perplexity": round(perplexity(merged, held_out, q.calib_seq_len), 4)}
+                  "merged_perplexity": round(perplexity(merged, held_out, q.calib_seq_len), 4),
+                  "merged_tokens_per_s": generation_tokens_per_s(merged, held_out[:3]),
+                  "eval_documents": len(held_out), "device": "cuda" if torch.cuda.is_available() else "cpu",
+                  "serve_model": "merged"}
         if q.enabled:
             awq = quantize_awq(merged, out / "awq", calib, q.group_size, q.symmetric, q.calib_seq_len)
             report.update(quantized="awq", quantized_bytes=weight_bytes(awq),
-                          quantized_perplexity=round(perplexity(awq, held_out, q.calib_seq_len), 4))
+                          quantized_perplexity=round(perplexity(awq, held_out, q.calib_seq_len), 4),
+                          quantized_tokens_per_s=generation_tokens_per_s(awq, held_out[:3]))
             report["size_ratio"] = round(report["quantized_bytes"] / report["merged_bytes"], 4)
             report["perplexity_change"] = round(report["quantized_perplexity"] / report["merged_perplexity"] - 1, 4)
-        report["serve_model"] = report.get("quantized", "merged")
+            gate(report, q.max_ppl_increase, force)
         (out / "quant_report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
 def served_model_dir(cfg: PipelineConfig) -> Path:
     """The model the last quantize stage of this config says to serve."""
-    report = cfg.stage_dir("quantize") / "quant_report.json"
-    if not report.is_file():
-        raise FileNotFoundError(f"no exported model in {report.parent}: run `pipeline quantize` first")
-    return report.parent / json.loads(report.read_text())["serve_model"]
+    path = cfg.stage_dir("quantize") / "quant_report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no exported model in {path.parent}: run `pipeline quantize` first")
+    report = json.loads(path.read_text())
+    if report["serve_model"] is None:
+        raise QualityGateError(f"the 4-bit model in {path.parent} failed the quality gate "
+                               f"({report['gate']}); rerun `pipeline quantize --force` to serve it anyway")
+    return path.parent / report["serve_model"]
 
 
-def run_quantize(cfg: PipelineConfig) -> dict:
+def run_quantize(cfg: PipelineConfig, force: bool = False) -> dict:
     if not (cfg.stage_dir("train") / "metrics.json").is_file():
         raise FileNotFoundError(f"no trained model in {cfg.stage_dir('train')}: run `pipeline train` first")
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(_quantize)
-    report = ray.get(task.remote(cfg))
-    log.info("quantize: %s (%.2fx the 16-bit bytes)", report["serve_model"], report.get("size_ratio", 1.0))
+    report = ray.get(task.remote(cfg, force))
+    g = report.get("gate")
+    if g and not g["passed"]:
+        message = (f"4-bit perplexity rose {g['perplexity_change']:+.2%} "
+                   f"({report['merged_perplexity']:.3f} -> {report['quantized_perplexity']:.3f}), over the "
+                   f"{g['max_ppl_increase']:.2%} limit (quantize.max_ppl_increase)")
+        if not force:
+            raise QualityGateError(message + "; not deploying. --force deploys it anyway.")
+        log.warning("!" * 80 + "\n--force: DEPLOYING A MODEL THAT FAILED THE QUALITY GATE: %s\n" + "!" * 80, message)
+    log.info("quantize: serving %s (%.2fx the 16-bit bytes)", report["serve_model"], report.get("size_ratio", 1.0))
     return report
