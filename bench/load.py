@@ -143,7 +143,7 @@ def compare_batching(config: str, duration: float, max_tokens: int) -> dict:
     init_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
     base = {**serve_args(cfg).model_dump(), "min_replicas": 1, "max_replicas": 1, "num_cpus": 1,
-            "batch_wait_timeout_s": 0.01}
+            "batch_wait_timeout_s": 0.03}
     out = {"model": base["model_dir"], "cpus": os.cpu_count(), "max_tokens": max_tokens, "runs": {}}
     for name, batch in (("batching_off", 1), ("batching_on", 8)):
         serve.run(build_app({**base, "max_batch_size": batch}), name=name, route_prefix=f"/{name}")

@@ -98,7 +98,7 @@ class LLMServer:
         # only a digest is kept: the key itself never sits in the Serve config or replica state
         api.state.key_sha256 = args.api_key_sha256 or (hashlib.sha256(key.encode()).hexdigest() if key else None)
         self.merger = BatchMerger(getattr(self.engine, "generate_batch", None), args.max_batch_size,
-                                  on_batch=self.metrics.batch.observe)
+                                  fill_wait_s=args.batch_wait_timeout_s, on_batch=self.metrics.batch.observe)
         self._batched.set_max_batch_size(args.max_batch_size)
         self._batched.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 

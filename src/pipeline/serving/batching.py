@@ -2,8 +2,9 @@
 
 `@serve.batch` closes a batch when its wait window ends, even while the previous batch is still
 generating, so under load it queues many small batches. The merger runs one `generate_batch` at a
-time and, when the model frees up, takes every batch waiting (up to max_batch_size requests) into
-that one call: the batch size follows the load instead of the wait window.
+time and, when the model frees up, gives late arrivals the same wait window to join, then takes
+every batch waiting (up to max_batch_size requests) into that one call: the batch size follows the
+load instead of the moment a wait window happened to close.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ Item = tuple[str, Sampling]
 
 class BatchMerger:
     def __init__(self, generate_batch: Callable[[list[str], list[Sampling]], list[Completion]],
-                 max_batch_size: int, on_batch: Callable[[int], None] = lambda n: None):
+                 max_batch_size: int, fill_wait_s: float = 0.0, on_batch: Callable[[int], None] = lambda n: None):
         self.generate_batch, self.max_batch_size, self.on_batch = generate_batch, max_batch_size, on_batch
+        self.fill_wait_s = fill_wait_s
         self.pending: list[tuple[list[Item], asyncio.Future]] = []
         self.busy = asyncio.Lock()
 
@@ -38,7 +40,14 @@ class BatchMerger:
             size += len(group[0])
         return taken
 
+    def _pending_size(self) -> int:
+        return sum(len(group) for group, _ in self.pending)
+
     async def _generate_pending(self) -> None:
+        # clients whose answers just left come straight back: give them a moment to join this batch
+        deadline = asyncio.get_running_loop().time() + self.fill_wait_s
+        while self._pending_size() < self.max_batch_size and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.002)
         taken = self._take()
         items = [item for group, _ in taken for item in group]
         self.on_batch(len(items))
