@@ -50,7 +50,19 @@ def truncate_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-class TransformersEngine:
+class TokenizerOps:
+    """What every engine does with its Hugging Face tokenizer (`self.tokenizer`)."""
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        template = None if self.tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
+        return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=True)
+
+
+class TransformersEngine(TokenizerOps):
     continuous_batching = False  # batches come from @serve.batch in the app
 
     def __init__(self, model_dir: str):
@@ -61,14 +73,6 @@ class TransformersEngine:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).to(self.device).eval()
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        template = None if self.tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
-        return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                  add_generation_prompt=True)
 
     def _generate_kwargs(self, s: Sampling) -> dict:
         sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p} if s.temperature > 0 \

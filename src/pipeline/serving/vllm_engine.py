@@ -6,10 +6,10 @@ from __future__ import annotations
 import uuid
 from typing import AsyncIterator
 
-from pipeline.serving.engine import DEFAULT_CHAT_TEMPLATE, Completion, Sampling, truncate_at_stop
+from pipeline.serving.engine import Completion, Sampling, TokenizerOps, truncate_at_stop
 
 
-class VLLMEngine:
+class VLLMEngine(TokenizerOps):
     continuous_batching = True
 
     def __init__(self, engine_args: dict):
@@ -19,14 +19,6 @@ class VLLMEngine:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(engine_args["tokenizer"])
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        template = None if self.tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
-        return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                  add_generation_prompt=True)
 
     @staticmethod
     def _params(s: Sampling):
