@@ -1,4 +1,4 @@
-"""Perplexity and size of an exported model, for the quantization report."""
+"""Perplexity, decoding speed and size of an exported model, for the quantization report."""
 from __future__ import annotations
 
 import math
@@ -10,14 +10,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 @torch.no_grad()
-def perplexity(model_dir: Path, texts: list[str], seq_len: int) -> float:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+def perplexity(model, tokenizer, texts: list[str], seq_len: int) -> float:
     total_nll, total_tokens = 0.0, 0
     for text in texts:
         ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=seq_len)["input_ids"]
         if ids.shape[1] < 2:
             continue
+        ids = ids.to(model.device)
         loss = model(input_ids=ids, labels=ids).loss
         total_nll += loss.item() * (ids.shape[1] - 1)
         total_tokens += ids.shape[1] - 1
@@ -25,14 +24,11 @@ def perplexity(model_dir: Path, texts: list[str], seq_len: int) -> float:
 
 
 @torch.no_grad()
-def generation_tokens_per_s(model_dir: Path, prompts: list[str], new_tokens: int = 32) -> float:
-    """Greedy decoding speed at batch 1 on this machine's device (after one warm-up call)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+def generation_tokens_per_s(model, tokenizer, prompts: list[str], new_tokens: int = 32) -> float:
+    """Greedy decoding speed at batch 1 (after one warm-up call)."""
     generated, elapsed = 0, 0.0
     for i, prompt in enumerate([prompts[0], *prompts]):
-        ids = tokenizer(prompt[:200], return_tensors="pt").to(device)
+        ids = tokenizer(prompt[:200], return_tensors="pt").to(model.device)
         start = time.perf_counter()
         out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
@@ -44,3 +40,13 @@ def generation_tokens_per_s(model_dir: Path, prompts: list[str], new_tokens: int
 
 def weight_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+
+
+def measure(model_dir: Path, texts: list[str], seq_len: int) -> dict:
+    """Load the model once on this machine's device; its bytes, held-out perplexity and tokens/s."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    return {"bytes": weight_bytes(model_dir),
+            "perplexity": round(perplexity(model, tokenizer, texts, seq_len), 4),
+            "tokens_per_s": generation_tokens_per_s(model, tokenizer, texts[:3])}

@@ -14,7 +14,7 @@ import torch
 from pipeline.config import PipelineConfig
 from pipeline.errors import QualityGateError
 from pipeline.export.awq import quantize_awq
-from pipeline.export.evaluate import generation_tokens_per_s, perplexity, weight_bytes
+from pipeline.export.evaluate import measure
 from pipeline.export.merge import merge_adapter
 from pipeline.model import sample_texts
 from pipeline.runtime import atomic_dir
@@ -43,16 +43,13 @@ def _quantize(cfg: PipelineConfig, force: bool) -> dict:
     with atomic_dir(cfg.stage_dir("quantize")) as out:
         merged = merge_adapter(train["base_model"], train["adapter"], out / "merged", torch.bfloat16)
         # paths in the report are relative to the stage folder, which is renamed at the end
-        report = {"merged": "merged", "merged_bytes": weight_bytes(merged),
-                  "merged_perplexity": round(perplexity(merged, held_out, q.calib_seq_len), 4),
-                  "merged_tokens_per_s": generation_tokens_per_s(merged, held_out[:3]),
-                  "eval_documents": len(held_out), "device": "cuda" if torch.cuda.is_available() else "cpu",
-                  "serve_model": "merged"}
+        report = {"merged": "merged", "eval_documents": len(held_out),
+                  "device": "cuda" if torch.cuda.is_available() else "cpu", "serve_model": "merged",
+                  **{f"merged_{k}": v for k, v in measure(merged, held_out, q.calib_seq_len).items()}}
         if q.enabled:
             awq = quantize_awq(merged, out / "awq", calib, q.group_size, q.symmetric, q.calib_seq_len)
-            report.update(quantized="awq", quantized_bytes=weight_bytes(awq),
-                          quantized_perplexity=round(perplexity(awq, held_out, q.calib_seq_len), 4),
-                          quantized_tokens_per_s=generation_tokens_per_s(awq, held_out[:3]))
+            report.update(quantized="awq",
+                          **{f"quantized_{k}": v for k, v in measure(awq, held_out, q.calib_seq_len).items()})
             report["size_ratio"] = round(report["quantized_bytes"] / report["merged_bytes"], 4)
             report["perplexity_change"] = round(report["quantized_perplexity"] / report["merged_perplexity"] - 1, 4)
             gate(report, q.max_ppl_increase, force)
