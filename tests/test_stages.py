@@ -2,6 +2,7 @@
 llm-compressor AWQ (serving: test_serve.py)."""
 import json
 
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,7 +20,7 @@ def test_training_loss_goes_down(tiny_run):
 
 def test_training_saved_a_lora_adapter_checkpoint(tiny_run):
     final = tiny_run.stage_dir("train") / "final"
-    adapter_cfg = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    adapter_cfg = json.loads((final / "model" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 16 and adapter_cfg["lora_alpha"] == 32
     assert set(adapter_cfg["target_modules"]) == {"q_proj", "v_proj"}
     assert (final / "ds").is_dir(), "DeepSpeed optimizer state is checkpointed for resume"
@@ -62,6 +63,50 @@ def test_merged_model_matches_adapter_model(tiny_run):
     assert torch.allclose(ref, got, atol=0.1), (ref - got).abs().max()  # bf16 merge
 
 
+def test_held_out_split_is_never_trained_on(tiny_run):
+    from pipeline.train.data import is_held_out, pack_batch, split_texts
+
+    kept = tiny_run.stage_dir("curate") / "kept"
+    held, train = split_texts(kept, 10**6, held_out=True), split_texts(kept, 10**6, held_out=False)
+    assert held and train and not set(held) & set(train)
+    assert 0.02 < len(held) / (len(held) + len(train)) < 0.1  # 1 in 20 by id hash
+    base = json.loads((tiny_run.stage_dir("train") / "metrics.json").read_text())["base_model"]
+    ids = [i for i in (f"doc-{n}" for n in range(200)) if is_held_out(i)]
+    assert pack_batch(pd.DataFrame({"id": ids, "text": ["x " * 100] * len(ids)}), base, 16)["input_ids"].size == 0
+
+
+def test_distillation_lowers_the_students_kl_to_the_teacher(tiny_run, tmp_path):
+    """Ray Train, 2 workers, the teacher (the merged 16-bit model) frozen beside each student."""
+    import shutil
+
+    from pipeline.export.distill import run_distill
+
+    cfg = tiny_run.model_copy(deep=True)
+    cfg.runs_dir = str(tmp_path)
+    for stage in ("curate", "quantize"):
+        shutil.copytree(tiny_run.stage_dir(stage), cfg.stage_dir(stage))
+    cfg.distill.max_steps, cfg.distill.lr = 30, 3e-3
+    m = run_distill(cfg)
+    student = AutoModelForCausalLM.from_pretrained(m["student"])
+    teacher = AutoModelForCausalLM.from_pretrained(m["teacher"])
+    assert student.config.model_type == "qwen3" and teacher.config.model_type == "qwen3_moe"
+    assert student.num_parameters() < teacher.num_parameters()
+    assert m["eval_documents"] > 0 and m["steps"] == 30
+    # a random student starts near KL ~ 1-2 nats/token from the teacher; 30 steps must cut it well down
+    assert m["kl_to_teacher_after"] < 0.6 * m["kl_to_teacher_before"], m
+    assert m["loss_last"] < m["loss_first"]
+
+
+def test_distillation_refuses_a_student_with_another_tokenizer(tiny_run, tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.export.distill import check_same_tokenizer
+    from pipeline.model import train_tokenizer
+
+    other = tmp_path / "other"
+    train_tokenizer(["completely different text " * 50], 300).save_pretrained(other)
+    AutoModelForCausalLM.from_pretrained(tiny_run.stage_dir("quantize") / "merged").save_pretrained(other)
+    with pytest.raises(ConfigError, match="does not share the teacher's tokenizer"):
+        check_same_tokenizer(tiny_run.stage_dir("quantize") / "merged", other)
 
 
 def test_quality_gate_decisions():
@@ -95,3 +140,26 @@ def test_quality_gate_stops_a_model_over_budget_unless_forced(tiny_run, tiny_cor
     forced = run_quantize(strict, force=True)
     assert forced["gate"]["forced"] is True
     assert served_model_dir(strict) == strict.stage_dir("quantize") / "awq"
+
+
+def test_asymmetric_awq_of_moe_experts_is_refused_before_calibrating(tiny_run):
+    from pipeline.config import ConfigError
+    from pipeline.export.awq import check_supported
+
+    base = json.loads((tiny_run.stage_dir("train") / "metrics.json").read_text())["base_model"]
+    check_supported(base, symmetric=True)
+    with pytest.raises(ConfigError, match="quantize.symmetric=true"):
+        check_supported(base, symmetric=False)
+
+
+def test_a_changed_training_config_starts_a_fresh_ray_train_run(tiny_run):
+    """Ray Train resumes a run of the same name; the name follows the loop config, so a resubmitted
+    job resumes while a changed config does not load checkpoints that do not fit it."""
+    from pathlib import Path
+
+    from pipeline.train.stage import loop_config, run_name
+
+    loop = loop_config(tiny_run, Path("/base"))
+    out = tiny_run.stage_dir("train")
+    assert run_name(tiny_run, loop, out) == run_name(tiny_run, dict(loop), out)
+    assert run_name(tiny_run, loop, out) != run_name(tiny_run, {**loop, "lr": 1.0}, out)

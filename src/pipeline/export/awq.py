@@ -8,7 +8,9 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.config import ConfigError
 
 log = logging.getLogger("pipeline.quantize")
 
@@ -23,6 +25,16 @@ def _allow_cpu_calibration() -> None:
 
     if not torch.accelerator.is_available():
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+
+
+def check_supported(model_dir: str | Path, symmetric: bool) -> None:
+    """Fail before calibrating when the result could not be loaded back."""
+    config = AutoConfig.from_pretrained(model_dir)
+    if not symmetric and getattr(config, "num_experts", 0):
+        # transformers 5.17 re-fuses the linearized experts on load and drops their zero points
+        # ("Asymmetric quant requires zero-point values"), so the model would not reload
+        raise ConfigError("quantize.symmetric=false: asymmetric AWQ of MoE experts does not reload in "
+                          "transformers 5.17; use quantize.symmetric=true for MoE models")
 
 
 def quantize_awq(model_dir: Path, out: Path, calib_texts: list[str], group_size: int,

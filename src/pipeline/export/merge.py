@@ -1,5 +1,5 @@
 """Merge a LoRA adapter into its base in 16/32-bit. peft cannot merge into a quantized model,
-so this always happens before quantization."""
+so this always happens before quantization. A fully fine-tuned model is only cast."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +9,13 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 
-def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out: Path, dtype: torch.dtype) -> Path:
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+def merge_adapter(base_dir: str | Path, trained_dir: str | Path, out: Path, dtype: torch.dtype) -> Path:
+    """`trained_dir` holds a LoRA adapter for `base_dir`, or (after full fine-tuning) a whole model."""
+    if (Path(trained_dir) / "adapter_config.json").is_file():
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+        merged = PeftModel.from_pretrained(base, str(trained_dir)).merge_and_unload()
+    else:
+        merged = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=dtype)
     merged.generation_config = GenerationConfig(
         bos_token_id=merged.config.bos_token_id, eos_token_id=merged.config.eos_token_id,
         pad_token_id=merged.config.pad_token_id, max_new_tokens=64)

@@ -13,11 +13,11 @@ import torch
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import QualityGateError
-from pipeline.export.awq import quantize_awq
+from pipeline.export.awq import check_supported, quantize_awq
 from pipeline.export.evaluate import measure
 from pipeline.export.merge import merge_adapter
-from pipeline.model import sample_texts
 from pipeline.runtime import atomic_dir
+from pipeline.train.data import split_texts
 
 log = logging.getLogger("pipeline.quantize")
 
@@ -35,11 +35,11 @@ def gate(report: dict, max_increase: float, force: bool) -> dict:
 def _quantize(cfg: PipelineConfig, force: bool) -> dict:
     train = json.loads((cfg.stage_dir("train") / "metrics.json").read_text())
     q = cfg.quantize
-    texts = list(sample_texts(cfg.stage_dir("curate") / "kept", q.calib_samples + q.eval_samples))
-    calib, held_out = texts[:q.calib_samples], texts[q.calib_samples:]
+    kept = cfg.stage_dir("curate") / "kept"
+    calib = split_texts(kept, q.calib_samples, held_out=False)
+    held_out = split_texts(kept, q.eval_samples, held_out=True)
     if not held_out:
-        raise ValueError(f"the curated corpus has {len(texts)} documents: none left after "
-                         f"{q.calib_samples} calibration samples to measure perplexity on")
+        raise ValueError(f"the curated corpus in {kept} is too small to hold out documents for perplexity")
     with atomic_dir(cfg.stage_dir("quantize")) as out:
         merged = merge_adapter(train["base_model"], train["adapter"], out / "merged", torch.bfloat16)
         # paths in the report are relative to the stage folder, which is renamed at the end
@@ -72,6 +72,9 @@ def served_model_dir(cfg: PipelineConfig) -> Path:
 def run_quantize(cfg: PipelineConfig, force: bool = False) -> dict:
     if not (cfg.stage_dir("train") / "metrics.json").is_file():
         raise FileNotFoundError(f"no trained model in {cfg.stage_dir('train')}: run `pipeline train` first")
+    if cfg.quantize.enabled:
+        base = json.loads((cfg.stage_dir("train") / "metrics.json").read_text())["base_model"]
+        check_supported(base, cfg.quantize.symmetric)
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(_quantize)
     report = ray.get(task.remote(cfg, force))
     g = report.get("gate")

@@ -1,7 +1,8 @@
 """The training recipe: what every Ray Train worker runs. Reads top to bottom like one script.
 
-model (HF dir) -> LoRA (peft) -> DeepSpeed ZeRO engine (AdamW, cosine LR, grad clip) ->
-loop over this worker's shard of the packed dataset -> report loss, checkpoint every N steps.
+model (HF dir) -> LoRA (peft) or full -> DeepSpeed ZeRO engine (AdamW, cosine LR, grad clip) ->
+loop over this worker's shard of the packed dataset minimizing the objective (next-token CE or
+distillation) -> report loss, checkpoint every N steps.
 A restarted worker resumes model, optimizer, scheduler and step from the latest checkpoint.
 """
 from __future__ import annotations
@@ -18,13 +19,17 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
+from pipeline.train.objectives import make_objective
 from pipeline.train.strategy import deepspeed_config
 
 
 def build_model(c: dict) -> torch.nn.Module:
+    """The base with LoRA adapters, or the whole model trainable when `lora_r` is None."""
     model = AutoModelForCausalLM.from_pretrained(c["base_model"], dtype=torch.float32)
     if hasattr(model.config, "router_aux_loss_coef"):
         model.config.output_router_logits = True  # adds the router load-balancing loss to `loss`
+    if c["lora_r"] is None:
+        return model
     lora = LoraConfig(r=c["lora_r"], lora_alpha=c["lora_alpha"], lora_dropout=c["lora_dropout"],
                       target_modules=c["lora_targets"], modules_to_save=c["lora_modules_to_save"] or None,
                       task_type="CAUSAL_LM")
@@ -36,7 +41,7 @@ def save_checkpoint(engine, step: int, history: list, rank: int, metrics: dict) 
         # every rank writes its ZeRO optimizer shard; Ray gathers all ranks' files in one folder
         engine.save_checkpoint(tmp, tag="ds", exclude_frozen_parameters=True)
         if rank == 0:
-            engine.module.save_pretrained(Path(tmp) / "adapter")
+            engine.module.save_pretrained(Path(tmp) / "model")  # the adapter, or the whole model
             (Path(tmp) / "state.json").write_text(json.dumps({"step": step, "history": history}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -75,6 +80,7 @@ def train_loop(c: dict) -> None:
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
         lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, c["warmup_steps"], c["max_steps"]))
     step, history = resume(engine)
+    objective = make_objective(c, device)
 
     tokens_per_step = c["batch_size"] * c["grad_accum"] * c["seq_len"] * world
     data = batches(ray.train.get_dataset_shard("train"), c["batch_size"])
@@ -82,7 +88,7 @@ def train_loop(c: dict) -> None:
     while step < c["max_steps"]:
         for _ in range(c["grad_accum"]):
             input_ids = next(data).to(device)
-            loss = engine(input_ids=input_ids, labels=input_ids).loss
+            loss = objective(engine, input_ids)
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach())

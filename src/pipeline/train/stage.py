@@ -1,6 +1,7 @@
 """The train stage: base model + packed data -> Ray Train TorchTrainer running the recipe."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -35,29 +36,39 @@ def check_lora_targets(model_dir: Path, targets: list[str]) -> None:
 def loop_config(cfg: PipelineConfig, base: Path) -> dict:
     t = cfg.train
     return {"base_model": str(base), "seq_len": cfg.model.seq_len, "use_gpu": t.use_gpu, "seed": t.seed,
-            "lr": t.lr, "warmup_steps": t.warmup_steps, "max_steps": t.max_steps, "batch_size": t.batch_size,
-            "grad_accum": t.grad_accum, "grad_clip": t.grad_clip, "zero_stage": t.zero_stage,
-            "log_every": t.log_every, "checkpoint_every": t.checkpoint_every,
-            "lora_r": t.lora.r, "lora_alpha": t.lora.alpha, "lora_dropout": t.lora.dropout,
+            "objective": "causal_lm", "lr": t.lr, "warmup_steps": t.warmup_steps, "max_steps": t.max_steps,
+            "batch_size": t.batch_size, "grad_accum": t.grad_accum, "grad_clip": t.grad_clip,
+            "zero_stage": t.zero_stage, "log_every": t.log_every, "checkpoint_every": t.checkpoint_every,
+            "lora_r": None if t.full_finetune else t.lora.r, "lora_alpha": t.lora.alpha, "lora_dropout": t.lora.dropout,
             "lora_targets": t.lora.target_modules, "lora_modules_to_save": t.lora.modules_to_save}
 
 
-def run_train(cfg: PipelineConfig) -> dict:
-    kept = cfg.stage_dir("curate") / "kept"
-    if not kept.is_dir():
-        raise FileNotFoundError(f"no curated data at {kept}: run `pipeline curate` first")
-    out = cfg.stage_dir("train")
-    base = prepare_base_model(cfg.model, kept, out / "base")
-    check_lora_targets(base, cfg.train.lora.target_modules + cfg.train.lora.modules_to_save)
+def checkpoint_storage(cfg: PipelineConfig, out: Path) -> str:
+    uri = cfg.train.checkpoint_uri
+    # beside the stage folders, not in them: a stage folder pushed to a URI replaces what was there
+    return f"{uri.rstrip('/')}/checkpoints/{out.name}" if uri else str(out / "ray")
+
+
+def run_name(cfg: PipelineConfig, loop: dict, out: Path) -> str:
+    """Ray Train resumes a run of the same name from its latest checkpoint. Naming it after the
+    loop config means a resubmitted job picks up where it died, while a changed config starts fresh
+    instead of loading checkpoints that do not fit it."""
+    digest = hashlib.sha256(json.dumps(loop, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.name}-{out.name}-{digest}"
+
+
+def fit(cfg: PipelineConfig, loop: dict, out: Path) -> tuple[Path, list[dict]]:
+    """Run the recipe on Ray Train over the curated training split; return the final checkpoint
+    folder (out/final) and the logged history."""
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config(cfg, base),
+        train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        datasets={"train": packed_dataset(str(kept), str(base), cfg.model.seq_len)},
-        run_config=RunConfig(name=f"{cfg.name}-train", storage_path=str(out / "ray"),
+        datasets={"train": packed_dataset(str(cfg.stage_dir("curate") / "kept"), loop["base_model"], cfg.model.seq_len)},
+        run_config=RunConfig(name=run_name(cfg, loop, out), storage_path=checkpoint_storage(cfg, out),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=2)),
     )
@@ -66,12 +77,30 @@ def run_train(cfg: PipelineConfig) -> dict:
     shutil.rmtree(final, ignore_errors=True)
     result.checkpoint.to_directory(str(final))
     history = json.loads((final / "state.json").read_text())["history"]
-    summary = {"base_model": str(base), "adapter": str(final / "adapter"), "steps": history[-1]["step"],
-               "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
-               "tokens_per_s": round(sum(h["tokens_per_s"] for h in history) / len(history), 1),
-               "history": history}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     plot_loss(history, out / "loss.png")
-    log.info("train: loss %.3f -> %.3f over %d steps; adapter in %s",
+    return final, history
+
+
+def history_summary(history: list[dict]) -> dict:
+    return {"steps": history[-1]["step"], "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
+            "tokens_per_s": round(sum(h["tokens_per_s"] for h in history) / len(history), 1), "history": history}
+
+
+def require_curated(cfg: PipelineConfig) -> Path:
+    kept = cfg.stage_dir("curate") / "kept"
+    if not kept.is_dir():
+        raise FileNotFoundError(f"no curated data at {kept}: run `pipeline curate` first")
+    return kept
+
+
+def run_train(cfg: PipelineConfig) -> dict:
+    out = cfg.stage_dir("train")
+    base = prepare_base_model(cfg.model, require_curated(cfg), out / "base")
+    if not cfg.train.full_finetune:
+        check_lora_targets(base, cfg.train.lora.target_modules + cfg.train.lora.modules_to_save)
+    final, history = fit(cfg, loop_config(cfg, base), out)
+    summary = {"base_model": str(base), "adapter": str(final / "model"), **history_summary(history)}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    log.info("train: loss %.3f -> %.3f over %d steps; model in %s",
              summary["loss_first"], summary["loss_last"], summary["steps"], summary["adapter"])
     return summary
