@@ -1,33 +1,114 @@
-"""The KubeRay manifests parse and point at things that exist in this repo."""
+"""cluster/: the KubeRay manifests are what cluster/render.py makes of cluster/profiles.yaml, use
+only fields of KubeRay's v1 CRDs (tests/kuberay_schema.py), and point at things that exist here."""
+import importlib
+import sys
 from pathlib import Path
 
+import jsonschema
+import pytest
 import yaml
+from ray.serve.schema import ServeDeploySchema
 
 from conftest import REPO
+from kuberay_schema import SCHEMAS
 from pipeline.config import load_config
+from pipeline.serving.schemas import ServeArgs
 
-MANIFESTS = sorted((REPO / "cluster").rglob("*.yaml"))
+sys.path.insert(0, str(REPO / "cluster"))
+import render  # noqa: E402
+
+PROFILES = yaml.safe_load((REPO / "cluster" / "profiles.yaml").read_text())
+MANIFESTS = sorted((REPO / "cluster" / "kuberay").rglob("*.yaml"))
 
 
-def test_every_manifest_is_a_kuberay_v1_document():
-    assert MANIFESTS
+def docs(kind: str | None = None):
     for path in MANIFESTS:
         for doc in yaml.safe_load_all(path.read_text()):
-            assert doc["apiVersion"] == "ray.io/v1", path
-            assert doc["kind"] in {"RayCluster", "RayJob", "RayService"}, path
+            if kind is None or doc["kind"] == kind:
+                yield path, doc
 
 
-def test_rayjob_entrypoint_script_config_and_runtime_env_exist():
-    for path in MANIFESTS:
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc["kind"] != "RayJob":
-                continue
-            python, script, flag, config, *overrides = doc["spec"]["entrypoint"].split()
-            assert (python, flag) == ("python", "--config")
-            assert (REPO / script).is_file() and script.startswith("rayjobs/")
-            load_config(REPO / config, overrides)  # the job's config and overrides validate
-            runtime_env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
-            assert isinstance(runtime_env, dict) and runtime_env["working_dir"] == "."
-            head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
-            assert head["dashboard-host"] == "127.0.0.1" and head["num-cpus"] == "0"
-            assert Path(config).suffix == ".yaml"
+def test_committed_manifests_are_the_rendered_profiles():
+    for name, profile in PROFILES.items():
+        out = REPO / "cluster" / "kuberay" / name
+        rendered = render.render(name, profile)
+        assert sorted(p.name for p in out.glob("*.yaml")) == sorted(rendered), name
+        for filename, expected in rendered.items():
+            assert list(yaml.safe_load_all((out / filename).read_text())) == expected, \
+                f"{out / filename} is stale: run `python cluster/render.py`"
+
+
+def test_every_document_matches_the_kuberay_v1_schema():
+    assert len(MANIFESTS) == 9 * len(PROFILES)
+    for path, doc in docs():
+        jsonschema.validate(doc, SCHEMAS[doc["kind"]]), path
+
+
+@pytest.mark.parametrize("mutate, error", [
+    (lambda d: d["spec"].update(entrypointz="x"), "entrypointz"),
+    (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplica=1), "minReplica"),
+    (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(maxReplicas="4"), "is not of type"),
+    (lambda d: d["spec"].update(shutdownAfterJobFinishes="no"), "is not of type"),
+    (lambda d: d.update(apiVersion="ray.io/v1alpha1"), "ray.io/v1"),
+])
+def test_the_schema_rejects_unknown_fields_and_wrong_types(mutate, error):
+    doc = next(d for _, d in docs("RayJob") if "rayClusterSpec" in d["spec"])
+    mutate(doc)
+    with pytest.raises(jsonschema.ValidationError, match=error):
+        jsonschema.validate(doc, SCHEMAS["RayJob"])
+
+
+def test_rayjobs_run_our_entrypoints_with_valid_configs_and_runtime_envs():
+    stages = set()
+    for path, doc in docs("RayJob"):
+        python, script, flag, config, *overrides = doc["spec"]["entrypoint"].split()
+        assert (python, flag) == ("python", "--config") and script.startswith("rayjobs/")
+        assert (REPO / script).is_file()
+        load_config(REPO / config, overrides)  # the job's config and overrides validate
+        runtime_env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
+        assert isinstance(runtime_env, dict) and runtime_env["working_dir"] == render.APP_DIR
+        assert runtime_env["env_vars"]["NCCL_DEBUG"] == "WARN"
+        assert ("rayClusterSpec" in doc["spec"]) != ("clusterSelector" in doc["spec"]), path
+        stages.add(Path(script).stem)
+    assert stages == {"curate", "train", "quantize", "distill", "pipeline"}
+
+
+def test_clusters_keep_work_off_the_head_and_size_gpu_groups_consistently():
+    for path, doc in docs():
+        if "spec" not in doc:
+            continue
+        spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or \
+            (doc["spec"] if doc["kind"] == "RayCluster" else None)
+        if spec is None:
+            continue
+        assert spec["enableInTreeAutoscaling"] is True and spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        for group in spec["workerGroupSpecs"]:
+            pod = group["template"]["spec"]
+            limits = pod["containers"][0]["resources"]["limits"]
+            gpus = group["rayStartParams"].get("num-gpus")
+            assert limits.get("nvidia.com/gpu") == gpus, path
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+            shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+            assert shm["emptyDir"]["medium"] == "Memory"
+            assert {"mountPath": "/mnt/runs", "name": "runs"} in pod["containers"][0]["volumeMounts"]
+
+
+def test_rayservice_serve_config_is_a_valid_serve_deployment_of_our_app():
+    for path, doc in docs("RayService"):
+        serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+        ServeDeploySchema.model_validate(serve_config)
+        (app,) = serve_config["applications"]
+        module, attr = app["import_path"].split(":")
+        builder = getattr(importlib.import_module(module), attr)
+        assert callable(builder)
+        args = ServeArgs(**app["args"])
+        assert args.model_dir.startswith("/mnt/runs/") and args.model_dir.endswith("/quantize/awq")
+        assert doc["spec"]["upgradeStrategy"]["type"] == "NewCluster"
+    gpu = yaml.safe_load(next(d for p, d in docs("RayService") if "gpu-small" in str(p))["spec"]["serveConfigV2"])
+    assert gpu["applications"][0]["args"]["num_gpus"] == 1
+
+
+def test_kustomization_lists_files_that_exist():
+    for path, doc in docs("Kustomization"):
+        for resource in doc["resources"]:
+            assert (path.parent / resource).is_file()

@@ -40,3 +40,8 @@ def test_cross_field_rule_and_malformed_override():
 def test_stage_dirs_live_under_runs_name(tmp_path):
     cfg = load_config(DEFAULT_CONFIG, [f"runs_dir={tmp_path}", "name=exp1"])
     assert cfg.stage_dir("train") == tmp_path / "exp1" / "train"
+
+
+def test_dedup_knobs_have_short_forms():
+    cfg = load_config(None, ["dedup.threshold=0.85", "dedup.num_perm=64", "dedup.ngram=3"])
+    assert (cfg.data.dedup.threshold, cfg.data.dedup.num_perm, cfg.data.dedup.ngram) == (0.85, 64, 3)

@@ -1,4 +1,4 @@
-"""`pipeline {sample-data,curate,train,quantize,serve,run}`: one command per stage, and `run` for all.
+"""`pipeline {sample-data,curate,train,quantize,distill,serve,run}`: one command per stage, and `run` for all.
 
 Every stage reads the previous stage's folder and writes its own under runs/<name>/<stage>/.
 """
@@ -24,6 +24,7 @@ EPILOG = """examples:
   pipeline run                               every stage with configs/demo.yaml, then one HTTP generation
   pipeline train --config my.yaml train.max_steps=200 train.lora.r=8
   pipeline curate --input 'corpus/*.jsonl.gz' --output /data/curated dedup.threshold=0.85
+  pipeline distill distill.student_preset=tiny-dense distill.temperature=2
   pipeline serve                             serve the last run's model on 127.0.0.1:8000 until Ctrl-C
 
 With RAY_ADDRESS set (or under `ray job submit`) the stages run on that cluster; otherwise on a
@@ -39,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         "curate": "read, normalize, filter and deduplicate the corpus (Ray Data)",
         "train": "fine-tune the model with LoRA on Ray Train + DeepSpeed",
         "quantize": "merge the adapter and quantize to AWQ 4-bit (llm-compressor)",
+        "distill": "train a smaller student on the merged model's soft targets (Ray Train)",
         "serve": "serve the exported model on Ray Serve until interrupted",
-        "run": "curate -> train -> quantize -> serve, then print a generation and a summary",
+        "run": "curate -> train -> quantize [-> distill] -> serve, then print a generation and a summary",
     }
     for name, help_text in stages.items():
         s = sub.add_parser(name, help=help_text, description=help_text)
@@ -108,6 +110,12 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
     stats = cmd_curate(cfg, args)
     train = run_train(cfg)
     quant = run_quantize(cfg, force=args.force)
+    if cfg.distill.enabled:
+        from pipeline.export.distill import run_distill
+
+        distill = run_distill(cfg)
+        print(f"distilled student: KL to teacher {distill['kl_to_teacher_before']} -> "
+              f"{distill['kl_to_teacher_after']} in {distill['student']}")
     url = deploy(cfg)
     reply = generate(url, cfg.serve.demo_prompt, DEMO_TOKENS, os.environ.get(cfg.serve.api_key_env))
     print(f"\nPOST {url}/generate {{'prompt': {cfg.serve.demo_prompt!r}}}\n-> {json.dumps(reply)}\n")
@@ -143,13 +151,13 @@ def cmd_serve(cfg: PipelineConfig, args) -> None:
     serve.shutdown()
 
 
-def dispatch(args) -> None:
-    if args.command == "sample-data":
-        return cmd_sample_data(args)
-    cfg = load_config(args.config, args.overrides)
-    from pipeline.runtime import init_ray
+# the stage folders each command reads and writes (a URI runs_dir is staged through pipeline.storage)
+STAGE_IO = {"curate": ([], ["curate"]), "train": (["curate"], ["train"]),
+            "quantize": (["curate", "train"], ["quantize"]), "distill": (["curate", "quantize"], ["distill"]),
+            "serve": (["quantize"], []), "run": ([], ["curate", "train", "quantize", "distill"])}
 
-    init_ray()
+
+def run_command(cfg: PipelineConfig, args) -> None:
     if args.command == "curate":
         cmd_curate(cfg, args)
     elif args.command == "train":
@@ -161,10 +169,32 @@ def dispatch(args) -> None:
         from pipeline.export.stage import run_quantize
 
         print(json.dumps(run_quantize(cfg, force=args.force), indent=2))
+    elif args.command == "distill":
+        from pipeline.export.distill import run_distill
+
+        summary = run_distill(cfg)
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     elif args.command == "serve":
         cmd_serve(cfg, args)
     elif args.command == "run":
         cmd_run(cfg, args)
+
+
+def dispatch(args) -> None:
+    if args.command == "sample-data":
+        return cmd_sample_data(args)
+    cfg = load_config(args.config, args.overrides)
+    from pipeline.runtime import init_ray
+    from pipeline.storage import staged
+
+    init_ray()
+    reads, writes = STAGE_IO[args.command]
+    with staged(cfg, reads, writes) as local:
+        run_command(local, args)
+    for stage in writes:
+        if local.stage_dir(stage).is_dir():
+            where = f"{cfg.runs_dir.rstrip('/')}/{cfg.name}/{stage}" if local is not cfg else local.stage_dir(stage)
+            print(f"{stage} outputs: {where}")
 
 
 def main(argv: list[str] | None = None) -> int:

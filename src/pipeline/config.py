@@ -28,6 +28,48 @@ class DedupConfig(Section):
     threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity that counts as duplicate")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
     ngram: int = Field(5, ge=1, le=32, description="word n-gram (shingle) size")
+    recall_weight: float = Field(0.95, gt=0, lt=1, description="LSH bands x rows favour recall this much "
+                                 "(datasketch's weights=(1-w, w)); candidates are verified by exact Jaccard")
+
+
+class FiltersConfig(Section):
+    """Quality filters (src/pipeline/curate/filters.py); 0 or [] turns one off."""
+    min_words: int = Field(5, ge=0, description="drop documents with fewer words")
+    max_words: int = Field(0, ge=0, description="drop documents with more words (0: no limit)")
+    min_chars: int = Field(0, ge=0)
+    max_chars: int = Field(0, ge=0, description="0: no limit")
+    max_duplicate_line_chars: float = Field(0.3, ge=0, le=1, description="share of characters in repeated lines")
+    max_top_ngram_share: float = Field(0.2, ge=0, le=1, description="share of the text the top word 3-gram covers")
+    max_symbol_words: float = Field(0.1, ge=0, le=1, description="share of words without a letter or digit")
+    min_alpha_words: float = Field(0.5, ge=0, le=1, description="share of words with a letter")
+    scripts: list[str] = Field(default_factory=list, description="e.g. [latin]; [] keeps every script")
+    min_script_share: float = Field(0.5, ge=0, le=1, description="share of letters in `scripts`")
+
+
+class PerplexityConfig(Section):
+    model_path: str | None = Field(None, description="local HF causal LM that scores documents; None: no filter")
+    max_perplexity: float = Field(20, gt=0, description="the seed's rule: keep perplexity < 20")
+    max_tokens: int = Field(512, ge=8, description="tokens scored per document (its beginning)")
+    batch_size: int = Field(16, ge=1)
+    concurrency: int = Field(1, ge=1, description="scoring actors (each loads the model once; a GPU each when present)")
+
+
+class AugmentConfig(Section):
+    """Off unless a model path is given (src/pipeline/curate/augment.py)."""
+    back_translation_models: list[str] = Field(
+        default_factory=list, description="[forward, backward] local seq2seq dirs, e.g. opus-mt en-zh and zh-en")
+    back_translation_share: float = Field(0.1, ge=0, le=1, description="share of kept documents back-translated")
+    synonym_model: str | None = Field(None, description="local fill-mask model dir for synonym perturbation")
+    synonym_share: float = Field(0.1, ge=0, le=1, description="share of kept documents perturbed")
+    synonym_word_share: float = Field(0.1, ge=0, le=1, description="share of a document's words replaced")
+    max_tokens: int = Field(256, ge=8, description="tokens translated per document (its beginning)")
+    concurrency: int = Field(1, ge=1, description="actors per augmentation model")
+
+    @model_validator(mode="after")
+    def _two_translation_models(self) -> "AugmentConfig":
+        if len(self.back_translation_models) not in (0, 2):
+            raise ValueError("back_translation_models takes two paths: [forward, backward]")
+        return self
 
 
 class DataConfig(Section):
@@ -36,8 +78,14 @@ class DataConfig(Section):
     text_field: str = "text"
     id_field: str = "id"
     lowercase: bool = False
-    min_words: int = Field(5, ge=0, description="drop documents with fewer words")
+    keep_fields: list[str] = Field(default_factory=list, description="input fields carried into kept/ as `meta` "
+                                   "(JSON); every other field is dropped, like the seed's remove_columns")
+    rename: dict[str, str] = Field(default_factory=dict, description="new names for keep_fields inside `meta`")
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    shard_mb: float = Field(64, gt=0, description="target size of each kept/ Parquet shard (uncompressed text)")
 
     @model_validator(mode="before")
     @classmethod
@@ -49,7 +97,7 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     path: str | None = Field(None, description="local HF causal-LM directory; None builds `preset`")
-    preset: Literal["tiny-moe", "tiny-dense"] = "tiny-moe"
+    preset: Literal["tiny-moe", "tiny-dense", "small-moe"] = "tiny-moe"
     vocab_size: int = Field(2048, ge=256, description="BPE vocabulary when a tokenizer is trained")
     tokenizer_docs: int = Field(2000, ge=10, description="curated documents the tokenizer trains on")
     seq_len: int = Field(128, ge=16, description="training sequence length (tokens)")
@@ -80,6 +128,10 @@ class TrainConfig(Section):
     log_every: int = Field(5, ge=1)
     checkpoint_every: int = Field(20, ge=1)
     seed: int = 0
+    checkpoint_uri: str | None = Field(
+        None, description="where Ray Train keeps checkpoints (path or s3://...): URI/checkpoints/<stage>; "
+        "default: <stage folder>/ray")
+    full_finetune: bool = Field(False, description="train every weight instead of LoRA adapters (train.lora is then unused)")
     lora: LoraSettings = Field(default_factory=LoraSettings)
 
 
@@ -94,6 +146,19 @@ class QuantizeConfig(Section):
     eval_samples: int = Field(32, ge=1, description="held-out curated documents the quality gate scores")
     max_ppl_increase: float = Field(
         0.02, description="quality gate: fail when 4-bit perplexity exceeds 16-bit by more than this fraction")
+
+
+class DistillConfig(Section):
+    enabled: bool = Field(False, description="`pipeline run` also distills a student after quantizing")
+    teacher_path: str | None = Field(None, description="teacher HF dir; None = this run's merged 16-bit model")
+    student_path: str | None = Field(None, description="student HF dir; it must use the teacher's tokenizer")
+    student_preset: Literal["tiny-moe", "tiny-dense", "small-moe"] = Field(
+        "tiny-dense", description="built on the teacher's tokenizer when student_path is None")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-target KL; 1 - alpha weighs the CE")
+    temperature: float = Field(2.0, gt=0, description="softens both distributions in the KL term")
+    lr: float = Field(1e-3, gt=0, description="the student trains in full, from scratch or from student_path")
+    max_steps: int = Field(60, ge=1)
+    eval_samples: int = Field(32, ge=1, description="held-out curated documents the KL to the teacher is measured on")
 
 
 class ServeConfig(Section):
@@ -125,15 +190,21 @@ class ServeConfig(Section):
 
 class PipelineConfig(Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$", description="run name: outputs go to runs_dir/name/")
-    runs_dir: str = "runs"
+    runs_dir: str = Field("runs", description="local path, mount, or pyarrow.fs URI such as s3://bucket/runs")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def stage_dir(self, stage: str) -> Path:
+        """A stage's local folder (a URI runs_dir is staged locally first: pipeline.storage)."""
         return Path(self.runs_dir).resolve() / self.name / stage
+
+
+# short forms users type on the command line -> where the key lives
+ALIASES = {"dedup.": "data.dedup."}
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -141,6 +212,9 @@ def apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
     key, _, text = item.partition("=")
+    for short, full in ALIASES.items():
+        if key.startswith(short):
+            key = full + key[len(short):]
     parts = key.strip().split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):

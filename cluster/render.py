@@ -1,0 +1,158 @@
+"""Render cluster/profiles.yaml into KubeRay v1 manifests: cluster/kuberay/<profile>/.
+
+    python cluster/render.py            # every profile
+    python cluster/render.py gpu-small  # one
+
+Each profile gets a shared-storage PVC and a RayCluster (CPU head that schedules no work, one
+worker group, in-tree autoscaling), which its kustomization.yaml applies; a RayJob per stage that
+runs on that RayCluster; a self-contained RayJob for the whole pipeline; and a RayService that
+serves the quantized model.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "src"))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.serving.schemas import ServeArgs  # noqa: E402
+
+RAY_VERSION = "2.60.0"
+CLUSTER = "llm-pipeline"
+RUNS = "/mnt/runs"      # the PVC's mount point in every pod: runs, checkpoints and models live here
+APP_DIR = "/app"        # where the image holds this repository (see Dockerfile)
+STAGES = ["curate", "train", "quantize", "distill", "serve"]
+ENV = [{"name": "NCCL_DEBUG", "value": "WARN"},
+       {"name": "PIPELINE_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm-pipeline-api-key", "key": "key",
+                                                                   "optional": True}}}]
+
+
+def pod(p: dict, role: str, cpu: str, memory: str, gpus: int, shm: str) -> dict:
+    limits = {"cpu": cpu, "memory": memory, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
+    container = {"name": f"ray-{role}", "image": p["image"], "env": ENV,
+                 "resources": {"limits": limits, "requests": limits},
+                 "volumeMounts": [{"name": "runs", "mountPath": RUNS}, {"name": "dshm", "mountPath": "/dev/shm"}]}
+    if role == "head":
+        container["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
+                              {"containerPort": 8000, "name": "serve"}]
+    spec = {"containers": [container],
+            # NCCL and Ray's object store both live in shared memory; the default 64 MiB is far too small
+            "volumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": p["storage"]["claim"]}},
+                        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}}]}
+    if gpus:
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    return {"spec": spec}
+
+
+def cluster_spec(p: dict) -> dict:
+    w = p["workers"]
+    group = "gpu" if w["gpus"] else "cpu"
+    return {
+        "rayVersion": RAY_VERSION,
+        "enableInTreeAutoscaling": True,
+        "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
+        "headGroupSpec": {
+            # num-cpus 0: no pipeline task or replica lands on the head. The dashboard listens on the
+            # pod network because KubeRay submits jobs and checks Serve through it; only the ClusterIP
+            # head service reaches it (kubectl port-forward), nothing outside the cluster
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            "template": pod(p, "head", p["head"]["cpu"], p["head"]["memory"], 0, "1Gi"),
+        },
+        "workerGroupSpecs": [{
+            "groupName": group, "replicas": w["replicas"], "minReplicas": w["min"], "maxReplicas": w["max"],
+            "rayStartParams": {"num-cpus": str(w["cpu"]), **({"num-gpus": str(w["gpus"])} if w["gpus"] else {})},
+            "template": pod(p, "worker", w["cpu"], w["memory"], w["gpus"], w["shm"]),
+        }],
+    }
+
+
+def overrides(p: dict) -> list[str]:
+    t, s = p["train"], p["serve"]
+    return [f"runs_dir={RUNS}", f"train.num_workers={t['num_workers']}", f"train.use_gpu={str(t['use_gpu']).lower()}",
+            f"train.zero_stage={t['zero_stage']}", f"serve.min_replicas={s['min_replicas']}",
+            f"serve.max_replicas={s['max_replicas']}", f"serve.num_cpus={s['num_cpus']}", f"serve.num_gpus={s['num_gpus']}"]
+
+
+def rayjob(p: dict, stage: str, inline_cluster: bool) -> dict:
+    runtime_env = {"working_dir": APP_DIR, "env_vars": {"NCCL_DEBUG": "WARN", "PYTHONUNBUFFERED": "1"}}
+    spec = {
+        "entrypoint": " ".join(["python", f"rayjobs/{stage}.py", "--config", p["config"], *overrides(p)]),
+        "runtimeEnvYAML": yaml.safe_dump(runtime_env, sort_keys=False),
+        "submissionMode": "K8sJobMode",
+        "backoffLimit": 1,
+        "ttlSecondsAfterFinished": 3600,
+    }
+    if inline_cluster:
+        # the whole pipeline on a cluster of its own; kept after the job so the endpoint stays up
+        spec.update(shutdownAfterJobFinishes=False, rayClusterSpec=cluster_spec(p))
+    else:
+        spec.update(clusterSelector={"ray.io/cluster": CLUSTER})
+    name = f"{CLUSTER}-{stage}" if not inline_cluster else f"{CLUSTER}-all"
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": name}, "spec": spec}
+
+
+def serve_config(p: dict) -> dict:
+    cfg = load_config(ROOT.parent / p["config"], overrides(p))
+    s = cfg.serve
+    args = ServeArgs(model_dir=f"{RUNS}/{cfg.name}/quantize/awq", model_name=cfg.name,
+                     **s.model_dump(include=set(ServeArgs.model_fields) & set(type(s).model_fields)))
+    # no runtime_env: the image has the repo installed, and Serve takes only remote working_dirs
+    return {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": 8000},
+            "applications": [{"name": "llm", "route_prefix": "/", "import_path": "serve.app:build_app",
+                              "args": args.model_dump(exclude_none=True)}]}
+
+
+def render(name: str, p: dict) -> dict[str, list[dict]]:
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": p["storage"]["claim"]},
+           "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": p["storage"]["size"]}}}}
+    service = {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": f"{CLUSTER}-serve"},
+               "spec": {"upgradeStrategy": {"type": "NewCluster"},
+                        "serveConfigV2": yaml.safe_dump(serve_config(p), sort_keys=False),
+                        "rayClusterConfig": cluster_spec({**p, "image": p.get("serve_image", p["image"])})}}
+    files = {"pvc.yaml": [pvc],
+             "raycluster.yaml": [{"apiVersion": "ray.io/v1", "kind": "RayCluster",
+                                  "metadata": {"name": CLUSTER}, "spec": cluster_spec(p)}],
+             **{f"rayjob-{stage}.yaml": [rayjob(p, stage, False)] for stage in STAGES if stage != "serve"},
+             "rayjob-pipeline.yaml": [rayjob(p, "pipeline", True)],
+             "rayservice.yaml": [service]}
+    # `kubectl apply -k` brings up the long-lived parts only; jobs and the service are applied one
+    # by one, in order (a stage reads the one before; the service needs the quantized model)
+    files["kustomization.yaml"] = [{"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                                    "labels": [{"pairs": {"app.kubernetes.io/part-of": CLUSTER, "profile": name}}],
+                                    "resources": ["pvc.yaml", "raycluster.yaml"]}]
+    return files
+
+
+class _Dumper(yaml.SafeDumper):
+    """Plain YAML for humans and kubectl: no &anchors for repeated blocks, multi-line strings as |."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+_Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
+def write(name: str, files: dict[str, list[dict]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.yaml"):
+        if stale.name not in files:
+            stale.unlink()
+    for filename, docs in files.items():
+        header = f"# Rendered by `python cluster/render.py {name}` from cluster/profiles.yaml: edit there, not here.\n"
+        (out / filename).write_text(header + yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False))
+
+
+def main(argv: list[str]) -> None:
+    profiles = yaml.safe_load((ROOT / "profiles.yaml").read_text())
+    for name in argv or profiles:
+        write(name, render(name, profiles[name]), ROOT / "kuberay" / name)
+        print(f"cluster/kuberay/{name}/")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
