@@ -38,6 +38,13 @@ PLANTED = [
 ]
 
 
+def passes_filters(text: str) -> bool:
+    from pipeline.config import FiltersConfig
+    from pipeline.curate.filters import build_filters
+
+    return len(text.split()) > 60 and not any(f(text) for f in build_filters(FiltersConfig()))
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """~400 KB of real licence text (with its natural duplicates) plus planted bad records."""
@@ -47,7 +54,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
         for rec in PLANTED:
             fh.write(json.dumps(rec) + "\n")
         fh.write('{"id": "planted-bad-json", "text": \n')
-        first = json.loads(files[1].read_text().splitlines()[0])
+        first = next(doc for doc in map(json.loads, files[1].read_text().splitlines()) if passes_filters(doc["text"]))
         fh.write(json.dumps({"id": "planted-exact-copy", "text": first["text"]}) + "\n")
         words = first["text"].split()
         near = " ".join(words[:-1] + ["CHANGED"]) if len(words) > 60 else first["text"] + " extra"

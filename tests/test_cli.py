@@ -13,7 +13,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_stage_and_examples():
     out = run("--help")
     assert out.returncode == 0
-    for stage in ("sample-data", "curate", "train", "quantize", "serve", "run"):
+    for stage in ("sample-data", "curate", "train", "quantize", "distill", "serve", "run"):
         assert stage in out.stdout
     assert "RAY_ADDRESS" in out.stdout and "examples" in out.stdout
 

@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import tiny_config
+from pipeline.curate.filters import Length, Repetition, Script, SymbolRatio
 from pipeline.curate.stage import run_curate
 
 
@@ -58,3 +59,182 @@ def test_stats_file_counts_per_reason(curated):
     assert sum(stats["by_reason"].values()) == stats["docs_in"]
     assert stats["by_reason"]["exact duplicate"] >= 1 and stats["by_reason"]["near duplicate"] >= 1
     assert stats["docs_per_s"] > 0
+
+
+def _fuzzy_input(tiny_corpus) -> "pd.DataFrame":
+    """The tiny corpus (licence texts with natural near-duplicates) plus planted edited copies:
+    1 in 200 words replaced (Jaccard ~0.95), 1 in 100 (~0.9), 1 in 50 (~0.82, just above 0.8),
+    3 in 100 (~0.74, just below) and 1 in 10 (~0.35, far below)."""
+    import pandas as pd
+
+    from pipeline.sample_data import near_duplicate_variants
+
+    lines = [line for f in sorted(tiny_corpus.glob("*.jsonl")) for line in f.read_bytes().splitlines()]
+    docs = [json.loads(line) for line in lines if b"planted" not in line]  # the planted records are malformed
+    docs = [d for d in docs if len(d["text"].split()) >= 5]
+    docs += near_duplicate_variants(docs, rates=(0.005, 0.01, 0.02, 0.03, 0.1), share=0.2, seed=3)
+    df = pd.DataFrame({"id": [d["id"] for d in docs], "text": [d["text"] for d in docs]})
+    df = df.drop_duplicates("text")  # exact copies are exact dedup's job, which runs first
+    return df.assign(source="", raw="", reason="", duplicate_of="")
+
+
+def _near_duplicates(df, num_blocks: int, input_blocks: int) -> dict:
+    import ray
+
+    from pipeline.curate.dedup_fuzzy import fuzzy_dedup
+
+    ds = ray.data.from_pandas(df).repartition(input_blocks)
+    marked, _ = fuzzy_dedup(ds, threshold=0.8, num_perm=128, ngram=5, num_blocks=num_blocks)
+    out = marked.to_pandas()
+    return dict(zip(out.loc[out["reason"] == "near duplicate", "id"], out.loc[out["reason"] == "near duplicate", "duplicate_of"]))
+
+
+def test_fuzzy_dedup_matches_exact_jaccard(ray_local, tiny_corpus):
+    """Ground truth: every pair with exact 5-gram Jaccard >= 0.8 (prefix-filtered similarity join).
+    precision = removed documents that truly have such a twin / removed documents;
+    recall = true pairs with at most one document left / true pairs."""
+    from pipeline.curate.jaccard import dedup_quality, similar_pairs
+
+    df = _fuzzy_input(tiny_corpus)
+    truth = similar_pairs(df["id"].tolist(), df["text"].tolist(), ngram=5, threshold=0.8)
+    removed = _near_duplicates(df, num_blocks=4, input_blocks=3)
+    quality = dedup_quality(truth, set(removed))
+    assert quality["true_pairs"] > 100, quality  # natural and planted duplicates, some near the threshold
+    assert quality["precision"] >= 0.99 and quality["recall"] >= 0.99, quality
+    kept = set(df["id"]) - set(removed)
+    assert set(removed.values()) <= kept  # every duplicate points at a document that was kept
+
+
+def test_fuzzy_dedup_is_the_same_whatever_the_block_count(ray_local, tiny_corpus):
+    df = _fuzzy_input(tiny_corpus)
+    first = _near_duplicates(df, num_blocks=2, input_blocks=1)
+    assert first == _near_duplicates(df, num_blocks=7, input_blocks=5)
+    assert len(first) > 50
+
+
+@pytest.mark.parametrize("suffix, codec", [(".jsonl.zst", "zstd"), (".jsonl.gz", "gzip"), (".txt.zst", "zstd")])
+def test_compressed_files_are_read_and_corrupt_ones_rejected(tmp_path, suffix, codec):
+    import pyarrow as pa
+
+    from pipeline.curate.read import ReadOptions, read_file
+
+    body = b'{"id": "a", "text": "one two three four five"}\n' if ".jsonl" in suffix else b"one two three four five"
+    path = tmp_path / f"doc{suffix}"
+    with pa.CompressedOutputStream(str(path), codec) as out:
+        out.write(body)
+    (rec,) = read_file({"path": str(path)}, ReadOptions())
+    assert rec["text"] == "one two three four five" and rec["reason"] == ""
+    broken = tmp_path / f"broken{suffix}"
+    broken.write_bytes(path.read_bytes()[:8] + b"garbage")
+    (bad,) = read_file({"path": str(broken)}, ReadOptions())
+    assert bad["reason"].startswith("unreadable file") and bad["id"] == str(broken)
+
+
+@pytest.mark.parametrize("make, text, dropped", [
+    (lambda: Length(min_words=3), "one two", "too short"),
+    (lambda: Length(max_words=100), "word " * 101, "too long"),
+    (lambda: Length(min_chars=20), "short words here", "too short"),
+    (lambda: Repetition(), "buy now\nbuy now\nbuy now\nsomething else entirely", "repetitive"),
+    (lambda: Repetition(max_duplicate_line_chars=0), "spam spam spam " * 20, "repetitive"),
+    (lambda: SymbolRatio(), "### *** --- >>> text here", "symbol ratio"),
+    (lambda: SymbolRatio(max_symbol_words=0), "12 34 56 78 90 text", "alphabetic words"),
+    (lambda: Script(("LATIN",)), "Это текст на русском языке", "script"),
+])
+def test_each_filter_drops_what_it_should_and_keeps_prose(make, text, dropped):
+    f = make()
+    assert dropped in f(text)
+    prose = ("Permission is hereby granted, free of charge, to any person obtaining a copy of this software\n"
+             "and associated documentation files, to deal in the Software without restriction.")
+    assert f(prose) is None
+
+
+def test_curate_options_perplexity_metadata_shards_and_plot(ray_local, tiny_run, tmp_path):
+    """The perplexity filter (actor pool, reference LM = the tiny run's merged model) drops
+    gibberish and keeps licence text; keep_fields/rename carry metadata; shards follow shard_mb."""
+    import random
+
+    import pyarrow.parquet as pq
+
+    from pipeline.curate.perplexity import PerplexityScorer
+
+    model = tiny_run.stage_dir("quantize") / "merged"
+    real = pq.read_table(tiny_run.stage_dir("curate") / "kept").to_pandas()["text"].tolist()[:40]
+    rng = random.Random(0)
+    gibberish = [" ".join("".join(rng.choice("ÆØÅßþðæœ") for _ in range(7)) for _ in range(60)) for _ in range(10)]
+    scorer = PerplexityScorer(str(model), max_tokens=64, max_perplexity=1e9)
+    real_ppl, junk_ppl = scorer.perplexities(real[:10]), scorer.perplexities(gibberish)
+    threshold = float((real_ppl.max() * junk_ppl.min()) ** 0.5)  # between the two populations
+    assert real_ppl.max() < threshold < junk_ppl.min()
+
+    src = tmp_path / "in.jsonl"
+    with src.open("w") as fh:
+        for i, text in enumerate(real + gibberish):
+            fh.write(json.dumps({"id": f"d{i:03d}", "body": text, "lang": "en", "junk": 1}) + "\n")
+    cfg = tiny_config(tmp_path / "runs", tmp_path, "data.text_field=body", "data.keep_fields=[lang]",
+                      "data.rename={lang: language}", f"data.perplexity.model_path={model}",
+                      f"data.perplexity.max_perplexity={threshold}", "data.perplexity.max_tokens=64",
+                      "data.perplexity.concurrency=2", "data.shard_mb=0.01", "data.dedup.fuzzy=false",
+                      "data.filters.min_words=0")
+    stats = run_curate(cfg)
+    out = cfg.stage_dir("curate")
+    kept = pq.read_table(out / "kept").to_pandas()
+    rejected = pq.read_table(out / "rejected").to_pandas()
+    dropped = rejected[rejected["reason"].str.startswith("perplexity")]
+    assert len(dropped) == 10 and set(dropped["id"]) == {f"d{i:03d}" for i in range(40, 50)}
+    assert (kept["perplexity"] < threshold).all()
+    assert sum(stats["by_step"]["perplexity"].values()) == 10
+    assert set(kept["meta"]) == {'{"language": "en"}'}  # `junk` dropped, `lang` renamed
+    assert stats["shards"] > 1 and len(list((out / "kept").glob("*.parquet"))) == stats["shards"]
+    assert (out / "histograms.png").stat().st_size > 5000
+
+
+def _tiny_models(root, texts):
+    """Random tiny seq2seq (Bart) and fill-mask (Bert) models on a tokenizer trained here: the
+    augmentation code paths run for real; what the models write is noise."""
+    from transformers import BartConfig, BartForConditionalGeneration, BertConfig, BertForMaskedLM
+
+    from pipeline.model import train_tokenizer
+
+    tok = train_tokenizer(texts, 512)
+    tok.add_special_tokens({"mask_token": "<mask>"})
+    small = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                 eos_token_id=tok.eos_token_id)
+    paths = []
+    for name in ("en-zh", "zh-en"):
+        bart = BartForConditionalGeneration(BartConfig(
+            d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=512,
+            decoder_start_token_id=tok.bos_token_id, **small))
+        # a random decoder may stop at once or emit only special tokens: make it say something
+        bart.generation_config.min_new_tokens = 8
+        bart.generation_config.suppress_tokens = [tok.pad_token_id, tok.unk_token_id, tok.bos_token_id]
+        bart.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths.append(str(root / name))
+    bert = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, vocab_size=len(tok), pad_token_id=tok.pad_token_id))
+    bert.save_pretrained(root / "fill-mask")
+    tok.save_pretrained(root / "fill-mask")
+    return paths, str(root / "fill-mask")
+
+
+def test_augmentation_adds_rows_that_point_at_their_source(ray_local, tiny_corpus, tmp_path):
+    docs = [json.loads(line) for line in (tiny_corpus / "part-00.jsonl").read_bytes().splitlines()
+            if b"planted" not in line][:60]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    translation, fill_mask = _tiny_models(tmp_path, [d["text"] for d in docs])
+    cfg = tiny_config(tmp_path / "runs", tmp_path / "in", f"data.augment.back_translation_models={translation}",
+                      "data.augment.back_translation_share=0.3", f"data.augment.synonym_model={fill_mask}",
+                      "data.augment.synonym_share=0.3", "data.augment.max_tokens=32")
+    stats = run_curate(cfg)
+    kept = pq.read_table(cfg.stage_dir("curate") / "kept").to_pandas()
+    made = kept[kept["augmented_from"] != ""]
+    sources = kept[kept["augmented_from"] == ""]
+    assert stats["augmented"] == len(made) > 0
+    assert set(made["augmented_from"]) <= set(sources["id"])
+    assert made["id"].str.endswith("#bt").any() and made["id"].str.endswith("#syn").any()
+    syn = made[made["id"].str.endswith("#syn")].iloc[0]
+    original = sources.set_index("id").loc[syn["augmented_from"], "text"]
+    assert syn["text"] != original and len(syn["text"].split()) == len(original.split())
+    assert stats["kept"] - stats["augmented"] + stats["rejected"] == stats["docs_in"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # headless: no display on training or CI machines
 import matplotlib.pyplot as plt  # noqa: E402
@@ -15,6 +16,28 @@ def plot_loss(history: list[dict], path: Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_histograms(series: dict[str, list[float]], path: Path, title: str = "") -> Path:
+    """One histogram per named series (log-scaled x when it spans orders of magnitude)."""
+    series = {name: values for name, values in series.items() if len(values)}
+    fig, axes = plt.subplots(1, max(len(series), 1), figsize=(5 * max(len(series), 1), 3.5), squeeze=False)
+    for ax, (name, values) in zip(axes[0], series.items()):
+        positive = [v for v in values if v > 0]
+        wide = positive and max(positive) / max(min(positive), 1e-9) > 100
+        bins = np.geomspace(min(positive), max(positive), 40) if wide else 40
+        ax.hist(positive if wide else values, bins=bins, color="tab:blue", alpha=0.8)
+        if wide:
+            ax.set_xscale("log")
+        ax.set_xlabel(name)
+        ax.set_ylabel("documents")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -62,6 +62,20 @@ FIELD = re.compile(r"^(Upstream-Name|Source|License|Copyright|Files):\s*(.+)$", 
 LICENSE_BODY = re.compile(r"^License:\s*(\S[^\n]*)\n((?:[ \t]+\S[^\n]*\n?){3,})", re.M)
 
 
+def near_duplicate_variants(docs: list[dict], rates: tuple[float, ...], share: float, seed: int = 0) -> list[dict]:
+    """Edited copies of a `share` of the documents, one per word-replacement rate: a rate of 0.01
+    keeps Jaccard (5-word shingles) near 0.95, one of 0.1 takes it near 0.35. Copies carry
+    `variant_of` and `rate` so evaluations can tell planted from natural duplicates."""
+    rng = random.Random(seed)
+    out = []
+    for doc in rng.sample(docs, int(len(docs) * share)):
+        words = doc["text"].split()
+        for rate in rates:
+            edited = [w if rng.random() >= rate else f"edit{rng.randrange(10**6)}" for w in words]
+            out.append({"id": f"{doc['id']}~{rate}", "text": " ".join(edited), "variant_of": doc["id"], "rate": rate})
+    return out
+
+
 def _copyright_fields(text: str) -> dict[str, list[str]]:
     fields: dict[str, list[str]] = {}
     for key, value in FIELD.findall(text):

@@ -1,20 +1,107 @@
-"""Quality filters. Each one only says keep (None) or drop (a reason)."""
+"""Quality filters. Each one looks at one text and only says keep (None) or drop (a reason).
+
+Thresholds follow the heuristics of Gopher (Rae et al. 2021) and datatrove's filters; every one is
+a config key under `data.filters`, and 0 / an empty list turns a filter off.
+"""
 from __future__ import annotations
 
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 
 import pandas as pd
 
+from pipeline.config import FiltersConfig
 from pipeline.curate.records import is_kept
 
 
 @dataclass(frozen=True)
-class MinWords:
-    min_words: int
+class Length:
+    min_words: int = 0
+    max_words: int = 0
+    min_chars: int = 0
+    max_chars: int = 0
 
     def __call__(self, text: str) -> str | None:
-        n = len(text.split())
-        return None if n >= self.min_words else f"too short (< {self.min_words} words)"
+        words, chars = len(text.split()), len(text)
+        if words < self.min_words:
+            return f"too short (< {self.min_words} words)"
+        if self.max_words and words > self.max_words:
+            return f"too long (> {self.max_words} words)"
+        if chars < self.min_chars:
+            return f"too short (< {self.min_chars} characters)"
+        if self.max_chars and chars > self.max_chars:
+            return f"too long (> {self.max_chars} characters)"
+        return None
+
+
+@dataclass(frozen=True)
+class Repetition:
+    """Boilerplate and spam repeat themselves: the share of characters in lines that occur more
+    than once, and the share of words covered by the most frequent word n-gram."""
+    max_duplicate_line_chars: float = 0.3
+    max_top_ngram_share: float = 0.2
+    ngram: int = 3
+
+    def __call__(self, text: str) -> str | None:
+        if self.max_duplicate_line_chars:
+            lines = [line for line in text.split("\n") if line.strip()]
+            counts = Counter(lines)
+            dup_chars = sum(len(line) for line in lines if counts[line] > 1)
+            if lines and dup_chars / sum(map(len, lines)) > self.max_duplicate_line_chars:
+                return f"repetitive (> {self.max_duplicate_line_chars:.0%} of characters in repeated lines)"
+        if self.max_top_ngram_share:
+            words = text.split()
+            grams = Counter(tuple(words[i:i + self.ngram]) for i in range(len(words) - self.ngram + 1))
+            gram, n = grams.most_common(1)[0] if grams else ((), 0)
+            if n > 1 and n * len(" ".join(gram)) / len(text) > self.max_top_ngram_share:
+                return f"repetitive (top {self.ngram}-gram covers > {self.max_top_ngram_share:.0%} of the text)"
+        return None
+
+
+@dataclass(frozen=True)
+class SymbolRatio:
+    """Markup, code dumps and link lists: too many symbol-only words or too few words with a letter."""
+    max_symbol_words: float = 0.1
+    min_alpha_words: float = 0.5
+
+    def __call__(self, text: str) -> str | None:
+        words = text.split()
+        if not words:
+            return None
+        symbols = sum(1 for w in words if not any(c.isalnum() for c in w))
+        if self.max_symbol_words and symbols / len(words) > self.max_symbol_words:
+            return f"symbol ratio > {self.max_symbol_words:.0%} of words"
+        alpha = sum(1 for w in words if any(c.isalpha() for c in w))
+        if alpha / len(words) < self.min_alpha_words:
+            return f"alphabetic words < {self.min_alpha_words:.0%}"
+        return None
+
+
+@dataclass(frozen=True)
+class Script:
+    """Keep text mostly written in the allowed scripts (Unicode name prefixes such as LATIN, CJK,
+    CYRILLIC): a cheap language-family check that needs no model."""
+    allowed: tuple[str, ...] = ()
+    min_share: float = 0.5
+
+    def __call__(self, text: str) -> str | None:
+        if not self.allowed:
+            return None
+        letters = [c for c in text if c.isalpha()]
+        if not letters:
+            return None
+        inside = sum(1 for c in letters if unicodedata.name(c, "").split(" ")[0] in self.allowed)
+        if inside / len(letters) < self.min_share:
+            return f"script: < {self.min_share:.0%} of letters in {'/'.join(self.allowed)}"
+        return None
+
+
+def build_filters(c: FiltersConfig) -> list:
+    return [Length(c.min_words, c.max_words, c.min_chars, c.max_chars),
+            Repetition(c.max_duplicate_line_chars, c.max_top_ngram_share),
+            SymbolRatio(c.max_symbol_words, c.min_alpha_words),
+            Script(tuple(s.upper() for s in c.scripts), c.min_script_share)]
 
 
 def apply_filters(batch: pd.DataFrame, filters: list) -> pd.DataFrame:

@@ -6,17 +6,27 @@ becomes a record with a `reason` and the raw input, so it ends up in `rejected/`
 from __future__ import annotations
 
 import glob
-import gzip
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
 from pipeline.curate.records import record
 
+@dataclass(frozen=True)
+class ReadOptions:
+    text_field: str = "text"
+    id_field: str = "id"
+    keep_fields: tuple[str, ...] = ()        # carried into `meta`; every other field is dropped
+    rename: dict = field(default_factory=dict)  # keep_fields' names inside `meta`
+
+
+COMPRESSION = {".gz": "gzip", ".zst": "zstd"}  # pyarrow's codecs: no extra dependency
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -34,32 +44,36 @@ def expand_inputs(patterns: list[str]) -> list[str]:
 
 
 def file_format(path: str) -> str:
-    suffixes = [s for s in Path(path).suffixes if s not in (".gz",)]
+    suffixes = [s for s in Path(path).suffixes if s not in COMPRESSION]
     fmt = FORMATS.get(suffixes[-1] if suffixes else "", None)
     if fmt is None:
-        raise ValueError(f"{path}: unknown format; expected one of {sorted(FORMATS)} (optionally .gz)")
+        raise ValueError(f"{path}: unknown format; expected one of {sorted(FORMATS)} (optionally .gz or .zst)")
     return fmt
 
 
 def _open_bytes(path: str) -> bytes:
-    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as fh:
-        return fh.read()
+    codec = COMPRESSION.get(Path(path).suffix)
+    if codec is None:
+        return Path(path).read_bytes()
+    with pa.CompressedInputStream(path, codec) as stream:
+        return stream.read()
 
 
-def _from_value(value, rid: str, source: str, text_field: str, id_field: str, raw: str) -> dict:
+def _from_value(value, rid: str, source: str, opts: ReadOptions, raw: str) -> dict:
     if not isinstance(value, dict):
         return record(rid, source=source, raw=raw, reason="not a JSON object")
-    if id_field in value and value[id_field] is not None:
-        rid = str(value[id_field])
-    text = value.get(text_field)
+    if opts.id_field in value and value[opts.id_field] is not None:
+        rid = str(value[opts.id_field])
+    text = value.get(opts.text_field)
     if not isinstance(text, str):
-        return record(rid, source=source, raw=raw, reason=f"missing text field {text_field!r}")
+        return record(rid, source=source, raw=raw, reason=f"missing text field {opts.text_field!r}")
     if not text.strip():
         return record(rid, source=source, raw=raw, reason="empty text")
-    return record(rid, text=text, source=source)
+    meta = {opts.rename.get(k, k): value[k] for k in opts.keep_fields if k in value}
+    return record(rid, text=text, source=source, meta=json.dumps(meta, default=str) if meta else "")
 
 
-def _jsonl(path: str, data: bytes, text_field: str, id_field: str) -> Iterator[dict]:
+def _jsonl(path: str, data: bytes, opts: ReadOptions) -> Iterator[dict]:
     for n, line in enumerate(data.splitlines(), start=1):
         rid = f"{path}:{n}"
         if not line.strip():
@@ -74,10 +88,10 @@ def _jsonl(path: str, data: bytes, text_field: str, id_field: str) -> Iterator[d
         except json.JSONDecodeError as e:
             yield record(rid, source=path, raw=raw, reason=f"malformed json: {e.msg}")
             continue
-        yield _from_value(value, rid, path, text_field, id_field, raw)
+        yield _from_value(value, rid, path, opts, raw)
 
 
-def _json_array(path: str, data: bytes, text_field: str, id_field: str) -> Iterator[dict]:
+def _json_array(path: str, data: bytes, opts: ReadOptions) -> Iterator[dict]:
     try:
         values = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -87,16 +101,16 @@ def _json_array(path: str, data: bytes, text_field: str, id_field: str) -> Itera
     if not isinstance(values, list):
         values = [values]
     for n, value in enumerate(values):
-        yield _from_value(value, f"{path}:{n}", path, text_field, id_field, json.dumps(value)[:10_000])
+        yield _from_value(value, f"{path}:{n}", path, opts, json.dumps(value)[:10_000])
 
 
-def _parquet(path: str, data: bytes, text_field: str, id_field: str) -> Iterator[dict]:
+def _parquet(path: str, data: bytes, opts: ReadOptions) -> Iterator[dict]:
     table = pq.read_table(io.BytesIO(data))
     for n, row in enumerate(table.to_pylist()):
-        yield _from_value(row, f"{path}:{n}", path, text_field, id_field, json.dumps(row, default=str)[:10_000])
+        yield _from_value(row, f"{path}:{n}", path, opts, json.dumps(row, default=str)[:10_000])
 
 
-def _text(path: str, data: bytes, text_field: str, id_field: str) -> Iterator[dict]:
+def _text(path: str, data: bytes, opts: ReadOptions) -> Iterator[dict]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -108,19 +122,19 @@ def _text(path: str, data: bytes, text_field: str, id_field: str) -> Iterator[di
 READERS = {"jsonl": _jsonl, "json": _json_array, "parquet": _parquet, "text": _text}
 
 
-def read_file(row: dict, text_field: str, id_field: str) -> list[dict]:
+def read_file(row: dict, opts: ReadOptions) -> list[dict]:
     path = row["path"]
     try:
         data = _open_bytes(path)
-    except OSError as e:
+    except (OSError, pa.ArrowException) as e:  # a truncated or corrupt .gz/.zst among them
         return [record(path, source=path, reason=f"unreadable file: {e}")]
-    records = list(READERS[file_format(path)](path, data, text_field, id_field))
+    records = list(READERS[file_format(path)](path, data, opts))
     return records or [record(path, source=path, reason="empty file")]
 
 
-def read_corpus(patterns: list[str], text_field: str = "text", id_field: str = "id") -> ray.data.Dataset:
+def read_corpus(patterns: list[str], opts: ReadOptions) -> ray.data.Dataset:
     files = expand_inputs(patterns)
     for f in files:
         file_format(f)  # fail fast, before any task runs, on a file we cannot read
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-    return ds.flat_map(read_file, fn_kwargs={"text_field": text_field, "id_field": id_field})
+    return ds.flat_map(read_file, fn_kwargs={"opts": opts})

@@ -1,0 +1,147 @@
+"""Curation throughput and dedup quality on >= 200 MB of real text, against the single-process
+datasketch MinHashLSH loop a user would write, on the same documents and parameters.
+
+    python bench/curate.py [--mb 200] [--out bench/results/curate-cpu2.json]
+
+Corpus: this machine's text (Debian copyright files and changelogs, man pages, the Python
+standard library) cut into ~1.5 KB documents, plus edited copies of 10% of them (1 word in 200,
+1 in 100, and 1 in 10 replaced) so there are near-duplicates on both sides of the threshold.
+Ground truth: every pair with exact 5-gram shingle Jaccard >= threshold (prefix-filtered join).
+precision = removed documents that truly have such a twin / removed documents;
+recall = true pairs of which at most one document survives / true pairs.
+Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from pipeline.curate.jaccard import dedup_quality, similar_pairs  # noqa: E402
+from pipeline.sample_data import near_duplicate_variants, split_documents  # noqa: E402
+
+SOURCES = [("/usr/share/doc", "*/copyright"), ("/usr/share/doc", "*/changelog*.gz"),
+           ("/usr/share/man", "**/*.gz"), ("/usr/lib/python3.11", "**/*.py")]
+
+
+def read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    return data.decode("utf-8", errors="replace")
+
+
+def build_corpus(out: Path, target_bytes: int) -> tuple[list[Path], int]:
+    docs, size = [], 0
+    for root, pattern in SOURCES:
+        for path in sorted(Path(root).glob(pattern)):
+            try:
+                parts = split_documents(read_text(path))
+            except (OSError, EOFError, gzip.BadGzipFile):
+                continue
+            for i, text in enumerate(parts):
+                docs.append({"id": f"{path}#{i}", "text": text})
+                size += len(text.encode())
+            if size >= target_bytes * 0.85:
+                break
+        if size >= target_bytes * 0.85:
+            break
+    docs += near_duplicate_variants(docs, rates=(0.005, 0.01, 0.1), share=0.1, seed=0)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / f"part-{k:02d}.jsonl" for k in range(64)]  # ~3.5 MB each
+    handles = [f.open("w") for f in files]
+    for n, doc in enumerate(docs):
+        handles[n % len(files)].write(json.dumps(doc) + "\n")
+    for h in handles:
+        h.close()
+    return files, sum(f.stat().st_size for f in files)
+
+
+def baseline(ids: list[str], texts: list[str], threshold: float, num_perm: int, ngram: int) -> tuple[set, float]:
+    """The loop users write: one MinHash per document, query the index, insert if new."""
+    from datasketch import MinHash, MinHashLSH
+
+    start = time.perf_counter()
+    lsh, removed = MinHashLSH(threshold=threshold, num_perm=num_perm), set()
+    for doc_id, text in zip(ids, texts):
+        words = text.split()
+        m = MinHash(num_perm=num_perm, seed=1)
+        m.update_batch([" ".join(words[i:i + ngram]).encode() for i in range(max(len(words) - ngram + 1, 1))])
+        if lsh.query(m):
+            removed.add(doc_id)
+        else:
+            lsh.insert(doc_id, m)
+    return removed, time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mb", type=float, default=200, help="corpus size in MB (default: %(default)s)")
+    p.add_argument("--workdir", default=None, help="where the corpus and outputs go (default: a temp dir)")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-curate-"))
+    files, in_bytes = build_corpus(work / "corpus", int(args.mb * 1e6))
+
+    from pipeline.config import load_config
+    from pipeline.curate.stage import run_curate
+    from pipeline.runtime import init_ray
+
+    init_ray()
+    cfg = load_config(None, [f"runs_dir={work / 'runs'}", "name=bench", f"data.input=[{work / 'corpus'}/*.jsonl]",
+                             # quality filters off: every document reaches dedup, which is what is compared
+                             "data.filters.min_words=0", "data.filters.max_duplicate_line_chars=0",
+                             "data.filters.max_top_ngram_share=0", "data.filters.max_symbol_words=0",
+                             "data.filters.min_alpha_words=0"])
+    d = cfg.data.dedup
+    start = time.perf_counter()
+    stats = run_curate(cfg)
+    total_s = time.perf_counter() - start
+
+    # the documents that reached fuzzy dedup: everything kept, plus what it removed
+    out = cfg.stage_dir("curate")
+    kept = pq.read_table(out / "kept", columns=["id", "text"]).to_pandas()
+    rejected = pq.read_table(out / "rejected", columns=["id", "text", "reason"]).to_pandas()
+    near = rejected[rejected["reason"] == "near duplicate"]
+    fuzzy_in = pd.concat([kept, near[["id", "text"]]]).sort_values("id")
+    ids, texts = fuzzy_in["id"].tolist(), fuzzy_in["text"].tolist()
+    fuzzy_mb = sum(len(t.encode()) for t in texts) / 1e6
+    ours_s = stats["seconds"]["fuzzy_dedup"]
+
+    base_removed, base_s = baseline(ids, texts, d.threshold, d.num_perm, d.ngram)
+    t = time.perf_counter()
+    truth = similar_pairs(ids, texts, d.ngram, d.threshold)
+    truth_s = time.perf_counter() - t
+    result = {
+        "machine": f"{os.cpu_count()} CPUs", "corpus_mb": round(in_bytes / 1e6, 1), "docs_in": stats["docs_in"],
+        "params": {"threshold": d.threshold, "num_perm": d.num_perm, "ngram": d.ngram},
+        "curate": {"seconds": round(total_s, 1), "docs_per_s": round(stats["docs_in"] / total_s, 1),
+                   "mb_per_s": round(in_bytes / 1e6 / total_s, 2), "kept": stats["kept"], "by_reason": stats["by_reason"]},
+        "dedup_input": {"docs": len(ids), "mb": round(fuzzy_mb, 1)},
+        "ours_fuzzy_dedup": {"seconds": round(ours_s, 1), "docs_per_s": round(len(ids) / ours_s, 1),
+                             "mb_per_s": round(fuzzy_mb / ours_s, 2), **dedup_quality(truth, set(near["id"]))},
+        "datasketch_loop": {"seconds": round(base_s, 1), "docs_per_s": round(len(ids) / base_s, 1),
+                            "mb_per_s": round(fuzzy_mb / base_s, 2), **dedup_quality(truth, base_removed)},
+        "speedup_mb_per_s": round(base_s / ours_s, 2),
+        "ground_truth_seconds": round(truth_s, 1),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
