@@ -12,11 +12,13 @@ import math
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray.train
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
 from pipeline.train.objectives import make_objective
@@ -36,13 +38,37 @@ def build_model(c: dict) -> torch.nn.Module:
     return get_peft_model(model, lora)
 
 
+def mark_moe_leaves(model: torch.nn.Module) -> None:
+    """ZeRO-3 gathers parameters module by module as hooks fire; an MoE block only runs the experts
+    its tokens picked, so ranks disagree on which hooks fire and hang. Leaf modules are gathered whole."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    blocks = {type(m) for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")}
+    if blocks:
+        set_z3_leaf_modules(model, list(blocks))
+
+
+@contextmanager
+def gathered(engine):
+    """Under ZeRO-3 each rank holds a shard of every parameter: gather the trainable ones (all of
+    them for a full fine-tune, only the adapter for LoRA) so that rank 0 can save whole tensors."""
+    if engine.zero_optimization_stage() != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for p in engine.module.parameters() if p.requires_grad]):
+        yield
+
+
 def save_checkpoint(engine, step: int, history: list, rank: int, metrics: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # every rank writes its ZeRO optimizer shard; Ray gathers all ranks' files in one folder
         engine.save_checkpoint(tmp, tag="ds", exclude_frozen_parameters=True)
-        if rank == 0:
-            engine.module.save_pretrained(Path(tmp) / "model")  # the adapter, or the whole model
-            (Path(tmp) / "state.json").write_text(json.dumps({"step": step, "history": history}))
+        with gathered(engine):
+            if rank == 0:
+                engine.module.save_pretrained(Path(tmp) / "model")  # the adapter, or the whole model
+                (Path(tmp) / "state.json").write_text(json.dumps({"step": step, "history": history}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -74,6 +100,8 @@ def train_loop(c: dict) -> None:
     device = torch.device("cuda", ctx.get_local_rank()) if c["use_gpu"] else torch.device("cpu")
 
     model = build_model(c)
+    if c["zero_stage"] == 3:
+        mark_moe_leaves(model)
     ds_config = deepspeed_config(c["batch_size"], c["grad_accum"], c["grad_clip"], c["lr"],
                                  c["zero_stage"], c["use_gpu"])
     engine, _, _, _ = deepspeed.initialize(
@@ -83,6 +111,7 @@ def train_loop(c: dict) -> None:
     objective = make_objective(c, device)
 
     tokens_per_step = c["batch_size"] * c["grad_accum"] * c["seq_len"] * world
+    tensorboard = SummaryWriter(c["tensorboard_dir"]) if rank == 0 and c.get("tensorboard_dir") else None
     data = batches(ray.train.get_dataset_shard("train"), c["batch_size"])
     t_last, losses = time.time(), []
     while step < c["max_steps"]:
@@ -99,8 +128,13 @@ def train_loop(c: dict) -> None:
             mean /= world
             elapsed, t_last = time.time() - t_last, time.time()
             metrics = {"step": step, "loss": round(mean.item(), 5), "lr": engine.get_lr()[0],
+                       "grad_norm": round(float(engine.get_global_grad_norm() or 0.0), 5),
                        "tokens_per_s": round(tokens_per_step * len(losses) / c["grad_accum"] / elapsed, 1)}
             history.append(metrics)
+            if tensorboard:
+                for name in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                    tensorboard.add_scalar(f"train/{name}", metrics[name], step)
+                tensorboard.flush()
             losses = []
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")

@@ -59,7 +59,8 @@ def run_name(cfg: PipelineConfig, loop: dict, out: Path) -> str:
 
 def fit(cfg: PipelineConfig, loop: dict, out: Path) -> tuple[Path, list[dict]]:
     """Run the recipe on Ray Train over the curated training split; return the final checkpoint
-    folder (out/final) and the logged history."""
+    folder (out/final) and the logged history. Rank 0 writes TensorBoard scalars to out/tensorboard."""
+    loop = {**loop, "tensorboard_dir": str(out / "tensorboard")}
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
