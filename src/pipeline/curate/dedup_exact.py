@@ -20,12 +20,12 @@ def add_digest(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 def mark_exact_duplicates(block: pd.DataFrame) -> pd.DataFrame:
-    kept = block[is_kept(block)]
-    survivors = kept.groupby("digest")["id"].min()
-    survivor = block["digest"].map(survivors)
-    dup = is_kept(block) & (survivor != block["id"])
-    block.loc[dup, "reason"] = "exact duplicate"
-    block.loc[dup, "duplicate_of"] = survivor[dup]
+    kept = is_kept(block)
+    survivor = block["digest"].map(block[kept].groupby("digest")["id"].min()).tolist()
+    dup = [k and s != i for k, s, i in zip(kept.tolist(), survivor, block["id"].tolist())]
+    # whole-column writes: partial .loc writes copy Arrow-backed string columns each time
+    block["reason"] = ["exact duplicate" if d else r for d, r in zip(dup, block["reason"].tolist())]
+    block["duplicate_of"] = [s if d else o for d, s, o in zip(dup, survivor, block["duplicate_of"].tolist())]
     return block
 
 

@@ -126,13 +126,14 @@ class UnionFind:
 
 def mark_near_duplicates(batch: pd.DataFrame, duplicate_of_ref) -> pd.DataFrame:
     duplicate_of: dict[str, str] = ray.get(duplicate_of_ref)
-    survivor = batch["id"].map(duplicate_of)
-    dup = is_kept(batch) & survivor.notna()
-    batch.loc[dup, "reason"] = "near duplicate"
-    batch.loc[dup, "duplicate_of"] = survivor[dup]
-    # an exact copy of a document that is itself a near duplicate points on to the final survivor
-    chained = (batch["reason"] == "exact duplicate") & batch["duplicate_of"].isin(duplicate_of.keys())
-    batch.loc[chained, "duplicate_of"] = batch.loc[chained, "duplicate_of"].map(duplicate_of)
+    reasons, targets = batch["reason"].tolist(), batch["duplicate_of"].tolist()
+    for i, doc_id in enumerate(batch["id"].tolist()):
+        if reasons[i] == "" and doc_id in duplicate_of:
+            reasons[i], targets[i] = "near duplicate", duplicate_of[doc_id]
+        elif reasons[i] == "exact duplicate" and targets[i] in duplicate_of:
+            # an exact copy of a document that is itself a near duplicate points on to the final survivor
+            targets[i] = duplicate_of[targets[i]]
+    batch["reason"], batch["duplicate_of"] = reasons, targets  # whole columns (see normalize_batch)
     return batch
 
 

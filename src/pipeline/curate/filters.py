@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import pandas as pd
 
 from pipeline.config import FiltersConfig
-from pipeline.curate.records import is_kept
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,12 @@ def build_filters(c: FiltersConfig) -> list:
 
 
 def apply_filters(batch: pd.DataFrame, filters: list) -> pd.DataFrame:
-    for f in filters:
-        kept = is_kept(batch)
-        batch.loc[kept, "reason"] = [f(t) or "" for t in batch.loc[kept, "text"]]
+    """The first filter that drops a document names the reason; later ones do not look at it."""
+    reasons = batch["reason"].tolist()
+    for i, text in enumerate(batch["text"].tolist()):
+        for f in filters:
+            if reasons[i]:
+                break
+            reasons[i] = f(text) or ""
+    batch["reason"] = reasons  # one whole-column write (see normalize_batch)
     return batch

@@ -40,6 +40,8 @@ class PerplexityScorer:
             scores[kept] = self.perplexities(batch.loc[kept, "text"].tolist())
         batch["perplexity"] = scores
         over = kept & (scores >= self.max_perplexity)
-        batch.loc[over, "reason"] = [f"perplexity {s:.1f} >= {self.max_perplexity:g}" if math.isfinite(s)
-                                     else "perplexity not finite" for s in scores[over]]
+        batch["reason"] = [self.reason(s) if o else r for s, o, r in zip(scores, over, batch["reason"].tolist())]
         return batch
+
+    def reason(self, score: float) -> str:
+        return f"perplexity {score:.1f} >= {self.max_perplexity:g}" if math.isfinite(score) else "perplexity not finite"
