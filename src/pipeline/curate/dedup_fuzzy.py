@@ -21,7 +21,8 @@ import pandas as pd
 import ray
 from datasketch.lsh import _optimal_param
 
-from pipeline.curate.minhash import shingle_hashes, signatures
+from pipeline.curate.jaccard import jaccard, shingle_sets
+from pipeline.curate.minhash import signatures
 from pipeline.curate.records import is_kept
 
 STAR_ABOVE = 12  # larger buckets pair each member with the bucket's lowest id only, not all pairs
@@ -79,10 +80,9 @@ def shingle_rows(batch: pd.DataFrame, partners_ref, ngram: int) -> pd.DataFrame:
     wanted = np.fromiter((k in partners for k in keys.tolist()), dtype=bool, count=len(keys))
     rows = []
     if wanted.any():
-        texts, ids = batch.loc[wanted, "text"].tolist(), batch.loc[wanted, "id"].tolist()
-        hashes, offsets = shingle_hashes(texts, ngram)
-        for key, doc_id, part in zip(keys[wanted].tolist(), ids, np.split(hashes, offsets[1:])):
-            blob = np.unique(part).tobytes()
+        sets = shingle_sets(batch.loc[wanted, "text"].tolist(), ngram)
+        for key, doc_id, shingles in zip(keys[wanted].tolist(), batch.loc[wanted, "id"].tolist(), sets):
+            blob = shingles.tobytes()
             rows += [(a, b, doc_id, blob) for a, b in partners[key]]
     return pd.DataFrame(rows, columns=["a", "b", "id", "shingles"]).astype({"a": "int64", "b": "int64"})
 
@@ -93,8 +93,7 @@ def verify_pairs(block: pd.DataFrame, threshold: float) -> pd.DataFrame:
         if len(sides) != 2:
             continue
         x, y = (np.frombuffer(s, dtype=np.uint64) for s in sides["shingles"])
-        inter = len(np.intersect1d(x, y, assume_unique=True))
-        if inter / (len(x) + len(y) - inter) >= threshold:
+        if jaccard(x, y) >= threshold:
             edges.append(tuple(sides["id"]))
     return pd.DataFrame(edges, columns=["a", "b"])
 

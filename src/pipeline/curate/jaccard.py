@@ -16,8 +16,15 @@ from pipeline.curate.minhash import shingle_hashes
 
 
 def shingle_sets(texts: list[str], ngram: int) -> list[np.ndarray]:
+    """Each text's distinct shingle hashes, sorted."""
     hashes, offsets = shingle_hashes(texts, ngram)
     return [np.unique(part) for part in np.split(hashes, offsets[1:])]
+
+
+def jaccard(x: np.ndarray, y: np.ndarray) -> float:
+    """Exact Jaccard of two sorted sets from `shingle_sets`."""
+    inter = len(np.intersect1d(x, y, assume_unique=True))
+    return inter / (len(x) + len(y) - inter)
 
 
 def similar_pairs(ids: list[str], texts: list[str], ngram: int, threshold: float) -> set[tuple[str, str]]:
@@ -36,8 +43,7 @@ def similar_pairs(ids: list[str], texts: list[str], ngram: int, threshold: float
             other = sets[c]
             if len(other) < threshold * len(s):
                 continue
-            inter = len(np.intersect1d(s, other, assume_unique=True))
-            if inter / (len(s) + len(other) - inter) >= threshold:
+            if jaccard(s, other) >= threshold:
                 pairs.add(tuple(sorted((ids[d], ids[c]))))
         for token in prefix.tolist():
             index[token].append(d)
