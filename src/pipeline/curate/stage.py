@@ -52,15 +52,11 @@ def _reason_counts(ds: ray.data.Dataset) -> dict[str, int]:
     return {r["reason"] or "kept": r["count()"] for r in ds.groupby("reason").count().take_all()}
 
 
-def _augmented_count(ds: ray.data.Dataset) -> int:
-    flags = ds.map_batches(lambda b: pd.DataFrame({"n": (b["augmented_from"] != "").astype("int64")}),
-                           batch_format="pandas")
-    return int(flags.sum("n") or 0)
-
-
-def _lengths(batch: pd.DataFrame) -> pd.DataFrame:
+def _kept_profile(batch: pd.DataFrame) -> pd.DataFrame:
+    """One small row per kept document: its length, perplexity and whether augmentation made it."""
     kept = batch[batch["reason"] == ""]
-    out = pd.DataFrame({"words": [len(t.split()) for t in kept["text"]]}, index=kept.index)
+    out = pd.DataFrame({"words": [len(t.split()) for t in kept["text"]],
+                        "augmented": (kept["augmented_from"] != "").tolist()}, index=kept.index)
     out["perplexity"] = kept["perplexity"] if "perplexity" in kept else float("nan")
     return out
 
@@ -126,15 +122,15 @@ def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: st
         rows_per_shard = max(1, int(data.shard_mb * 1e6 / max(in_bytes / max(n_in, 1), 1)))
         write_outputs(ds, tmp, rows_per_shard)
         counts = _reason_counts(ds)
-        augmented = _augmented_count(ds)
+        profile = ds.map_batches(_kept_profile, batch_format="pandas").to_pandas()
+        augmented = int(profile["augmented"].sum())
         kept = counts.get("kept", 0)
         rejected = sum(v for k, v in counts.items() if k != "kept")
         if kept - augmented + rejected != n_in:
             raise ConservationError(f"{n_in} records in, but {kept - augmented} kept (+{augmented} augmented) "
                                     f"+ {rejected} rejected")
-        lengths = ds.map_batches(_lengths, batch_format="pandas").to_pandas()
-        plot_histograms({"words per kept document": lengths["words"].tolist(),
-                         "perplexity (reference LM)": lengths["perplexity"].dropna().tolist()},
+        plot_histograms({"words per kept document": profile["words"].tolist(),
+                         "perplexity (reference LM)": profile["perplexity"].dropna().tolist()},
                         tmp / "histograms.png", title=f"{kept} kept of {n_in} documents")
         timings["write"] = time.time() - t
         stats = summarize(data, n_in, in_bytes, counts, near, timings)
