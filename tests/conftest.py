@@ -81,3 +81,12 @@ def tiny_run(ray_local, tiny_corpus, tmp_path_factory) -> PipelineConfig:
     run_train(cfg)
     run_quantize(cfg)
     return cfg
+
+
+def derived_config(base: PipelineConfig, tmp: Path, *overrides: str) -> PipelineConfig:
+    """The tiny config with overrides, writing under tmp, on `base`'s curated data (copied, not redone)."""
+    import shutil
+
+    cfg = tiny_config(tmp, Path(base.data.input[0]).parent, *overrides)
+    shutil.copytree(base.stage_dir("curate"), cfg.stage_dir("curate"))
+    return cfg

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--out", default="data", help="the corpus goes to OUT/corpus/ (default: %(default)s)")
             s.add_argument("--max-mb", type=float, default=4.0, help="corpus size in MB (default: %(default)s)")
             s.add_argument("--instructions", action="store_true",
-                           help="also rewrite OUT/instructions.jsonl (the repo ships one)")
+                           help="also rewrite OUT/instructions.jsonl and OUT/preferences.jsonl (the repo ships both)")
         if name == "run":
             s.add_argument("--keep-serving", action="store_true", help="leave the endpoint up at the end")
         if name in ("quantize", "run"):
@@ -82,13 +82,14 @@ def _wait_for_interrupt() -> None:
 
 
 def cmd_sample_data(args) -> None:
-    from pipeline.sample_data import build_corpus, write_instructions
+    from pipeline.sample_data import build_corpus, write_instructions, write_preferences
 
     out = Path(args.out)
     files = build_corpus(out / "corpus", max_bytes=int(args.max_mb * 1e6))
     print(f"corpus: {len(files)} jsonl files in {out / 'corpus'}")
     if args.instructions:
         print(f"instructions: {write_instructions(out / 'instructions.jsonl')}")
+        print(f"preferences: {write_preferences(out / 'preferences.jsonl', out / 'instructions.jsonl')}")
 
 
 def cmd_curate(cfg: PipelineConfig, args) -> dict:
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         dispatch(args)
-    except (ConfigError, FileNotFoundError, QualityGateError) as e:
+    except (ConfigError, OSError, QualityGateError) as e:  # OSError: a missing input, an unwritable or full disk
         print(f"pipeline {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

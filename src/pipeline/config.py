@@ -95,12 +95,21 @@ class DataConfig(Section):
         return values
 
 
+PRESET_NAMES = Literal["tiny-moe", "tiny-dense", "small-moe", "7b-dense", "66b-dense"]
+
+
 class ModelConfig(Section):
     path: str | None = Field(None, description="local HF causal-LM directory; None builds `preset`")
-    preset: Literal["tiny-moe", "tiny-dense", "small-moe"] = "tiny-moe"
+    preset: PRESET_NAMES = Field("tiny-moe", description="random-init architecture (pipeline.model.PRESETS; "
+                                 "HARDWARE there says what each needs)")
     vocab_size: int = Field(2048, ge=256, description="BPE vocabulary when a tokenizer is trained")
     tokenizer_docs: int = Field(2000, ge=10, description="curated documents the tokenizer trains on")
     seq_len: int = Field(128, ge=16, description="training sequence length (tokens)")
+    trust_remote_code: bool = Field(False, description="run Python code shipped inside a model directory "
+                                    "(auto_map); only for sources you trust")
+    rope_scaling: dict[str, Any] | None = Field(
+        None, description="RoPE scaling for long context, e.g. {rope_type: yarn, factor: 4.0}; written into the "
+        "base model's config (transformers' rope_parameters)")
 
 
 class LoraSettings(Section):
@@ -111,6 +120,51 @@ class LoraSettings(Section):
     modules_to_save: list[str] = Field(
         default_factory=list, description="modules trained in full beside the adapter, e.g. embed_tokens and "
         "lm_head when the base model was just built with a new tokenizer")
+    target_parameters: list[str] = Field(
+        default_factory=list, description="LoRA on parameters rather than modules: MoE experts are fused 3-D "
+        "parameters in transformers 5, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] (needs dropout 0)")
+
+    @model_validator(mode="after")
+    def _parameter_lora_has_no_dropout(self) -> "LoraSettings":
+        if self.target_parameters and self.dropout:
+            raise ValueError(f"peft's LoRA on parameters (target_parameters) does not support dropout: "
+                             f"set train.lora.dropout=0 (got {self.dropout})")
+        return self
+
+
+class StageSpec(Section):
+    """One stage of a staged run; each starts from the previous stage's model."""
+    kind: Literal["pretrain", "sft", "dpo"]
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="output folder; default: kind")
+    data: str | None = Field(None, description="sft: jsonl of {task, input, output} or {messages}; dpo: jsonl of "
+                             "{prompt, chosen, rejected}; pretrain reads the curated corpus")
+    max_steps: int | None = Field(None, ge=1, description="default: train.max_steps")
+    lr: float | None = Field(None, gt=0, description="default: train.lr")
+    beta: float = Field(0.1, gt=0, description="dpo: strength of the KL constraint to the reference")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_alone(cls, values: Any) -> Any:
+        values = {"kind": values} if isinstance(values, str) else values
+        if isinstance(values, dict) and not values.get("name") and isinstance(values.get("kind"), str):
+            values = {**values, "name": values["kind"]}
+        return values
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> "StageSpec":
+        if self.kind != "pretrain" and not self.data:
+            raise ValueError(f"a {self.kind} stage needs `data`: a jsonl file")
+        return self
+
+
+class EwcConfig(Section):
+    """Elastic weight consolidation: a stage after the first is pulled towards the previous stage's
+    weights, in proportion to how much they mattered (diagonal Fisher) on the previous stage's data."""
+    enabled: bool = False
+    weight: float = Field(10.0, gt=0, description="lambda; the Fisher is normalized to mean 1 over the trainable weights. "
+                          "Keep the penalty near the loss's size: Adam normalizes gradients, so a dominant penalty "
+                          "makes weights oscillate around their anchor instead of holding them")
+    fisher_batches: int = Field(8, ge=1, description="micro-batches of the previous stage's data per worker")
 
 
 class TrainConfig(Section):
@@ -118,21 +172,69 @@ class TrainConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(
         0.5, gt=0, description="<1 leaves CPUs for Ray Data's feeding tasks on small machines")
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    strategy: Literal["deepspeed", "fsdp", "ddp"] = Field("deepspeed", description="fsdp is PyTorch FSDP2 (sharded "
+                                                          "like ZeRO-3); ddp replicates the model on every worker")
+    zero_stage: Literal[0, 1, 2, 3] | None = Field(None, description="DeepSpeed ZeRO stage (strategy=deepspeed); default 2")
+    offload_optimizer: bool = Field(False, description="DeepSpeed: optimizer state in CPU memory (ZeRO 1-3)")
+    deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON whose keys override the generated ones")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPUs")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
     lr: float = Field(3e-5, gt=0)
     warmup_steps: int = Field(5, ge=0)
     max_steps: int = Field(60, ge=1)
-    batch_size: int = Field(8, ge=1, description="micro-batch per worker")
+    batch_size: int | Literal["auto"] = Field(
+        8, description="micro-batch per worker; auto: the seed's memory rule, halved on CUDA OOM (see recipe.py)")
     grad_accum: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, gt=0)
+    router_aux_loss_coef: float | None = Field(None, ge=0, description="MoE load-balancing loss weight; None: the model's")
     log_every: int = Field(5, ge=1)
+    eval_every: int = Field(10, ge=1, description="steps between eval-loss measurements on held-out data")
+    eval_batches: int = Field(4, ge=1, description="held-out micro-batches per worker and evaluation")
+    early_stopping_patience: int = Field(3, ge=0, description="stop after this many evals without improvement (0: never)")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="an eval loss must drop this much to count")
     checkpoint_every: int = Field(20, ge=1)
+    profile: bool = Field(False, description="PyTorch profiler traces of a few steps on rank 0 (<stage>/profile)")
     seed: int = 0
     checkpoint_uri: str | None = Field(
         None, description="where Ray Train keeps checkpoints (path or s3://...): URI/checkpoints/<stage>; "
         "default: <stage folder>/ray")
+    inject_fault_at_step: int | None = Field(
+        None, ge=1, description="fault drill: rank 0 raises once at this step; the run restarts from its checkpoint")
     full_finetune: bool = Field(False, description="train every weight instead of LoRA adapters (train.lora is then unused)")
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(kind="pretrain")],
+                                    description="e.g. [pretrain, {kind: sft, data: ...}, {kind: dpo, data: ...}]")
+    ewc: EwcConfig = Field(default_factory=EwcConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _zero_stage_default(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("strategy", "deepspeed") == "deepspeed" \
+                and values.get("zero_stage") is None:
+            values = {**values, "zero_stage": 2}
+        return values
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "TrainConfig":
+        if self.strategy != "deepspeed":
+            for key in ("zero_stage", "deepspeed_config"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} is a DeepSpeed setting but strategy={self.strategy}: "
+                                     + ("DDP keeps a whole replica on every worker and cannot shard it; use "
+                                        "strategy=deepspeed (ZeRO) or strategy=fsdp to shard"
+                                        if self.strategy == "ddp" else "FSDP shards like ZeRO-3 already; drop " + key))
+            if self.offload_optimizer:
+                raise ValueError(f"offload_optimizer needs strategy=deepspeed (got {self.strategy})")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision fp16 needs GPUs (use_gpu=true); on CPUs use bf16 or fp32")
+        if self.precision == "fp16" and self.strategy == "fsdp":
+            raise ValueError("precision fp16 with strategy=fsdp is not supported here: use bf16")
+        if self.ewc.enabled and (self.strategy == "fsdp" or self.zero_stage == 3):
+            raise ValueError("ewc needs whole parameters on every worker: use zero_stage <= 2 or strategy=ddp")
+        names = [s.name for s in self.stages]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"stages need distinct names (got {names}); give repeated kinds a `name`")
+        return self
 
 
 class QuantizeConfig(Section):
@@ -152,7 +254,7 @@ class DistillConfig(Section):
     enabled: bool = Field(False, description="`pipeline run` also distills a student after quantizing")
     teacher_path: str | None = Field(None, description="teacher HF dir; None = this run's merged 16-bit model")
     student_path: str | None = Field(None, description="student HF dir; it must use the teacher's tokenizer")
-    student_preset: Literal["tiny-moe", "tiny-dense", "small-moe"] = Field(
+    student_preset: PRESET_NAMES = Field(
         "tiny-dense", description="built on the teacher's tokenizer when student_path is None")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-target KL; 1 - alpha weighs the CE")
     temperature: float = Field(2.0, gt=0, description="softens both distributions in the KL term")
@@ -242,6 +344,8 @@ def _explain(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key; allowed here: {', '.join(_allowed_keys(e['loc']))}")
+        elif isinstance(e.get("input"), dict):  # a rule across a section's keys: the message names them
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "invalid config:\n" + "\n".join(lines)

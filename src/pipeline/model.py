@@ -6,11 +6,12 @@ import logging
 from pathlib import Path
 from typing import Iterable
 
-import pyarrow.dataset as pads
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3MoeConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen3Config, Qwen3MoeConfig)
 
 from pipeline.config import ModelConfig
+from pipeline.train.data import split_texts
 
 log = logging.getLogger("pipeline.model")
 
@@ -32,7 +33,34 @@ PRESETS = {
         vocab_size=vocab, intermediate_size=512, moe_intermediate_size=768, num_experts=8,
         num_experts_per_tok=2, decoder_sparse_step=1, router_aux_loss_coef=0.01,
         **{**_COMMON, "hidden_size": 256, "num_hidden_layers": 4, "head_dim": 64}),
+    # The seed's scale table, random-init: shapes for capacity planning and GPU benchmarks.
+    "7b-dense": lambda vocab: Qwen2Config(  # Qwen2-7B's shape
+        vocab_size=vocab, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False,
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD),
+    "66b-dense": lambda vocab: LlamaConfig(  # LLaMA-65B's shape
+        vocab_size=vocab, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=64, max_position_embeddings=4096, tie_word_embeddings=False,
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD),
 }
+# What each preset needs to train (the configs named here hold the matching train settings).
+HARDWARE = {
+    "tiny-moe": "any CPU (tests: configs/tiny.yaml)",
+    "tiny-dense": "any CPU",
+    "small-moe": "2 CPU cores, ~2 GB (the demo: configs/demo.yaml)",
+    "7b-dense": "one 80 GB GPU with LoRA, bf16, gradient checkpointing (configs/7b-lora.yaml)",
+    "66b-dense": "8 x 80 GB GPUs, DeepSpeed ZeRO-3 with optimizer offload, LoRA (configs/66b-zero3.yaml)",
+}
+
+
+def apply_rope_scaling(config, rope: dict | None):
+    """Extend the context: transformers reads `rope_parameters`; the positions grow by `factor`."""
+    if not rope:
+        return config
+    original = config.max_position_embeddings
+    config.rope_parameters = {**(config.rope_parameters or {}), "original_max_position_embeddings": original, **rope}
+    config.max_position_embeddings = int(original * float(rope.get("factor", 1.0)))
+    return config
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -46,17 +74,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
                                    pad_token="<pad>", unk_token="<unk>", model_max_length=2048)
 
 
-def sample_texts(parquet_dir: Path, limit: int) -> Iterable[str]:
-    """Stream up to `limit` texts from a curated Parquet folder without loading it whole."""
-    seen = 0
-    for batch in pads.dataset(str(parquet_dir), format="parquet").to_batches(columns=["text"]):
-        for text in batch.column(0).to_pylist():
-            if seen >= limit:
-                return
-            seen += 1
-            yield text
-
-
 def check_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -65,13 +82,24 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
+def rescaled_copy(model_dir: Path, rope: dict, out: Path) -> Path:
+    """The user's model with RoPE scaling, without copying its weights: links to its files and a new config."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name != "config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    apply_rope_scaling(AutoConfig.from_pretrained(model_dir), rope).save_pretrained(out)
+    return out
+
+
 def prepare_base_model(cfg: ModelConfig, corpus_kept: Path, out: Path) -> Path:
     """Return the directory of the base model to fine-tune, building the preset if needed."""
     if cfg.path:
-        return check_model_dir(cfg.path)
+        path = check_model_dir(cfg.path)
+        return rescaled_copy(path, cfg.rope_scaling, out) if cfg.rope_scaling else path
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(sample_texts(corpus_kept, cfg.tokenizer_docs), cfg.vocab_size)
-    model = AutoModelForCausalLM.from_config(PRESETS[cfg.preset](len(tokenizer)))
+    tokenizer = train_tokenizer(split_texts(corpus_kept, cfg.tokenizer_docs, held_out=False), cfg.vocab_size)
+    model = AutoModelForCausalLM.from_config(apply_rope_scaling(PRESETS[cfg.preset](len(tokenizer)), cfg.rope_scaling))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())

@@ -10,11 +10,21 @@ matplotlib.use("Agg")  # headless: no display on training or CI machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_loss(history: list[dict], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+def plot_loss(histories: dict[str, list[dict]], path: Path) -> Path:
+    """Training loss (lines) and held-out eval loss (dots) of each stage, the stages one after another."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    offset = 0
+    for color, (stage, history) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], histories.items()):
+        steps = [offset + h["step"] for h in history]
+        ax.plot(steps, [h["loss"] for h in history], marker="o", markersize=3, color=color, label=f"{stage} train")
+        evals = [(offset + h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+        if evals:
+            ax.plot(*zip(*evals), linestyle="none", marker="D", markersize=5, color=color, label=f"{stage} eval")
+        offset = steps[-1] if steps else offset
+        ax.axvline(offset, color="grey", alpha=0.3)
+    ax.set_xlabel("step (stages in order)")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -104,16 +104,37 @@ def instruction_pairs(limit: int = 400, seed: int = 0) -> list[dict]:
     return [{"task": t, "input": i, "output": o} for t, i, o in pairs[:limit]]
 
 
-def format_instruction(task: str, input_text: str, output: str | None = None) -> str:
-    """The seed's multi-task template; `output=None` gives the prompt the model completes."""
-    prompt = f"[TASK] {task}\n[INPUT] {input_text}\n[OUTPUT] "
-    return prompt if output is None else prompt + output
-
-
 def write_instructions(path: str | Path, limit: int = 400) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as fh:
         for rec in instruction_pairs(limit):
+            fh.write(json.dumps(rec) + "\n")
+    return path
+
+
+def preference_pairs(instructions: list[dict], seed: int = 0) -> list[dict]:
+    """DPO pairs from instruction pairs: the right answer is chosen, another record's answer to the
+    same task is rejected (plausible in form, wrong in content)."""
+    from pipeline.train.data import format_instruction
+
+    rng = random.Random(seed)
+    by_task: dict[str, list[str]] = {}
+    for rec in instructions:
+        by_task.setdefault(rec["task"], []).append(rec["output"])
+    pairs = []
+    for rec in instructions:
+        wrong = [o for o in by_task[rec["task"]] if o != rec["output"]]
+        if wrong:
+            pairs.append({"prompt": format_instruction(rec["task"], rec["input"]), "chosen": rec["output"],
+                          "rejected": rng.choice(wrong)})
+    return pairs
+
+
+def write_preferences(path: str | Path, instructions: str | Path) -> Path:
+    path = Path(path)
+    records = [json.loads(line) for line in Path(instructions).read_text().splitlines() if line.strip()]
+    with path.open("w", encoding="utf-8") as fh:
+        for rec in preference_pairs(records):
             fh.write(json.dumps(rec) + "\n")
     return path

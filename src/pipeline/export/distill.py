@@ -16,8 +16,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import ConfigError, PipelineConfig
+from pipeline.loading import load_model
 from pipeline.model import PRESETS, check_model_dir
-from pipeline.train.data import split_texts
+from pipeline.train.data import split_texts, stage_datasets
 from pipeline.train.objectives import token_kl
 from pipeline.train.stage import fit, history_summary, loop_config, require_curated
 
@@ -65,7 +66,7 @@ def build_student(cfg: PipelineConfig, teacher: Path, out: Path) -> Path:
 def kl_to_teacher(student: Path, teacher: Path, texts: list[str], seq_len: int) -> float:
     """Mean per-token KL(teacher || student) at temperature 1 over the texts."""
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in (teacher, student)]
+    models = [load_model(AutoModelForCausalLM, p, dtype=torch.float32).eval() for p in (teacher, student)]
     total, tokens = 0.0, 0
     for text in texts:
         ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=seq_len)["input_ids"]
@@ -86,7 +87,7 @@ def run_distill(cfg: PipelineConfig) -> dict:
     held_out = split_texts(kept, d.eval_samples, held_out=True)
     measure = ray.remote(num_cpus=1)(kl_to_teacher)
     kl_before = ray.get(measure.remote(student, teacher, held_out, cfg.model.seq_len))
-    final, history = fit(cfg, loop, out)
+    final, history = fit(cfg, loop, out, stage_datasets("pretrain", str(kept), str(student), cfg.model.seq_len))
     kl_after = ray.get(measure.remote(final / "model", teacher, held_out, cfg.model.seq_len))
     AutoTokenizer.from_pretrained(teacher).save_pretrained(final / "model")
     summary = {"teacher": str(teacher), "student": str(final / "model"), "alpha": d.alpha,

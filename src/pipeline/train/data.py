@@ -1,17 +1,26 @@
-"""Training data on Ray Data: tokenize curated text and pack it into fixed-length rows."""
+"""Training data on Ray Data, one builder per stage kind, each giving a train and a held-out split:
+
+pretrain  curated Parquet -> documents packed into seq_len rows          {input_ids}
+sft       instruction jsonl -> examples packed whole, loss on responses  {input_ids, labels, position_ids}
+dpo       preference jsonl -> one chosen and one rejected row per pair   {chosen_*, rejected_*}
+"""
 from __future__ import annotations
 
+import json
 import zlib
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
 import ray
+from ray.data.extensions import ArrowTensorArray
 from transformers import AutoTokenizer
 
 HELD_OUT_EVERY = 20  # 1 document in 20, picked by a hash of its id, is never trained on
+IGNORE = -100  # label of tokens the loss skips (prompts, padding)
 
 
 def is_held_out(doc_id: str) -> bool:
@@ -37,21 +46,116 @@ def _tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def pack_batch(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int) -> dict:
-    """Concatenate the training documents (each ended by EOS) and cut the stream into seq_len rows; the tail
+def tensor_table(columns: dict[str, np.ndarray]) -> pa.Table:
+    """Rows of fixed-length int64 arrays. Built here because Ray's own conversion of a zero-row batch
+    (a batch whose documents were all held out) fails over to pickling with a warning."""
+    return pa.table({name: ArrowTensorArray.from_numpy(array) for name, array in columns.items()})
+
+
+def record_key(rec: dict) -> str:
+    """What decides a record's split: its id, or its content when it has none."""
+    return str(rec.get("id") or json.dumps({k: v for k, v in rec.items() if v is not None}, sort_keys=True))
+
+
+# --- pretrain -----------------------------------------------------------------------------------
+
+def pack_documents(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: bool) -> pa.Table:
+    """Concatenate the split's documents (each ended by EOS) and cut the stream into seq_len rows; the tail
     shorter than a row is dropped, so no row carries padding."""
     tok = _tokenizer(tokenizer_dir)
-    batch = batch[~batch["id"].map(is_held_out)]
-    if batch.empty:  # every document of this batch is held out
-        return {"input_ids": np.zeros((0, seq_len), dtype=np.int64)}
+    batch = batch[batch["id"].map(is_held_out) == held_out]
     stream: list[int] = []
-    for ids in tok(batch["text"].tolist(), add_special_tokens=False)["input_ids"]:
+    for ids in tok(batch["text"].tolist(), add_special_tokens=False)["input_ids"] if len(batch) else []:
         stream += ids + [tok.eos_token_id]
     rows = len(stream) // seq_len
-    return {"input_ids": np.asarray(stream[: rows * seq_len], dtype=np.int64).reshape(rows, seq_len)}
+    return tensor_table({"input_ids": np.asarray(stream[: rows * seq_len], dtype=np.int64).reshape(rows, seq_len)})
 
 
-def packed_dataset(kept_dir: str, tokenizer_dir: str, seq_len: int) -> ray.data.Dataset:
-    ds = ray.data.read_parquet(kept_dir, columns=["id", "text"])
-    return ds.map_batches(pack_batch, batch_format="pandas", batch_size=64,
-                          fn_kwargs={"tokenizer_dir": tokenizer_dir, "seq_len": seq_len})
+# --- sft ----------------------------------------------------------------------------------------
+
+def format_instruction(task: str, input_text: str, output: str | None = None) -> str:
+    """The seed's multi-task template; `output=None` gives the prompt the model completes."""
+    prompt = f"[TASK] {task}\n[INPUT] {input_text}\n[OUTPUT] "
+    return prompt if output is None else prompt + output
+
+
+def prompt_and_response(rec: dict, tok) -> tuple[str, str]:
+    """{messages: [...]} goes through the tokenizer's chat template; {task, input, output} through ours."""
+    if rec.get("messages"):
+        if not tok.chat_template:
+            raise ValueError("a record has `messages` but the tokenizer has no chat template; "
+                             "use {task, input, output} records or a tokenizer with one")
+        messages = list(rec["messages"])
+        prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        return prompt, messages[-1]["content"]
+    missing = [k for k in ("task", "input", "output") if rec.get(k) is None]
+    if missing:
+        raise ValueError(f"instruction record {record_key(rec)[:80]} lacks {missing}")
+    return format_instruction(rec["task"], rec["input"]), rec["output"]
+
+
+def tokenize_example(prompt: str, response: str, tok, seq_len: int) -> tuple[list[int], list[int]]:
+    """ids and labels of one example: the prompt's labels are IGNORE so only the response is learned.
+    Too long: the response keeps at most half the row, the prompt loses its beginning."""
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    if len(p) + len(r) > seq_len:
+        r = r[: max(seq_len // 2, seq_len - len(p))]
+        p = p[len(p) - (seq_len - len(r)):]
+    return p + r, [IGNORE] * len(p) + r
+
+
+def pack_examples(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: bool) -> pa.Table:
+    """Whole examples packed greedily into rows. position_ids restart at each example, which tells
+    transformers to keep the examples of one row from attending to each other."""
+    tok = _tokenizer(tokenizer_dir)
+    rows: list[tuple[list, list, list]] = []
+    ids, labels, positions = [], [], []
+    for rec in batch.to_dict("records"):
+        if is_held_out(record_key(rec)) != held_out:
+            continue
+        e_ids, e_labels = tokenize_example(*prompt_and_response(rec, tok), tok, seq_len)
+        if len(ids) + len(e_ids) > seq_len:
+            rows.append((ids, labels, positions))
+            ids, labels, positions = [], [], []
+        ids, labels, positions = ids + e_ids, labels + e_labels, positions + list(range(len(e_ids)))
+    if ids:
+        rows.append((ids, labels, positions))
+    pad = lambda seq, value: seq + [value] * (seq_len - len(seq))  # noqa: E731
+    return tensor_table({
+        "input_ids": np.array([pad(r[0], tok.pad_token_id) for r in rows], dtype=np.int64).reshape(-1, seq_len),
+        "labels": np.array([pad(r[1], IGNORE) for r in rows], dtype=np.int64).reshape(-1, seq_len),
+        "position_ids": np.array([pad(r[2], 0) for r in rows], dtype=np.int64).reshape(-1, seq_len)})
+
+
+# --- dpo ----------------------------------------------------------------------------------------
+
+def pair_rows(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: bool) -> pa.Table:
+    """One padded row per side of each {prompt, chosen, rejected} pair; labels mark the response."""
+    tok = _tokenizer(tokenizer_dir)
+    out: dict[str, list] = {f"{side}_{k}": [] for side in ("chosen", "rejected") for k in ("ids", "labels")}
+    for rec in batch.to_dict("records"):
+        missing = [k for k in ("prompt", "chosen", "rejected") if not rec.get(k)]
+        if missing:
+            raise ValueError(f"preference record {record_key(rec)[:80]} lacks {missing}")
+        if is_held_out(record_key(rec)) != held_out:
+            continue
+        for side in ("chosen", "rejected"):
+            ids, labels = tokenize_example(rec["prompt"], rec[side], tok, seq_len)
+            out[f"{side}_ids"].append(ids + [tok.pad_token_id] * (seq_len - len(ids)))
+            out[f"{side}_labels"].append(labels + [IGNORE] * (seq_len - len(labels)))
+    return tensor_table({k: np.array(v, dtype=np.int64).reshape(-1, seq_len) for k, v in out.items()})
+
+
+BUILDERS = {"pretrain": pack_documents, "sft": pack_examples, "dpo": pair_rows}
+
+
+def stage_datasets(kind: str, source: str, tokenizer_dir: str, seq_len: int) -> dict[str, ray.data.Dataset]:
+    """{"train": ..., "eval": ...} for one stage: `source` is the curated kept/ folder (pretrain) or a jsonl."""
+    if not Path(source).exists():
+        raise FileNotFoundError(f"{kind} data not found: {source}")
+    read = ray.data.read_parquet(source, columns=["id", "text"]) if kind == "pretrain" else ray.data.read_json(source)
+    return {split: read.map_batches(BUILDERS[kind], batch_format="pandas", batch_size=64,
+                                    fn_kwargs={"tokenizer_dir": tokenizer_dir, "seq_len": seq_len,
+                                               "held_out": split == "eval"})
+            for split in ("train", "eval")}

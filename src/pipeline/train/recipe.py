@@ -1,9 +1,10 @@
 """The training recipe: what every Ray Train worker runs. Reads top to bottom like one script.
 
-model (HF dir) -> LoRA (peft) or full -> DeepSpeed ZeRO engine (AdamW, cosine LR, grad clip) ->
-loop over this worker's shard of the packed dataset minimizing the objective (next-token CE or
-distillation) -> report loss, checkpoint every N steps.
-A restarted worker resumes model, optimizer, scheduler and step from the latest checkpoint.
+model (HF dir: the base, or the previous stage's model merged) -> LoRA (peft) or full -> engine (DeepSpeed ZeRO,
+FSDP2 or DDP: AdamW, cosine LR, grad clip, mixed precision) -> loop over this worker's shard of the
+stage's data minimizing the objective (+ EWC) -> eval loss every N steps with early stopping ->
+report metrics, checkpoint every N steps. A restarted worker resumes model, optimizer, scheduler,
+step and data position from the latest checkpoint.
 """
 from __future__ import annotations
 
@@ -12,133 +13,213 @@ import math
 import os
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray.train
 import torch
+import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from pipeline.train.objectives import make_objective
-from pipeline.train.strategy import deepspeed_config
+from pipeline.loading import load_model
+from pipeline.train.batch_size import choose_batch_size
+from pipeline.train.ewc import EWC
+from pipeline.train.objectives import causal_lm, make_objective
+from pipeline.train.strategy import DTYPES, build_engine, precision
 
 
 def build_model(c: dict) -> torch.nn.Module:
-    """The base with LoRA adapters, or the whole model trainable when `lora_r` is None."""
-    model = AutoModelForCausalLM.from_pretrained(c["base_model"], dtype=torch.float32)
-    if hasattr(model.config, "router_aux_loss_coef"):
-        model.config.output_router_logits = True  # adds the router load-balancing loss to `loss`
+    """The stage's base with LoRA adapters, or the whole model trainable when `lora_r` is None."""
+    config = AutoConfig.from_pretrained(c["base_model"], trust_remote_code=c["trust_remote_code"])
+    if hasattr(config, "router_aux_loss_coef"):
+        config.output_router_logits = True  # adds the router's load-balancing loss to `loss`
+        if c["router_aux_loss_coef"] is not None:
+            config.router_aux_loss_coef = c["router_aux_loss_coef"]
+    model = load_model(AutoModelForCausalLM, c["base_model"], c["trust_remote_code"], config=config, dtype=torch.float32)
+    if c["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if c["lora_r"] is None:
         return model
     lora = LoraConfig(r=c["lora_r"], lora_alpha=c["lora_alpha"], lora_dropout=c["lora_dropout"],
-                      target_modules=c["lora_targets"], modules_to_save=c["lora_modules_to_save"] or None,
-                      task_type="CAUSAL_LM")
+                      target_modules=c["lora_targets"] or None, target_parameters=c["lora_target_parameters"] or None,
+                      modules_to_save=c["lora_modules_to_save"] or None, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
-def mark_moe_leaves(model: torch.nn.Module) -> None:
-    """ZeRO-3 gathers parameters module by module as hooks fire; an MoE block only runs the experts
-    its tokens picked, so ranks disagree on which hooks fire and hang. Leaf modules are gathered whole."""
-    from deepspeed.utils import set_z3_leaf_modules
+@dataclass
+class State:
+    """What a checkpoint restores besides the engine's own state."""
+    step: int = 0
+    micro_batches: int = 0  # this worker's position in its data stream
+    history: list = field(default_factory=list)
+    best_eval: float = math.inf
+    evals_without_gain: int = 0
+    stopped_early: bool = False
+    resumed_at: list = field(default_factory=list)  # the step of each restart from a checkpoint
 
-    blocks = {type(m) for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")}
-    if blocks:
-        set_z3_leaf_modules(model, list(blocks))
-
-
-@contextmanager
-def gathered(engine):
-    """Under ZeRO-3 each rank holds a shard of every parameter: gather the trainable ones (all of
-    them for a full fine-tune, only the adapter for LoRA) so that rank 0 can save whole tensors."""
-    if engine.zero_optimization_stage() != 3:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([p for p in engine.module.parameters() if p.requires_grad]):
-        yield
+    def record_eval(self, loss: float, c: dict) -> None:
+        if loss < self.best_eval - c["early_stopping_min_delta"]:
+            self.best_eval, self.evals_without_gain = loss, 0
+        else:
+            self.evals_without_gain += 1
+        patience = c["early_stopping_patience"]
+        self.stopped_early = patience > 0 and self.evals_without_gain >= patience
 
 
-def save_checkpoint(engine, step: int, history: list, rank: int, metrics: dict) -> None:
+def resume(engine) -> State:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return State()
+    with checkpoint.as_directory() as d:
+        engine.load(d)
+        state = State(**json.loads((Path(d) / "state.json").read_text()))
+    state.resumed_at.append(state.step)
+    return state
+
+
+def save_checkpoint(engine, state: State, metrics: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        # every rank writes its ZeRO optimizer shard; Ray gathers all ranks' files in one folder
-        engine.save_checkpoint(tmp, tag="ds", exclude_frozen_parameters=True)
-        with gathered(engine):
-            if rank == 0:
-                engine.module.save_pretrained(Path(tmp) / "model")  # the adapter, or the whole model
-                (Path(tmp) / "state.json").write_text(json.dumps({"step": step, "history": history}))
+        engine.save(tmp)  # every rank writes its shard; Ray gathers all ranks' files in one folder
+        engine.save_model(Path(tmp) / "model")  # the adapter, or the whole model
+        if dist.get_rank() == 0:
+            (Path(tmp) / "state.json").write_text(json.dumps(asdict(state)))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def resume(engine) -> tuple[int, list]:
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, []
-    with checkpoint.as_directory() as d:
-        engine.load_checkpoint(d, tag="ds", load_module_strict=False)
-        state = json.loads((Path(d) / "state.json").read_text())
-    return state["step"], state["history"]
-
-
-def batches(shard, batch_size: int):
-    """Endless stream of micro-batches: the data is re-read epoch after epoch."""
+def batches(shard, batch_size: int, device: torch.device, skip: int = 0):
+    """Endless stream of micro-batches (the data is re-read epoch after epoch), after skipping the
+    `skip` this worker consumed before a restart."""
     while True:
+        empty = True
         for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.long, drop_last=True):
-            yield batch["input_ids"]
+            empty = False
+            if skip:
+                skip -= 1
+                continue
+            yield {k: v.to(device) for k, v in batch.items()}
+        if empty:
+            raise ValueError(f"an epoch of the training data gave this worker no micro-batch of {batch_size} rows: "
+                             "the stage's data is too small for batch_size x num_workers")
+
+
+def first_batches(shard, n: int, batch_size: int, device: torch.device) -> list[dict]:
+    """Up to n micro-batches, read once (held-out data, or the previous stage's data for EWC)."""
+    stream = shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.long)
+    return [{k: v.to(device) for k, v in batch.items()} for _, batch in zip(range(n), stream)]
+
+
+@torch.no_grad()
+def evaluate(engine, objective, held_out: list[dict]) -> float | None:
+    """Mean loss over the held-out micro-batches of every worker (None when there are none)."""
+    engine.train(False)
+    total = torch.zeros(2)
+    for batch in held_out:
+        total += torch.tensor([objective(engine, batch)[0].float().item(), 1.0])
+    engine.train(True)
+    dist.all_reduce(total)
+    return round((total[0] / total[1]).item(), 5) if total[1] else None
+
+
+class Meter:
+    """Averages the loss and the objective's scalars over logging windows, across workers; writes TensorBoard."""
+
+    def __init__(self, c: dict, rank: int, tokens_per_micro_batch: int):
+        self.values: dict[str, list] = {}
+        self.tokens, self.t0 = tokens_per_micro_batch * dist.get_world_size(), time.time()
+        self.writer = SummaryWriter(c["tensorboard_dir"]) if rank == 0 and c.get("tensorboard_dir") else None
+
+    def add(self, loss: torch.Tensor, stats: dict) -> None:
+        for name, value in {"loss": loss, **stats}.items():
+            self.values.setdefault(name, []).append(value.detach().float().cpu())
+
+    def flush(self, step: int, engine, extra: dict) -> dict:
+        names = sorted(self.values)
+        means = torch.stack([torch.stack(self.values[n]).mean() for n in names])
+        dist.all_reduce(means)  # gloo has no AVG
+        means /= dist.get_world_size()
+        micro_batches, elapsed = len(self.values["loss"]), time.time() - self.t0
+        metrics = {"step": step, **{n: round(m.item(), 5) for n, m in zip(names, means)}, "lr": engine.lr,
+                   "grad_norm": round(engine.grad_norm, 5), "tokens_per_s": round(self.tokens * micro_batches / elapsed, 1),
+                   **extra}
+        if self.writer:
+            for name, value in metrics.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{'eval' if name.startswith('eval') else 'train'}/{name}", value, step)
+            self.writer.flush()
+        self.values = {}
+        return metrics
+
+    def restart_clock(self) -> None:
+        """After reporting: the next window's tokens/s leaves out checkpoint writing and evaluation."""
+        self.t0 = time.time()
+
+
+def profiler(c: dict, rank: int):
+    """train.profile: rank 0 traces steps 2-4 (after one warm-up) for TensorBoard's profiler view."""
+    if not (c["profile"] and rank == 0):
+        return nullcontext(None)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if c["use_gpu"] else [])
+    return torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
+                                  on_trace_ready=torch.profiler.tensorboard_trace_handler(c["profile_dir"]))
 
 
 def train_loop(c: dict) -> None:
     if not c["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed  # after DS_ACCELERATOR: DeepSpeed picks its accelerator on import
+    import deepspeed  # noqa: F401  (after DS_ACCELERATOR: DeepSpeed picks its accelerator on import)
 
     torch.manual_seed(c["seed"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     device = torch.device("cuda", ctx.get_local_rank()) if c["use_gpu"] else torch.device("cpu")
 
-    model = build_model(c)
-    if c["zero_stage"] == 3:
-        mark_moe_leaves(model)
-    ds_config = deepspeed_config(c["batch_size"], c["grad_accum"], c["grad_clip"], c["lr"],
-                                 c["zero_stage"], c["use_gpu"])
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
-        lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, c["warmup_steps"], c["max_steps"]))
-    step, history = resume(engine)
+    model = build_model(c).to(device)
+    micro = choose_batch_size(model, c, device, DTYPES[precision(c)])
     objective = make_objective(c, device)
+    ewc = c["ewc_weight"] and EWC(model, causal_lm, first_batches(
+        ray.train.get_dataset_shard("previous"), c["ewc_batches"], micro, device), c["ewc_weight"])
+    engine = build_engine(model, {**c, "batch_size": micro}, device)
+    state = resume(engine)
+    data = batches(ray.train.get_dataset_shard("train"), micro, device, skip=state.micro_batches)
+    held_out = first_batches(ray.train.get_dataset_shard("eval"), c["eval_batches"], micro, device)
+    previous_held_out = c["track_previous"] and first_batches(
+        ray.train.get_dataset_shard("previous_eval"), c["eval_batches"], micro, device)
+    meter = Meter(c, rank, micro * c["seq_len"])
 
-    tokens_per_step = c["batch_size"] * c["grad_accum"] * c["seq_len"] * world
-    tensorboard = SummaryWriter(c["tensorboard_dir"]) if rank == 0 and c.get("tensorboard_dir") else None
-    data = batches(ray.train.get_dataset_shard("train"), c["batch_size"])
-    t_last, losses = time.time(), []
-    while step < c["max_steps"]:
-        for _ in range(c["grad_accum"]):
-            input_ids = next(data).to(device)
-            loss = objective(engine, input_ids)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach())
-        step += 1
-        if step % c["log_every"] == 0 or step == c["max_steps"] or step % c["checkpoint_every"] == 0:
-            mean = torch.stack(losses).mean()
-            torch.distributed.all_reduce(mean)  # gloo has no AVG
-            mean /= world
-            elapsed, t_last = time.time() - t_last, time.time()
-            metrics = {"step": step, "loss": round(mean.item(), 5), "lr": engine.get_lr()[0],
-                       "grad_norm": round(float(engine.get_global_grad_norm() or 0.0), 5),
-                       "tokens_per_s": round(tokens_per_step * len(losses) / c["grad_accum"] / elapsed, 1)}
-            history.append(metrics)
-            if tensorboard:
-                for name in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                    tensorboard.add_scalar(f"train/{name}", metrics[name], step)
-                tensorboard.flush()
-            losses = []
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")
-            if step % c["checkpoint_every"] == 0 or step == c["max_steps"]:
-                save_checkpoint(engine, step, history, rank, metrics)
-            else:
-                ray.train.report(metrics)
+    with profiler(c, rank) as prof:
+        while state.step < c["max_steps"] and not state.stopped_early:
+            for _ in range(c["grad_accum"]):
+                loss, stats = objective(engine, next(data))
+                if ewc:
+                    stats["ewc_penalty"] = ewc.penalty()
+                    loss = loss + stats["ewc_penalty"]
+                engine.backward(loss)
+                engine.step()
+                meter.add(loss, stats)
+            state.step += 1
+            state.micro_batches += c["grad_accum"]
+            if c["inject_fault_at_step"] == state.step and rank == 0 and not state.resumed_at:
+                raise RuntimeError(f"fault drill: worker 0 fails at step {state.step} (train.inject_fault_at_step)")
+            extra = {"batch_size": micro} if state.step == 1 else {}
+            if state.step % c["eval_every"] == 0 and (eval_loss := evaluate(engine, objective, held_out)) is not None:
+                state.record_eval(eval_loss, c)
+                extra.update(eval_loss=eval_loss, **({"stopped_early": True} if state.stopped_early else {}))
+                if previous_held_out:  # forgetting: the loss on the previous stage's held-out data
+                    extra["previous_eval_loss"] = evaluate(engine, causal_lm, previous_held_out)
+            last = state.step == c["max_steps"] or state.stopped_early
+            if state.step % c["log_every"] == 0 or state.step % c["checkpoint_every"] == 0 or last or extra:
+                metrics = meter.flush(state.step, engine, extra)
+                state.history.append(metrics)
+                if not math.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"loss became {metrics['loss']} at step {state.step}")
+                if state.step % c["checkpoint_every"] == 0 or last:
+                    save_checkpoint(engine, state, metrics)
+                else:
+                    ray.train.report(metrics)
+                meter.restart_clock()
+            if prof:
+                prof.step()
+

@@ -1,17 +1,218 @@
-"""DeepSpeed settings derived from our config (the user never writes DeepSpeed JSON by hand)."""
+"""How the model is spread over the workers: DeepSpeed ZeRO 0-3, PyTorch FSDP2 or DDP.
+
+Both engines give the recipe the same few calls, so the training loop does not know which runs:
+`engine(**batch)` (forward), `backward(loss)`, `step()` (an optimizer step at the end of each
+accumulation window), `lr`, `grad_norm`, `module` (the model itself), `train(mode)`, `save(dir)` /
+`load(dir)` (the whole training state, each rank its own shard) and `save_model(dir)` (the
+adapter or the whole model in Hugging Face format, written by rank 0).
+"""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 
-def deepspeed_config(batch_size: int, grad_accum: int, grad_clip: float, lr: float,
-                     zero_stage: int, use_gpu: bool) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
+import torch
+import torch.distributed as dist
+from transformers import get_cosine_schedule_with_warmup
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision(c: dict) -> str:
+    return ("bf16" if c["use_gpu"] else "fp32") if c["precision"] == "auto" else c["precision"]
+
+
+def deepspeed_config(c: dict) -> dict:
+    """Generated from our config; a user's DeepSpeed JSON (train.deepspeed_config) overrides any key."""
+    zero = {"stage": c["zero_stage"]}
+    if c["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": c["use_gpu"]}
+    generated = {
+        "train_micro_batch_size_per_gpu": c["batch_size"],
+        "gradient_accumulation_steps": c["grad_accum"],
+        "gradient_clipping": c["grad_clip"],
+        "zero_optimization": zero,
         # torch_adam: the fused DeepSpeed Adam would JIT-compile a C++ op on CPU first
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
-        "bf16": {"enabled": use_gpu},
+        "optimizer": {"type": "AdamW", "params": {"lr": c["lr"], "weight_decay": 0.0, "torch_adam": True}},
+        "bf16": {"enabled": precision(c) == "bf16"},
+        "fp16": {"enabled": precision(c) == "fp16"},
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if c.get("deepspeed_config"):
+        generated = _deep_merge(generated, json.loads(Path(c["deepspeed_config"]).read_text()))
+    generated.pop("train_batch_size", None)  # DeepSpeed derives it from micro-batch x accumulation x world
+    return generated
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    return {**base, **{k: _deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
+
+
+def mark_moe_leaves(model: torch.nn.Module) -> None:
+    """ZeRO-3 gathers parameters module by module as hooks fire; an MoE block only runs the experts
+    its tokens picked, so ranks disagree on which hooks fire and hang. Leaf modules are gathered whole."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    blocks = {type(m) for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")}
+    if blocks:
+        set_z3_leaf_modules(model, list(blocks))
+
+
+class DeepSpeedEngine:
+    def __init__(self, model: torch.nn.Module, c: dict):
+        import deepspeed
+
+        if c["zero_stage"] == 3:
+            mark_moe_leaves(model)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(c),
+            lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, c["warmup_steps"], c["max_steps"]))
+        self.module = self.engine.module
+
+    def __call__(self, **batch):
+        return self.engine(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1/accumulation itself
+
+    def step(self) -> None:
+        self.engine.step()  # steps the optimizer only at accumulation boundaries
+
+    def train(self, mode: bool) -> None:
+        self.engine.train(mode)
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.engine.get_global_grad_norm() or 0.0)
+
+    def save(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, tag="ds", exclude_frozen_parameters=True)
+
+    def load(self, directory: str) -> None:
+        self.engine.load_checkpoint(directory, tag="ds", load_module_strict=False)
+
+    def save_model(self, directory: Path) -> None:
+        """Under ZeRO-3 each rank holds a shard of every parameter: gather the trainable ones (all of
+        them for a full fine-tune, only the adapter for LoRA) so that rank 0 saves whole tensors."""
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        if self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(trainable):
+                if dist.get_rank() == 0:
+                    self.module.save_pretrained(directory)
+        elif dist.get_rank() == 0:
+            self.module.save_pretrained(directory)
+
+
+class TorchEngine:
+    """DDP or FSDP2 with AdamW, a cosine schedule, accumulation, clipping and mixed precision."""
+
+    def __init__(self, model: torch.nn.Module, c: dict, device: torch.device):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.accum, self.clip, self.micro_steps, self.grad_norm = c["grad_accum"], c["grad_clip"], 0, 0.0
+        dtype = DTYPES[precision(c)]
+        self.module = model.to(device)
+        if c["strategy"] == "fsdp":
+            shard(model, dtype)
+            self.model, self.autocast = model, None  # FSDP2 casts parameters itself
+        else:
+            self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.autocast = dtype and torch.autocast(device.type, dtype=dtype)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=c["lr"], weight_decay=0.0)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, c["warmup_steps"], c["max_steps"])
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    def __call__(self, **batch):
+        if self.autocast is None:
+            return self.model(**batch)
+        with self.autocast:
+            return self.model(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.accum
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.accum:
+            return
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train(self, mode: bool) -> None:
+        self.module.train(mode)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model, optim = get_state_dict(self.module, self.optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        return {"model": model, "optim": optim}
+
+    def save(self, directory: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), checkpoint_id=str(Path(directory) / "dcp"))  # each rank writes its shard
+        if dist.get_rank() == 0:
+            torch.save({"scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
+                        "scaler": self.scaler and self.scaler.state_dict()}, Path(directory) / "engine.pt")
+
+    def load(self, directory: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(Path(directory) / "dcp"))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=False))
+        extra = torch.load(Path(directory) / "engine.pt", weights_only=True)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.micro_steps = extra["micro_steps"]
+        if self.scaler and extra["scaler"]:
+            self.scaler.load_state_dict(extra["scaler"])
+
+    def save_model(self, directory: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # collective under FSDP: every rank takes part, rank 0 receives whole tensors (trainable ones only)
+        whole = get_model_state_dict(self.module, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        if dist.get_rank() == 0:
+            self.module.save_pretrained(directory, state_dict=whole)
+
+
+def shard(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
+    """FSDP2: each decoder layer is one unit (gathered for its forward, freed after), then the rest."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def build_engine(model: torch.nn.Module, c: dict, device: torch.device):
+    return DeepSpeedEngine(model, c) if c["strategy"] == "deepspeed" else TorchEngine(model, c, device)

@@ -1,0 +1,286 @@
+"""Ray Train recipes on CPU workers (gloo), 2 workers, real DeepSpeed / FSDP2 / DDP and peft, on the
+tiny Qwen3-MoE: strategies, staged pretrain -> SFT -> DPO, early stopping, fault restart, EWC."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import derived_config
+
+from pipeline.config import ConfigError, load_config
+
+
+def history(cfg, stage: str = "pretrain") -> list[dict]:
+    return json.loads((cfg.stage_dir("train") / stage / "metrics.json").read_text())["history"]
+
+
+def test_a_changed_training_config_starts_a_fresh_ray_train_run(tiny_run):
+    """Ray Train resumes a run of the same name; the name follows the loop config, so a resubmitted
+    job resumes while a changed config does not load checkpoints that do not fit it."""
+    from pipeline.train.stage import loop_config, run_name
+
+    loop = loop_config(tiny_run, Path("/base"))
+    out = tiny_run.stage_dir("train")
+    assert run_name(tiny_run, loop, out) == run_name(tiny_run, dict(loop), out)
+    assert run_name(tiny_run, loop, out) != run_name(tiny_run, {**loop, "lr": 1.0}, out)
+
+
+def test_training_writes_tensorboard_scalars(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tiny_run.stage_dir("train") / "pretrain" / "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/moe_aux_loss",
+            "train/moe_max_load", "eval/eval_loss"} <= tags, tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 5, 10, 15, 20, 25, 30]
+    assert [e.step for e in events.Scalars("eval/eval_loss")] == [10, 20, 30]
+    assert all(e.value > 0 for e in events.Scalars("train/grad_norm"))
+    assert all(1.0 <= e.value <= 4.0 for e in events.Scalars("train/moe_max_load"))  # 4 experts: 1 even, 4 one-hot
+
+
+def test_zero2_lora_on_moe_experts_resumes_a_failed_worker_from_its_checkpoint(tiny_run, tmp_path):
+    """Worker 0 raises at step 8; Ray Train restarts the group, which resumes from the step-5
+    checkpoint: the step count continues (6, 7, ...), it does not start over."""
+    cfg = derived_config(tiny_run, tmp_path, "train.max_steps=12", "train.checkpoint_every=5",
+                         "train.inject_fault_at_step=8", "train.router_aux_loss_coef=0.02",
+                         "train.lora.target_parameters=[mlp.experts.gate_up_proj, mlp.experts.down_proj]",
+                         "train.lora.dropout=0")
+    from pipeline.train.stage import run_train
+
+    run_train(cfg)
+    final = cfg.stage_dir("train") / "final"
+    state = json.loads((final / "state.json").read_text())
+    assert state["resumed_at"] == [5] and state["step"] == 12
+    assert state["micro_batches"] == 12, "the data position continued too"
+    steps = [h["step"] for h in state["history"]]
+    assert steps == [1, 5, 10, 12], steps
+    losses = [h["loss"] for h in state["history"]]
+    assert 6.0 < losses[0] < 8.0 and losses[-1] < losses[0] - 0.3, losses
+    adapter = json.loads((final / "model" / "adapter_config.json").read_text())
+    assert set(adapter["target_parameters"]) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
+
+
+def test_zero3_trains_the_moe_model_with_lora_and_saves_whole_adapter_tensors(tiny_run, tmp_path):
+    """ZeRO-3 shards every parameter; the MoE blocks are ZeRO-3 leaf modules (without that, ranks
+    whose tokens pick different experts wait on each other forever)."""
+    from safetensors.torch import load_file
+
+    from pipeline.train.stage import run_train
+
+    cfg = derived_config(tiny_run, tmp_path, "train.zero_stage=3", "train.max_steps=15", "train.checkpoint_every=15")
+    m = run_train(cfg)
+    losses = [h["loss"] for h in m["history"]]
+    assert 6.0 < losses[0] < 8.0 and losses[-1] < losses[0] - 0.3, losses
+    weights = load_file(cfg.stage_dir("train") / "final" / "model" / "adapter_model.safetensors")
+    lora_a = [t for name, t in weights.items() if "lora_A" in name]
+    assert lora_a and all(t.shape == (16, 128) for t in lora_a)  # whole tensors, not empty ZeRO-3 shards
+
+
+def test_fsdp_with_gradient_checkpointing_trains_and_writes_profiler_traces(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.train.stage import run_train
+
+    cfg = derived_config(tiny_run, tmp_path, "train.strategy=fsdp", "train.gradient_checkpointing=true",
+                         "train.profile=true", "train.max_steps=15", "train.checkpoint_every=15")
+    m = run_train(cfg)
+    losses = [h["loss"] for h in m["history"]]
+    assert 6.0 < losses[0] < 8.0 and losses[-1] < losses[0] - 0.3, losses
+    weights = load_file(cfg.stage_dir("train") / "final" / "model" / "adapter_model.safetensors")
+    assert all(t.shape == (16, 128) for n, t in weights.items() if "lora_A" in n)  # gathered from the shards
+    assert (cfg.stage_dir("train") / "final" / "dcp" / ".metadata").is_file(), "sharded optimizer state for resume"
+    traces = list((cfg.stage_dir("train") / "pretrain" / "profile").glob("*.pt.trace.json"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 10_000
+
+
+def test_ddp_full_finetune_trains_every_weight(tiny_run, tmp_path):
+    from pipeline.train.stage import run_train
+
+    cfg = derived_config(tiny_run, tmp_path, "train.strategy=ddp", "train.full_finetune=true", "train.lr=1e-3",
+                         "train.max_steps=15", "train.checkpoint_every=15")
+    m = run_train(cfg)
+    losses = [h["loss"] for h in m["history"]]
+    assert 6.0 < losses[0] < 8.0 and losses[-1] < losses[0] - 0.2, losses
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(cfg.stage_dir("train") / "final" / "model")
+    base = AutoModelForCausalLM.from_pretrained(m["base_model"])
+    assert not torch.equal(trained.model.layers[0].mlp.experts.down_proj, base.model.layers[0].mlp.experts.down_proj)
+
+
+def test_early_stopping_ends_a_run_whose_eval_loss_is_flat(tiny_run, tmp_path):
+    """lr 1e-9: the eval loss cannot move; the best is the first eval (step 2), and 3 evals without
+    improvement (steps 4, 6, 8) end the run long before max_steps."""
+    from pipeline.train.stage import run_train
+
+    cfg = derived_config(tiny_run, tmp_path, "train.lr=1e-9", "train.max_steps=60", "train.eval_every=2",
+                         "train.early_stopping_patience=3", "train.early_stopping_min_delta=1e-4")
+    m = run_train(cfg)
+    assert m["steps"] == 8 and m["stopped_early"], m["history"]
+    assert [h["step"] for h in m["history"] if "eval_loss" in h] == [2, 4, 6, 8]
+
+
+def test_staged_pretrain_sft_dpo_each_from_the_previous_model(tiny_run, tmp_path):
+    """SFT learns the responses; DPO on a small preference set raises the chosen-over-rejected margin
+    against its reference (the SFT model: the DPO adapter switched off)."""
+    from pipeline.train.stage import run_train
+
+    prefs = tmp_path / "prefs.jsonl"
+    lines = Path("data/preferences.jsonl").read_text().splitlines()
+    prefs.write_text("".join(line + "\n" for line in lines if "[TASK] license-count" in json.loads(line)["prompt"]))
+    stages = (f"train.stages=[{{kind: pretrain, max_steps: 10}}, {{kind: sft, data: data/instructions.jsonl, "
+              f"max_steps: 10}}, {{kind: dpo, data: {prefs}, max_steps: 20, lr: 5.0e-3, beta: 0.5}}]")
+    cfg = derived_config(tiny_run, tmp_path, stages, "train.checkpoint_every=20")
+    m = run_train(cfg)
+    assert [s["stage"] for s in m["stages"]] == ["pretrain", "sft", "dpo"]
+    train = cfg.stage_dir("train")
+    assert m["stages"][1]["base_model"] == str(train / "sft" / "base")  # pretrain merged into sft's base
+    assert m["base_model"] == str(train / "dpo" / "base") and Path(m["adapter"]) == train / "final" / "model"
+    sft = history(cfg, "sft")
+    assert sft[-1]["loss"] < sft[0]["loss"] - 0.3, sft
+    assert "previous_eval_loss" in sft[-1], "SFT measures forgetting of the pretraining data"
+    dpo = history(cfg, "dpo")
+    assert dpo[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4), "the policy starts equal to its reference"
+    assert dpo[-1]["reward_margin"] > 0.5 and dpo[-1]["reward_accuracy"] > 0.7, dpo
+    assert dpo[-1]["loss"] < 0.6
+    assert (train / "loss.png").stat().st_size > 1000
+
+
+def test_ewc_lowers_forgetting_of_the_first_task(tiny_run, tmp_path):
+    """Task A (licence name from licence text), then task B (other instruction tasks), with and
+    without EWC: forgetting is A's held-out loss after B minus after A."""
+    from pipeline.train.stage import run_train
+
+    records = [json.loads(line) for line in Path("data/instructions.jsonl").read_text().splitlines()]
+    for name, tasks in (("a", {"license"}), ("b", {"copyright-holder", "license-count", "upstream-name"})):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["task"] in tasks))
+    stages = (f"train.stages=[{{kind: sft, name: task_a, data: {tmp_path}/a.jsonl, max_steps: 15}}, "
+              f"{{kind: sft, name: task_b, data: {tmp_path}/b.jsonl, max_steps: 15, lr: 1.0e-3}}]")
+    forgetting = {}
+    for ewc in (False, True):
+        cfg = derived_config(tiny_run, tmp_path / f"ewc-{ewc}", stages, "train.full_finetune=true", "train.eval_every=5",
+                             f"train.ewc.enabled={ewc}", "train.ewc.weight=10")
+        m = run_train(cfg)
+        after_a, after_b = m["stages"][0]["eval_loss_last"], m["stages"][1]["previous_eval_loss_last"]
+        forgetting[ewc] = after_b - after_a
+    print(f"\nFIGURE forgetting of task A (its held-out loss after B minus after A): {forgetting}")
+    assert forgetting[False] > 0.4, forgetting  # B really does erase A without EWC
+    assert forgetting[True] < forgetting[False] / 2, forgetting
+
+
+def test_sft_labels_ignore_prompt_tokens_and_examples_do_not_see_each_other(tiny_run):
+    from transformers import AutoTokenizer
+
+    from pipeline.train.data import IGNORE, format_instruction, pack_examples
+
+    base = json.loads((tiny_run.stage_dir("train") / "metrics.json").read_text())["base_model"]
+    tok = AutoTokenizer.from_pretrained(base)
+    recs = [{"task": "echo", "input": f"word{i}", "output": f"answer {i}"} for i in range(40)]
+    table = pack_examples(pd.DataFrame(recs), base, 64, held_out=False)
+    ids, labels, positions = (np.array(table.column(c).to_pylist()) for c in ("input_ids", "labels", "position_ids"))
+    first = tok(format_instruction("echo", "word0"), add_special_tokens=False)["input_ids"]
+    row = [lab for lab in labels[0]]
+    assert row[: len(first)] == [IGNORE] * len(first), "the prompt is not learned"
+    response = tok("answer 0", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert row[len(first): len(first) + len(response)] == response
+    assert positions[0][len(first) + len(response)] == 0, "the next packed example restarts its positions"
+    assert (ids[labels != IGNORE] == labels[labels != IGNORE]).all()
+
+
+def test_chat_records_use_the_tokenizers_chat_template(tiny_run):
+    from transformers import AutoTokenizer
+
+    from pipeline.train.data import prompt_and_response
+
+    tok = AutoTokenizer.from_pretrained(json.loads((tiny_run.stage_dir("train") / "metrics.json").read_text())["base_model"])
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    with pytest.raises(ValueError, match="no chat template"):
+        prompt_and_response(record, tok)
+    tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    assert prompt_and_response(record, tok) == ("<|user|>hi\n<|assistant|>", "hello")
+
+
+def test_bad_training_configs_fail_before_any_worker_starts(tiny_run):
+    from pipeline.train.stage import check_lora_targets
+
+    with pytest.raises(ConfigError, match="DDP keeps a whole replica"):
+        load_config("configs/tiny.yaml", ["train.strategy=ddp", "train.zero_stage=3"])
+    with pytest.raises(ConfigError, match="ewc needs whole parameters"):
+        load_config("configs/tiny.yaml", ["train.strategy=fsdp", "train.ewc.enabled=true"])
+    with pytest.raises(ConfigError, match="does not support dropout"):
+        load_config("configs/tiny.yaml", ["train.lora.target_parameters=[mlp.experts.down_proj]"])
+    with pytest.raises(ConfigError, match="needs `data`"):
+        load_config("configs/tiny.yaml", ["train.stages=[pretrain, sft]"])
+    base = json.loads((tiny_run.stage_dir("train") / "metrics.json").read_text())["base_model"]
+    with pytest.raises(ConfigError, match=r"\['qkv_proj'\] not found.*linear modules there: .*q_proj"):
+        check_lora_targets(Path(base), ["qkv_proj"], [])
+    with pytest.raises(ConfigError, match="mlp.experts.up_proj"):
+        check_lora_targets(Path(base), ["q_proj"], ["mlp.experts.up_proj"])
+
+
+def test_auto_batch_size_starts_from_the_seed_rule_and_halves_on_oom():
+    from pipeline.train.batch_size import halve_until_fits, seed_rule
+
+    assert seed_rule(80 * 2**30, 2048, 896) == 256  # capped
+    assert seed_rule(2 * 2**30, 4096, 4096) == 32
+    assert seed_rule(1, 128, 128) == 1
+    tried = []
+
+    def step(batch: int) -> None:  # stands in for a GPU that fits 24 sequences
+        tried.append(batch)
+        if batch > 24:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    assert halve_until_fits(step, 256) == 16 and tried == [256, 128, 64, 32, 16]
+    with pytest.raises(RuntimeError, match="gradient_checkpointing"):
+        halve_until_fits(lambda b: step(100), 4)
+
+
+def test_scale_presets_and_their_configs():
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.model import HARDWARE, PRESETS
+
+    for preset, low, high, config in (("7b-dense", 6e9, 8e9, "configs/7b-lora.yaml"),
+                                      ("66b-dense", 60e9, 70e9, "configs/66b-zero3.yaml")):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(PRESETS[preset](32000))
+        assert low < sum(p.numel() for p in model.parameters()) < high
+        cfg = load_config(config)
+        assert cfg.model.preset == preset and config in HARDWARE[preset] and cfg.train.use_gpu
+    assert load_config("configs/66b-zero3.yaml").train.zero_stage == 3
+
+
+def test_rope_scaling_extends_the_context_of_a_built_or_given_model(tiny_run, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.config import ModelConfig
+    from pipeline.model import prepare_base_model
+
+    kept = tiny_run.stage_dir("curate") / "kept"
+    rope = {"rope_type": "yarn", "factor": 4.0}
+    built = prepare_base_model(ModelConfig(preset="tiny-dense", vocab_size=512, tokenizer_docs=50, rope_scaling=rope),
+                               kept, tmp_path / "built")
+    given = prepare_base_model(ModelConfig(path=str(built), rope_scaling={"rope_type": "linear", "factor": 2.0}),
+                               kept, tmp_path / "given")
+    assert AutoConfig.from_pretrained(built).rope_parameters["rope_type"] == "yarn"
+    config = AutoConfig.from_pretrained(given)
+    assert config.rope_parameters["rope_type"] == "linear" and config.max_position_embeddings == 2 * 8192
+    assert (given / "model.safetensors").is_symlink(), "the user's weights are linked, not copied"
+    model = AutoModelForCausalLM.from_pretrained(given)
+    assert model(torch.randint(0, 500, (1, 4096))).logits.shape == (1, 4096, config.vocab_size)
+
+
+def test_a_users_deepspeed_json_overrides_the_generated_config(tmp_path):
+    from pipeline.train.stage import loop_config
+    from pipeline.train.strategy import deepspeed_config
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5}))
+    cfg = load_config("configs/tiny.yaml", [f"train.deepspeed_config={user}", "train.offload_optimizer=true"])
+    ds = deepspeed_config(loop_config(cfg, Path("/base")))
+    assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                                       "reduce_bucket_size": 1000}
+    assert ds["gradient_clipping"] == 0.5 and ds["train_micro_batch_size_per_gpu"] == 8
