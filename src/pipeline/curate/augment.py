@@ -20,6 +20,7 @@ from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 from pipeline.config import AugmentConfig
 from pipeline.curate.records import is_kept
+from pipeline.loading import load_model
 
 
 def selected(doc_id: str, share: float, salt: str) -> bool:
@@ -44,7 +45,7 @@ def _augmented(batch: pd.DataFrame, texts: list[str], suffix: str) -> pd.DataFra
 
 class BackTranslator:
     def __init__(self, forward_model: str, backward_model: str, max_tokens: int):
-        self.stages = [(AutoTokenizer.from_pretrained(p), AutoModelForSeq2SeqLM.from_pretrained(p).to(_device()).eval())
+        self.stages = [(AutoTokenizer.from_pretrained(p), load_model(AutoModelForSeq2SeqLM, p).to(_device()).eval())
                        for p in (forward_model, backward_model)]
         self.max_tokens = max_tokens
 
@@ -72,7 +73,7 @@ class SynonymReplacer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if self.tokenizer.mask_token is None:
             raise ValueError(f"{model_path}: the tokenizer has no mask token; a fill-mask model is needed")
-        self.model = AutoModelForMaskedLM.from_pretrained(model_path).to(_device()).eval()
+        self.model = load_model(AutoModelForMaskedLM, model_path).to(_device()).eval()
         self.word_share, self.window = word_share, window
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.curate.records import is_kept
+from pipeline.loading import load_model
 
 
 class PerplexityScorer:
@@ -21,7 +22,7 @@ class PerplexityScorer:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
-        self.model = AutoModelForCausalLM.from_pretrained(model_path).to(self.device).eval()
+        self.model = load_model(AutoModelForCausalLM, model_path).to(self.device).eval()
         self.max_tokens, self.max_perplexity = max_tokens, max_perplexity
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import ConfigError
+from pipeline.loading import load_model
 
 log = logging.getLogger("pipeline.quantize")
 
@@ -49,7 +50,7 @@ def quantize_awq(model_dir: Path, out: Path, calib_texts: list[str], group_size:
     _allow_cpu_calibration()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # fused 3-D expert weights become per-expert Linear layers so that AWQ sees (and quantizes) them
-    model = linearize_moe(AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto"))
+    model = linearize_moe(load_model(AutoModelForCausalLM, model_dir, dtype="auto"))
     weights = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric,
                                strategy=QuantizationStrategy.GROUP, group_size=group_size)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.loading import load_model
+
 
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], seq_len: int) -> float:
@@ -46,7 +48,7 @@ def measure(model_dir: Path, texts: list[str], seq_len: int) -> dict:
     """Load the model once on this machine's device; its bytes, held-out perplexity and tokens/s."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    model = load_model(AutoModelForCausalLM, model_dir).to(device).eval()
     return {"bytes": weight_bytes(model_dir),
             "perplexity": round(perplexity(model, tokenizer, texts, seq_len), 4),
             "tokens_per_s": generation_tokens_per_s(model, tokenizer, texts[:3])}

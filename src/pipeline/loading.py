@@ -1,0 +1,35 @@
+"""Every model and adapter the pipeline opens goes through here, so the rules hold everywhere:
+weights come from safetensors only (a pickled .bin can run code when it is read), and code shipped
+with a model (`auto_map`) runs only when `model.trust_remote_code` says so."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import ConfigError
+
+
+def _refuse_pickles(path: Path, what: str, names: tuple[str, ...]) -> None:
+    if path.is_dir() and not any(path.glob("*.safetensors")) and any((path / n).exists() for n in names):
+        raise ConfigError(f"{path}: {what} weights are pickled ({', '.join(n for n in names if (path / n).exists())}); "
+                          "only safetensors are loaded, since unpickling can run code. Convert them with "
+                          "save_pretrained(..., safe_serialization=True) in a trusted environment")
+
+
+def load_model(auto_class, path: str | Path, trust_remote_code: bool = False, **kwargs):
+    """`auto_class.from_pretrained(path)` under the rules: AutoModelForCausalLM, AutoModelForMaskedLM, ..."""
+    _refuse_pickles(Path(path), "model", ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt"))
+    try:
+        return auto_class.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ConfigError(f"{path} needs the code it ships (auto_map) to load; set model.trust_remote_code=true "
+                              "only if you trust its source") from None
+        raise
+
+
+def load_adapter(model, path: str | Path, **kwargs):
+    """A peft adapter onto `model`, from adapter_model.safetensors only."""
+    from peft import PeftModel
+
+    _refuse_pickles(Path(path), "adapter", ("adapter_model.bin",))
+    return PeftModel.from_pretrained(model, str(path), **kwargs)

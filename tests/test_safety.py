@@ -1,0 +1,64 @@
+"""Safe loading: safetensors only, no model-shipped code unless trusted, safe YAML, loopback by default."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config
+
+from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.loading import load_adapter, load_model
+
+
+@pytest.fixture()
+def tiny_dir(tmp_path):
+    model = AutoModelForCausalLM.from_config(Qwen3Config(
+        vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=32, intermediate_size=128))
+    model.save_pretrained(tmp_path / "ok")
+    return model, tmp_path
+
+
+def test_pickled_weights_are_refused(tiny_dir):
+    model, tmp = tiny_dir
+    pickled = tmp / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp / "ok" / "config.json").read_text())
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="pickled.*only safetensors"):
+        load_model(AutoModelForCausalLM, pickled)
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04N.")
+    with pytest.raises(ConfigError, match="adapter weights are pickled"):
+        load_adapter(model, pickled)
+    assert load_model(AutoModelForCausalLM, tmp / "ok").config.vocab_size == 256
+
+
+def test_model_code_runs_only_when_trusted(tiny_dir):
+    _, tmp = tiny_dir
+    config = json.loads((tmp / "ok" / "config.json").read_text())
+    config.update(model_type="shipped-code", auto_map={"AutoConfig": "configuration_x.XConfig",
+                                                       "AutoModelForCausalLM": "modeling_x.XModel"})
+    (tmp / "ok" / "config.json").write_text(json.dumps(config))
+    (tmp / "ok" / "configuration_x.py").write_text("raise SystemExit('this code must not run')\n")
+    with pytest.raises(ConfigError, match="model.trust_remote_code=true"):
+        load_model(AutoModelForCausalLM, tmp / "ok")
+    assert PipelineConfig().model.trust_remote_code is False
+
+
+def test_config_yaml_cannot_construct_python_objects(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: !!python/object/apply:os.system ['touch " + str(tmp_path / "pwned") + "']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_everything_listens_on_loopback_by_default():
+    cfg = PipelineConfig()
+    assert cfg.serve.host == "127.0.0.1" and cfg.serve.api_key_env == "PIPELINE_API_KEY"
+
+
+def test_local_ray_runs_without_a_dashboard(ray_local):
+    import ray
+
+    assert not ray.get_runtime_context().gcs_address.startswith("0.0.0.0")
+    assert not ray._private.worker.global_worker.node.address_info.get("webui_url")
