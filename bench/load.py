@@ -62,7 +62,7 @@ def replica_counts(app: str | None) -> int | None:
 
         if not ray.is_initialized() or app is None:
             return None
-        return serve.status().applications[app].deployments["LLMServer"].replica_states.get("RUNNING", 0)
+        return serve.status().applications[app].deployments["Generator"].replica_states.get("RUNNING", 0)
     except Exception:  # noqa: BLE001 - replica counts are a best-effort extra
         return None
 

@@ -1,4 +1,7 @@
-"""The Ray Serve application: a FastAPI ingress in front of a generation engine.
+"""The Ray Serve application: a FastAPI ingress (LLMServer) in front of the model replicas
+(Generator, src/pipeline/serving/generator.py), which autoscale. The ingress checks keys, limits,
+and prompts, and retries a call whose model replica died on a live one, so a replica crash does not
+fail the requests it was serving.
 
 Routes: POST /generate, POST /v1/completions, POST /v1/chat/completions (both with SSE streaming),
 GET /v1/models, GET /healthz, GET /metrics. Run it with `pipeline serve --config FILE`, with
@@ -17,12 +20,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import Application
-from starlette.concurrency import iterate_in_threadpool
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.serving.batching import BatchMerger
-from pipeline.serving.engine import Completion, Sampling, load_engine, truncate_at_stop
+from pipeline.serving.engine import Completion, Sampling, Tokenizer, truncate_at_stop
+from pipeline.serving.generator import Generator
 from pipeline.serving.metrics import ServeMetrics
 from pipeline.serving.openai_format import APIError, ChunkWriter, completion_body, error_response
 from pipeline.serving.schemas import ChatRequest, CompletionRequest, GenerateRequest, ServeArgs
@@ -31,6 +35,10 @@ log = logging.getLogger("pipeline.serve")
 api = FastAPI(title="llm-pipeline", description="Generation from the model the pipeline trained, "
               "with an OpenAI-compatible subset under /v1.")
 OPEN_ROUTES = {"/healthz", "/docs", "/openapi.json", "/redoc"}
+REPLICA_DIED = (RayActorError, ActorUnavailableError)
+RETRIES = 3  # tries on other model replicas after one died under a request
+# below this, softmax(logits / T) overflows to inf (found by fuzzing: T=1e-300); sampling that cold is greedy
+MIN_TEMPERATURE = 1e-3
 
 
 def _key_ok(request: Request, key_sha256: str) -> bool:
@@ -89,18 +97,14 @@ async def _internal(_: Request, exc: Exception):
 @serve.deployment
 @serve.ingress(api)
 class LLMServer:
-    def __init__(self, args: ServeArgs):
-        self.args = args
-        self.engine = load_engine(args.model_dir, args.engine, max_num_seqs=args.max_queue)
+    def __init__(self, args: ServeArgs, generator: DeploymentHandle):
+        self.args, self.generator = args, generator
+        self.tokens = Tokenizer(args.model_dir)  # prompt lengths and chat templates, no model needed
         self.metrics = api.state.metrics = ServeMetrics()
         self.in_flight = 0
         key = os.environ.get(args.api_key_env)
         # only a digest is kept: the key itself never sits in the Serve config or replica state
         api.state.key_sha256 = args.api_key_sha256 or (hashlib.sha256(key.encode()).hexdigest() if key else None)
-        self.merger = BatchMerger(getattr(self.engine, "generate_batch", None), args.max_batch_size,
-                                  fill_wait_s=args.batch_wait_timeout_s, on_batch=self.metrics.batch.observe)
-        self._batched.set_max_batch_size(args.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
     # ---- plumbing shared by every route -------------------------------------------------------
     def _check_model(self, name: str) -> None:
@@ -110,14 +114,15 @@ class LLMServer:
 
     def _sampling(self, prompt: str, max_tokens: int | None, temperature: float, top_p: float,
                   stop: list[str]) -> Sampling:
-        n_prompt = self.engine.count_tokens(prompt)
+        n_prompt = self.tokens.count_tokens(prompt)
         if n_prompt > self.args.max_prompt_tokens:
             raise APIError(400, f"prompt has {n_prompt} tokens; the limit is {self.args.max_prompt_tokens}",
                            code="context_length_exceeded", param="prompt")
         if max_tokens is not None and max_tokens > self.args.max_new_tokens:
             raise APIError(400, f"max tokens {max_tokens} is over this server's limit of {self.args.max_new_tokens}",
                            param="max_tokens")
-        return Sampling(max_tokens or min(16, self.args.max_new_tokens), temperature, top_p, tuple(stop))
+        return Sampling(max_tokens or min(16, self.args.max_new_tokens),
+                        temperature if temperature >= MIN_TEMPERATURE else 0.0, top_p, tuple(stop))
 
     async def _admit(self, handler):
         """Queue limit (429) and timeout (408) around one request's work."""
@@ -136,28 +141,38 @@ class LLMServer:
             self.in_flight -= 1
             self.metrics.queue.set(self.in_flight)
 
-    # ---- generation -----------------------------------------------------------------------------
-    # several small batches may be in flight at once: the merger joins them into one generate call
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=8)
-    async def _batched(self, items: list[tuple[str, Sampling]]) -> list[Completion]:
-        return await self.merger.run(items)
+    # ---- generation on the model replicas --------------------------------------------------------
+    def _replica_died(self, attempt: int, error: Exception) -> None:
+        if attempt == RETRIES:
+            raise APIError(503, "the model replicas are restarting; retry shortly", "server_error",
+                           "replica_unavailable") from error
+        self.metrics.retries.inc()
+        log.warning("a model replica died under a request (%s); retrying on another", type(error).__name__)
 
     async def _complete(self, prompt: str, sampling: Sampling) -> Completion:
-        if getattr(self.engine, "continuous_batching", False):
-            c = await self.engine.agenerate(prompt, sampling)
-        else:
-            c = await self._batched((prompt, sampling))
+        for attempt in range(RETRIES + 1):
+            try:
+                c = await self.generator.complete.remote(prompt, sampling)
+                break
+            except REPLICA_DIED as e:
+                self._replica_died(attempt, e)
         self.metrics.tokens.labels("prompt").inc(c.prompt_tokens)
         self.metrics.tokens.labels("completion").inc(c.completion_tokens)
         return c
 
     async def _pieces(self, prompt: str, sampling: Sampling) -> AsyncIterator[str]:
-        if getattr(self.engine, "continuous_batching", False):
-            async for piece in self.engine.astream(prompt, sampling):
-                yield piece
-        else:
-            async for piece in iterate_in_threadpool(self.engine.stream(prompt, sampling)):
-                yield piece
+        """A stream is retried only until its first piece: after that the client already has text."""
+        for attempt in range(RETRIES + 1):
+            started = False
+            try:
+                async for piece in self.generator.options(stream=True).stream.remote(prompt, sampling):
+                    started = True
+                    yield piece
+                return
+            except REPLICA_DIED as e:
+                if started:
+                    raise
+                self._replica_died(attempt, e)
 
     async def _sse(self, prompt: str, sampling: Sampling, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         writer, text, first = ChunkWriter(self.args.model_name, chat), "", True
@@ -172,7 +187,7 @@ class LLMServer:
             text = cut
             if stopped:
                 break
-        n_prompt, n_out = self.engine.count_tokens(prompt), self.engine.count_tokens(text)
+        n_prompt, n_out = self.tokens.count_tokens(prompt), self.tokens.count_tokens(text)
         reason = "stop" if stopped or n_out < sampling.max_new_tokens else "length"
         yield writer.piece("", first=first, finish_reason=reason)
         if include_usage:
@@ -195,7 +210,8 @@ class LLMServer:
 
     @api.get("/metrics")
     async def metrics_text(self):
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        model_replica = await self.generator.metrics.remote()  # one replica's batch sizes
+        return Response(self.metrics.render() + model_replica, media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -222,23 +238,31 @@ class LLMServer:
     async def chat_completions(self, req: ChatRequest):
         async def handle():
             self._check_model(req.model)
-            prompt = self.engine.apply_chat_template([m.model_dump() for m in req.messages])
+            prompt = self.tokens.apply_chat_template([m.model_dump() for m in req.messages])
             return await self._openai(prompt, req, req.max_completion_tokens or req.max_tokens, chat=True)
         return await self._admit(handle)
 
 
-def deployment_options(s: ServeArgs) -> dict:
+def model_options(s: ServeArgs) -> dict:
+    """The model replicas autoscale on ongoing requests."""
     return {
         "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                                "target_ongoing_requests": s.target_ongoing_requests,
                                "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s},
-        # one more than our own queue limit, so that the replica (not Serve's router) answers 429;
         # at least what @serve.batch may hold in flight (max_batch_size x 8 concurrent batches)
         "max_ongoing_requests": max(s.max_queue + 1, s.max_batch_size * 8),
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     }
 
 
+def ingress_options(s: ServeArgs) -> dict:
+    """The ingress only parses, checks and forwards: a tenth of a CPU, as many replicas as the model's
+    minimum so that one can die while the others answer."""
+    # one more than our own queue limit, so that the ingress (not Serve's router) answers 429
+    return {"num_replicas": s.min_replicas, "max_ongoing_requests": s.max_queue + 1,
+            "ray_actor_options": {"num_cpus": 0.1}}
+
+
 def build_app(args: dict) -> Application:
     s = ServeArgs(**args)
-    return LLMServer.options(**deployment_options(s)).bind(s)
+    return LLMServer.options(**ingress_options(s)).bind(s, Generator.options(**model_options(s)).bind(s))

@@ -187,7 +187,7 @@ def test_autoscaling_up_under_load_and_back_down(tiny_run, app):
                     upscale_delay_s=1, downscale_delay_s=4, num_cpus=0.25, max_batch_size=1)
 
     def running() -> int:
-        states = serve.status().applications["scaled"].deployments["LLMServer"].replica_states
+        states = serve.status().applications["scaled"].deployments["Generator"].replica_states
         return states.get("RUNNING", 0)
 
     stop, seen = time.time() + 60, [running()]

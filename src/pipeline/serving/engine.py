@@ -14,6 +14,8 @@ from typing import Iterator, Protocol
 
 import torch
 
+from pipeline.loading import load_model
+
 log = logging.getLogger("pipeline.serve")
 
 # Used when a tokenizer ships no chat template (the demo's freshly trained BPE has none).
@@ -62,6 +64,15 @@ class TokenizerOps:
                                                   add_generation_prompt=True)
 
 
+class Tokenizer(TokenizerOps):
+    """The tokenizer alone: the ingress counts prompt tokens and renders chat templates without a model."""
+
+    def __init__(self, model_dir: str):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+
 class TransformersEngine(TokenizerOps):
     continuous_batching = False  # batches come from @serve.batch in the app
 
@@ -72,7 +83,7 @@ class TransformersEngine(TokenizerOps):
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).to(self.device).eval()
+        self.model = load_model(AutoModelForCausalLM, model_dir).to(self.device).eval()
 
     def _generate_kwargs(self, s: Sampling) -> dict:
         sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p} if s.temperature > 0 \

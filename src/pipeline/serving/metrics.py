@@ -1,5 +1,6 @@
-"""Prometheus metrics of one replica, rendered at GET /metrics. Ray Serve's own request metrics
-(all replicas) are on Ray's metrics export port as well."""
+"""Prometheus metrics of one ingress replica, rendered at GET /metrics (with the batch sizes of the
+model replica that answers; serving/generator.py). Ray Serve's own request metrics (all replicas)
+are on Ray's metrics export port as well."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -13,8 +14,8 @@ class ServeMetrics:
                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
         self.tokens = Counter("llm_tokens", "tokens processed", ["kind"], registry=self.registry)
         self.queue = Gauge("llm_queue_length", "requests waiting or running in this replica", registry=self.registry)
-        self.batch = Histogram("llm_batch_size", "requests per model.generate call", registry=self.registry,
-                               buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64))
+        self.retries = Counter("llm_replica_retries", "calls retried because a model replica died",
+                               registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
