@@ -7,13 +7,14 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench-serve bench-curate clean help
+.PHONY: setup demo test bench-serve bench-curate bench-train clean help
 
 help:
 	@echo "make demo   - set up .venv, build the sample corpus, run curate -> train -> quantize -> serve"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make bench-serve - after make demo: serving QPS with @serve.batch on vs off (JSON)"
 	@echo "make bench-curate - fuzzy dedup on 200 MB vs the datasketch MinHashLSH loop (JSON)"
+	@echo "make bench-train - Ray Train recipe vs a plain PyTorch loop, same model and batch (JSON)"
 	@echo "make clean  - remove runs/ and the generated corpus"
 
 setup: $(VENV)/.installed
@@ -37,6 +38,9 @@ test: setup
 
 bench-curate: setup  # ~10 minutes on 2 cores; builds its corpus from this machine's text
 	$(PY) bench/curate.py --mb 200 --out runs/bench-curate.json
+
+bench-train: setup  # ~4 minutes on 2 cores
+	$(PY) bench/train.py --steps 40 --out runs/bench-train.json
 
 bench-serve: setup  # after `make demo`: dynamic batching on vs off, concurrency 1 and 8
 	$(PY) bench/load.py --compare-batching --config configs/demo.yaml --duration 20 --out runs/bench-serve.json
