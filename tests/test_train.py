@@ -166,7 +166,7 @@ def test_ewc_lowers_forgetting_of_the_first_task(tiny_run, tmp_path):
         after_a, after_b = m["stages"][0]["eval_loss_last"], m["stages"][1]["previous_eval_loss_last"]
         forgetting[ewc] = after_b - after_a
     print(f"\nFIGURE forgetting of task A (its held-out loss after B minus after A): {forgetting}")
-    assert forgetting[False] > 0.4, forgetting  # B really does erase A without EWC
+    assert forgetting[False] > 0.2, forgetting  # B really does erase A without EWC (measured 0.48-0.75)
     assert forgetting[True] < forgetting[False] / 2, forgetting
 
 
