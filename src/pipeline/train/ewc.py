@@ -23,7 +23,7 @@ class EWC:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.anchor = [p.detach().clone() for p in self.params]
         self.fisher = [torch.zeros_like(p) for p in self.params]
-        count = torch.zeros(())
+        count = torch.zeros((), device=self.params[0].device)  # beside the Fisher: NCCL reduces GPU tensors only
         for batch in batches:
             model.zero_grad(set_to_none=True)
             objective(model, batch)[0].backward()

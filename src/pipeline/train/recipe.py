@@ -111,13 +111,18 @@ def first_batches(shard, n: int, batch_size: int, device: torch.device) -> list[
     return [{k: v.to(device) for k, v in batch.items()} for _, batch in zip(range(n), stream)]
 
 
+def collective_device() -> torch.device:
+    """Where tensors must be for all_reduce: NCCL reduces GPU tensors only, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 @torch.no_grad()
 def evaluate(engine, objective, held_out: list[dict]) -> float | None:
     """Mean loss over the held-out micro-batches of every worker (None when there are none)."""
     engine.train(False)
-    total = torch.zeros(2)
+    total = torch.zeros(2, device=collective_device())
     for batch in held_out:
-        total += torch.tensor([objective(engine, batch)[0].float().item(), 1.0])
+        total += torch.stack([objective(engine, batch)[0].float().to(total.device), total.new_ones(())])
     engine.train(True)
     dist.all_reduce(total)
     return round((total[0] / total[1]).item(), 5) if total[1] else None
@@ -133,11 +138,11 @@ class Meter:
 
     def add(self, loss: torch.Tensor, stats: dict) -> None:
         for name, value in {"loss": loss, **stats}.items():
-            self.values.setdefault(name, []).append(value.detach().float().cpu())
+            self.values.setdefault(name, []).append(value.detach().float())  # no host sync per micro-batch
 
     def flush(self, step: int, engine, extra: dict) -> dict:
         names = sorted(self.values)
-        means = torch.stack([torch.stack(self.values[n]).mean() for n in names])
+        means = torch.stack([torch.stack(self.values[n]).mean() for n in names]).to(collective_device())
         dist.all_reduce(means)  # gloo has no AVG
         means /= dist.get_world_size()
         micro_batches, elapsed = len(self.values["loss"]), time.time() - self.t0
