@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from pipeline.curate.dedup_fuzzy import lsh_params  # noqa: E402
 from pipeline.curate.jaccard import dedup_quality, similar_pairs  # noqa: E402
 from pipeline.sample_data import near_duplicate_variants, split_documents  # noqa: E402
 
@@ -126,7 +127,9 @@ def main() -> None:
     truth_s = time.perf_counter() - t
     result = {
         "machine": f"{os.cpu_count()} CPUs", "corpus_mb": round(in_bytes / 1e6, 1), "docs_in": stats["docs_in"],
-        "params": {"threshold": d.threshold, "num_perm": d.num_perm, "ngram": d.ngram},
+        "params": {"threshold": d.threshold, "num_perm": d.num_perm, "ngram": d.ngram,
+                   "recall_weight": d.recall_weight, "bands_x_rows": list(lsh_params(d.threshold, d.num_perm,
+                                                                                     d.recall_weight))},
         "curate": {"seconds": round(total_s, 1), "docs_per_s": round(stats["docs_in"] / total_s, 1),
                    "mb_per_s": round(in_bytes / 1e6 / total_s, 2), "kept": stats["kept"], "by_reason": stats["by_reason"]},
         "dedup_input": {"docs": len(ids), "mb": round(fuzzy_mb, 1)},

@@ -78,13 +78,14 @@ def _fuzzy_input(tiny_corpus) -> "pd.DataFrame":
     return df.assign(source="", raw="", reason="", duplicate_of="")
 
 
-def _near_duplicates(df, num_blocks: int, input_blocks: int) -> dict:
+def _near_duplicates(df, input_blocks: int) -> dict:
     import ray
 
+    from pipeline.config import DedupConfig
     from pipeline.curate.dedup_fuzzy import fuzzy_dedup
 
     ds = ray.data.from_pandas(df).repartition(input_blocks)
-    marked, _ = fuzzy_dedup(ds, threshold=0.8, num_perm=128, ngram=5, num_blocks=num_blocks)
+    marked, _ = fuzzy_dedup(ds, DedupConfig())  # threshold 0.8, 128 slots, 5-word shingles
     out = marked.to_pandas()
     return dict(zip(out.loc[out["reason"] == "near duplicate", "id"], out.loc[out["reason"] == "near duplicate", "duplicate_of"]))
 
@@ -97,7 +98,7 @@ def test_fuzzy_dedup_matches_exact_jaccard(ray_local, tiny_corpus):
 
     df = _fuzzy_input(tiny_corpus)
     truth = similar_pairs(df["id"].tolist(), df["text"].tolist(), ngram=5, threshold=0.8)
-    removed = _near_duplicates(df, num_blocks=4, input_blocks=3)
+    removed = _near_duplicates(df, input_blocks=3)
     quality = dedup_quality(truth, set(removed))
     assert quality["true_pairs"] > 100, quality  # natural and planted duplicates, some near the threshold
     assert quality["precision"] >= 0.99 and quality["recall"] >= 0.99, quality
@@ -107,8 +108,8 @@ def test_fuzzy_dedup_matches_exact_jaccard(ray_local, tiny_corpus):
 
 def test_fuzzy_dedup_is_the_same_whatever_the_block_count(ray_local, tiny_corpus):
     df = _fuzzy_input(tiny_corpus)
-    first = _near_duplicates(df, num_blocks=2, input_blocks=1)
-    assert first == _near_duplicates(df, num_blocks=7, input_blocks=5)
+    first = _near_duplicates(df, input_blocks=1)
+    assert first == _near_duplicates(df, input_blocks=5) == _near_duplicates(df, input_blocks=7)
     assert len(first) > 50
 
 

@@ -26,10 +26,11 @@ class DedupConfig(Section):
     exact: bool = Field(True, description="drop documents whose normalized text is identical")
     fuzzy: bool = Field(True, description="drop MinHash-LSH near-duplicates")
     threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity that counts as duplicate")
-    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash signature slots (one-permutation hashing bins)")
     ngram: int = Field(5, ge=1, le=32, description="word n-gram (shingle) size")
-    recall_weight: float = Field(0.95, gt=0, lt=1, description="LSH bands x rows favour recall this much "
-                                 "(datasketch's weights=(1-w, w)); candidates are verified by exact Jaccard")
+    recall_weight: float = Field(0.98, gt=0, lt=1, description="LSH bands x rows favour recall this much "
+                                 "(datasketch's weights=(1-w, w)); candidates are verified by exact Jaccard, "
+                                 "so a higher weight costs only checks")
 
 
 class FiltersConfig(Section):

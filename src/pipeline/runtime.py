@@ -16,6 +16,10 @@ def init_ray(num_cpus: int | None = None) -> None:
     """Connect once per process. With RAY_ADDRESS (or inside `ray job submit`) the cluster is used
     unchanged; otherwise a local Ray starts here, with its dashboard off and nothing bound beyond
     loopback."""
+    ctx = ray.data.DataContext.get_current()
+    # Sorts and groupings run as plain tasks: the hash shuffle starts aggregator actors, which
+    # costs seconds per shuffle on a small cluster, more than curate's shuffles themselves.
+    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -24,11 +28,14 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
         log.info("started local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
-    ray.data.DataContext.get_current().enable_progress_bars = True
+    ctx.enable_progress_bars = True
 
 
-def cluster_cpus() -> int:
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+def rows_per_batch(ds: ray.data.Dataset, target_bytes: int = 32 << 20) -> int:
+    """Rows making about `target_bytes` per map task (for `map_batches(batch_size=...)`, which then
+    bundles small blocks): each Ray Data task costs tens of milliseconds before it does any work.
+    `ds` should be materialized, so its row count and size are known without running it."""
+    return max(1, int(target_bytes * ds.count() / max(ds.size_bytes(), 1)))
 
 
 @contextmanager

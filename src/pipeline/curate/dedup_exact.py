@@ -1,7 +1,7 @@
 """Exact dedup: hash the normalized text; rows that share a hash keep only the lowest id.
 
-Rows are hash-partitioned on the digest, so each block holds every copy of its texts and
-can decide alone; nothing is gathered in the driver.
+Sorting on the digest puts every copy of a text in one block, which can decide alone;
+nothing is gathered in the driver.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pandas as pd
 import ray
 
 from pipeline.curate.records import is_kept
+from pipeline.runtime import rows_per_batch
 
 
 def add_digest(batch: pd.DataFrame) -> pd.DataFrame:
@@ -29,7 +30,7 @@ def mark_exact_duplicates(block: pd.DataFrame) -> pd.DataFrame:
     return block
 
 
-def exact_dedup(ds: ray.data.Dataset, num_blocks: int) -> ray.data.Dataset:
-    ds = ds.map_batches(add_digest, batch_format="pandas")
-    ds = ds.repartition(num_blocks, keys=["digest"])
+def exact_dedup(ds: ray.data.Dataset) -> ray.data.Dataset:
+    ds = ds.materialize()
+    ds = ds.map_batches(add_digest, batch_format="pandas", batch_size=rows_per_batch(ds)).sort("digest")
     return ds.map_batches(mark_exact_duplicates, batch_format="pandas", batch_size=None).drop_columns(["digest"])

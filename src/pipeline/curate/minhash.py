@@ -1,32 +1,128 @@
-"""MinHash signatures for a whole batch of documents at once, in numpy.
+"""MinHash signatures for a whole batch of documents at once, in numpy, with one hash per shingle.
 
-datasketch's `MinHash.update_batch` hashes every shingle with SHA-1 in a Python loop and permutes
-with a 64-bit modulo; that loop is where a single-process dedup spends its time. Here:
+A single-process datasketch loop spends its time in three places: splitting and joining words
+in Python, SHA-1 per shingle, and `num_perm` multiply-mod passes per shingle. Here:
 
-- each distinct word of the batch is hashed once (blake2b, 64-bit; stable across processes);
-- a shingle's hash combines its n word hashes with fixed odd multipliers (vectorized over the batch);
-- the permutations are multiply-add-shift hashes ((a*h + b) mod 2^64) >> 32, a universal family
-  that needs no modulo by a prime, applied to every shingle of the batch in a few numpy passes;
-- `np.minimum.reduceat` takes each document's minimum per permutation.
+- Words are hashed straight from the Arrow text buffer: word edges come from one comparison
+  over the bytes, and each word's polynomial hash from one prefix sum (sum of byte * P^i,
+  wrapping mod 2^64, shifted back by P^-start). No Python string is made.
+- A shingle's hash combines its n word hashes with fixed odd multipliers (position-dependent).
+- One Permutation Hashing (Li, Owen & Zhang, 2012): each shingle's mixed 64-bit hash picks one
+  of `num_perm` bins and competes for that bin's minimum, so a document costs one pass over its
+  shingles instead of `num_perm`. Bins left empty (documents with few shingles) copy a filled
+  bin found by a fixed random probe order per bin: "optimal densification" (Shrivastava, 2017).
+  Two documents then agree on a slot with probability equal to their Jaccard similarity, as
+  with `num_perm` independent permutations, so datasketch's LSH parameters apply unchanged.
 
-The signature estimates Jaccard similarity exactly as datasketch's does (share of equal slots),
-and the LSH bands x rows come from datasketch's own parameter search.
+Everything is a fixed function of the text: signatures agree across workers, runs and batch
+boundaries. Polynomial hashes mod 2^64 are not collision-proof against crafted input (e.g.
+Thue-Morse strings); a collision can only merge two shingles, and candidates are verified.
 """
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
+import pyarrow as pa
 
 SEED = 1  # fixed: signatures must agree across workers and runs
-PERM_CHUNK = 16  # permutations per numpy pass: bounds the temporary to 16 x shingles x 8 bytes
+CHUNK_BYTES = 1 << 20  # text hashed at once: its scratch arrays take ~34 bytes per byte of text
+EMPTY = np.iinfo(np.uint32).max
+_P = 0x9E3779B97F4A7C15  # odd, so invertible mod 2^64
+_WHITESPACE = np.zeros(256, dtype=bool)
+_WHITESPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True  # the ASCII bytes str.split() splits on
 
 
-def permutations(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
-    gen = np.random.default_rng(SEED)
-    a = gen.integers(1, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
-    b = gen.integers(0, 2**63, size=num_perm, dtype=np.uint64)
-    return a, b
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, in place: every input bit reaches every output bit."""
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+class _Buffers:
+    """Per-process scratch arrays and P^i / P^-i tables, grown on demand: fresh multi-megabyte
+    arrays cost more in page faults than the arithmetic done in them."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def reserve(self, n: int) -> "_Buffers":
+        if n > self.size:
+            self.size = max(n, CHUNK_BYTES)
+            self.power = np.cumprod(np.full(self.size + 1, _P, dtype=np.uint64), dtype=np.uint64)
+            self.power[1:] = self.power[:-1].copy()
+            self.power[0] = 1
+            inverse = np.full(self.size + 1, pow(_P, -1, 2**64), dtype=np.uint64)
+            inverse[0] = 1
+            self.inverse = np.cumprod(inverse, dtype=np.uint64)
+            self.product = np.empty(self.size, dtype=np.uint64)
+            self.prefix = np.empty(self.size + 1, dtype=np.uint64)
+            self.in_word = np.empty(self.size, dtype=bool)
+        return self
+
+
+_BUF = _Buffers()
+
+
+def _utf8(texts) -> tuple[np.ndarray, np.ndarray]:
+    """The texts' UTF-8 bytes as one uint8 array (no copy for Arrow input) and document offsets."""
+    arr = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
+    if not isinstance(arr, pa.Array):
+        arr = pa.array(arr, type=pa.large_string())
+    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset:arr.offset + len(arr) + 1].astype(np.int64)
+    data = arr.buffers()[2]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
+    return data[offsets[0]:offsets[-1]], offsets - offsets[0]
+
+
+def _chunks(texts):
+    """(first document, UTF-8 bytes, document offsets) for runs of at most CHUNK_BYTES of text
+    (a longer document is a run alone). Working chunk by chunk keeps every temporary small enough
+    to be reused from the heap: fresh pages cost more here than the arithmetic done in them."""
+    data, offsets = _utf8(texts)
+    lo, n = 0, len(offsets) - 1
+    while lo < n:
+        hi = int(np.searchsorted(offsets, offsets[lo] + CHUNK_BYTES, side="right")) - 1
+        hi = min(max(hi, lo + 1), n)
+        yield lo, data[offsets[lo]:offsets[hi]], offsets[lo:hi + 1] - offsets[lo]
+        lo = hi
+
+
+def word_hashes(texts) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of every word (as `str.split()` cuts them), concatenated, and each text's word count.
+    `texts`: a list of str or an Arrow string array."""
+    parts = [_word_hashes(data, offsets) for _, data, offsets in _chunks(texts)]
+    return _concat(parts, np.uint64, np.int64)
+
+
+def _concat(parts: list[tuple[np.ndarray, np.ndarray]], *dtypes) -> tuple[np.ndarray, np.ndarray]:
+    if not parts:
+        return np.zeros(0, dtype=dtypes[0]), np.zeros(0, dtype=dtypes[1])
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _word_hashes(data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = len(data)
+    buf = _BUF.reserve(n)
+    in_word = buf.in_word[:n]
+    np.greater(data, 32, out=in_word)
+    low = np.flatnonzero(data < 32)  # control bytes other than whitespace are word characters
+    in_word[low[~_WHITESPACE[data[low]]]] = True
+    edge = np.zeros(n + 1, dtype=bool)  # where a run of word or space bytes starts or ends
+    edge[1:n] = in_word[1:] != in_word[:-1]
+    edge[offsets] = True
+    edges = np.flatnonzero(edge)
+    is_start = in_word[edges[:-1]]
+    starts, ends = edges[:-1][is_start], edges[1:][is_start]
+    np.multiply(data, buf.power[:n], out=buf.product[:n])
+    prefix = buf.prefix[:n + 1]
+    prefix[0] = 0
+    np.cumsum(buf.product[:n], out=prefix[1:])
+    hashes = (prefix[ends] - prefix[starts]) * buf.inverse[starts]  # sum of byte * P^(i - start)
+    return mix64(hashes), np.diff(np.searchsorted(starts, offsets))
 
 
 def _word_multipliers(ngram: int) -> np.ndarray:
@@ -34,47 +130,64 @@ def _word_multipliers(ngram: int) -> np.ndarray:
     return gen.integers(1, 2**63, size=ngram, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
 
-def shingle_hashes(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
+def shingle_hashes(texts, ngram: int) -> tuple[np.ndarray, np.ndarray]:
     """All word n-gram hashes of the batch, concatenated, and each document's start offset.
     A document shorter than n words is padded with words that hash to 0: one shingle of all its words."""
-    vocab: dict[str, int] = {"": 0}  # id 0: the padding word
-    word_ids: list[int] = []
-    lengths = np.empty(len(texts), dtype=np.int64)
-    for d, text in enumerate(texts):
-        ids = [vocab.setdefault(w, len(vocab)) for w in text.split()]
-        ids += [0] * (ngram - len(ids))
-        word_ids += ids
-        lengths[d] = len(ids)
-    word_hash = np.fromiter((int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
-                             for w in vocab), dtype=np.uint64, count=len(vocab))
-    word_hash[0] = 0
-    words = word_hash[np.asarray(word_ids, dtype=np.int64)]
+    hashes, counts = _concat([_shingle_hashes(data, offsets, ngram) for _, data, offsets in _chunks(texts)],
+                             np.uint64, np.int64)
+    return hashes, np.cumsum(counts) - counts
+
+
+def _shingle_hashes(data: np.ndarray, offsets: np.ndarray, ngram: int) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk's shingle hashes and each document's shingle count."""
+    words, lengths = _word_hashes(data, offsets)
+    if (lengths < ngram).any():
+        pad = np.maximum(ngram - lengths, 0)
+        words = np.insert(words, np.repeat(np.cumsum(lengths), pad), np.uint64(0))
+        lengths = lengths + pad
     n_starts = len(words) - ngram + 1
-    combined = np.zeros(n_starts, dtype=np.uint64)
+    combined = np.zeros(max(n_starts, 0), dtype=np.uint64)
     for j, m in enumerate(_word_multipliers(ngram)):  # position-dependent: "a b" differs from "b a"
         combined += words[j:j + n_starts] * m
     doc_start = np.cumsum(lengths) - lengths
     pos_in_doc = np.arange(len(words)) - np.repeat(doc_start, lengths)
-    last_start = np.repeat(lengths - ngram, lengths)
-    valid = (pos_in_doc <= last_start)[:n_starts]
-    counts = lengths - ngram + 1
-    return combined[valid], np.cumsum(counts) - counts
+    valid = (pos_in_doc <= np.repeat(lengths - ngram, lengths))[:n_starts]
+    return combined[valid], lengths - ngram + 1
 
 
-def signatures(texts: list[str], num_perm: int, ngram: int) -> np.ndarray:
-    """(documents, num_perm) uint32 MinHash signatures."""
-    if not texts:
-        return np.zeros((0, num_perm), dtype=np.uint32)
-    hashes, offsets = shingle_hashes(texts, ngram)
-    a, b = permutations(num_perm)
-    out = np.empty((num_perm, len(texts)), dtype=np.uint32)
-    # permutations x shingles, contiguous along shingles: reduceat then runs along memory
-    permuted = np.empty((PERM_CHUNK, len(hashes)), dtype=np.uint64)
-    for lo in range(0, num_perm, PERM_CHUNK):
-        hi = min(lo + PERM_CHUNK, num_perm)
-        chunk = permuted[:hi - lo]
-        np.multiply(a[lo:hi, None], hashes[None, :], out=chunk)  # wraps mod 2^64, as intended
-        chunk += b[lo:hi, None]
-        chunk >>= np.uint64(32)
-        out[lo:hi] = np.minimum.reduceat(chunk, offsets, axis=1)
-    return out.T.copy()
+def _probe_order(num_perm: int) -> np.ndarray:
+    """Row j: the order in which an empty bin j looks for a filled one (a random permutation per bin)."""
+    gen = np.random.default_rng(SEED + 2)
+    return np.stack([gen.permutation(num_perm) for _ in range(num_perm)])
+
+
+def signatures(texts, num_perm: int, ngram: int) -> np.ndarray:
+    """(documents, num_perm) uint32 MinHash signatures (one permutation hashing, densified)."""
+    sig = np.full((len(texts), num_perm), EMPTY, dtype=np.uint32)
+    for first, data, offsets in _chunks(texts):
+        hashes, counts = _shingle_hashes(data, offsets, ngram)
+        h = mix64(hashes)
+        bins = (((h >> np.uint64(32)) * np.uint64(num_perm)) >> np.uint64(32)).astype(np.int64)
+        doc = np.repeat(np.arange(first, first + len(counts)), counts)
+        np.minimum.at(sig.reshape(-1), doc * num_perm + bins, (h & np.uint64(EMPTY)).astype(np.uint32))
+    _densify(sig)
+    return sig
+
+
+def _densify(sig: np.ndarray) -> None:
+    """Fill empty bins in place from filled ones of the same document (a minimum of exactly
+    2^32 - 1 reads as empty: it then copies another bin, which both documents of a pair do alike)."""
+    filled = sig != EMPTY
+    doc, slot = np.nonzero(~filled)
+    if not len(doc):
+        return
+    order = _probe_order(sig.shape[1])
+    source = np.full(len(doc), -1)
+    for step in range(sig.shape[1]):  # every bin is probed once: a document with any shingle ends
+        todo = np.flatnonzero(source < 0)
+        if not len(todo):
+            break
+        probe = order[slot[todo], step]
+        hit = filled[doc[todo], probe]
+        source[todo[hit]] = probe[hit]
+    sig[doc, slot] = sig[doc, source]

@@ -23,7 +23,7 @@ from pipeline.curate.normalize import normalize_batch
 from pipeline.curate.perplexity import PerplexityScorer
 from pipeline.curate.read import ReadOptions, expand_inputs, read_corpus
 from pipeline.plots import plot_histograms
-from pipeline.runtime import atomic_dir, cluster_cpus
+from pipeline.runtime import atomic_dir
 
 log = logging.getLogger("pipeline.curate")
 
@@ -82,7 +82,6 @@ def write_outputs(ds: ray.data.Dataset, tmp: Path, rows_per_shard: int) -> None:
 def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: str | Path | None = None) -> dict:
     data = cfg.data
     out = Path(out_dir) if out_dir else cfg.stage_dir("curate")
-    num_blocks = 2 * cluster_cpus()
     timings: dict[str, float] = {}
 
     t = time.time()
@@ -102,13 +101,12 @@ def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: st
         timings["perplexity"] = time.time() - t
     if data.dedup.exact:
         t = time.time()
-        ds = exact_dedup(ds, num_blocks).materialize()
+        ds = exact_dedup(ds).materialize()
         timings["exact_dedup"] = time.time() - t
     near = 0
     if data.dedup.fuzzy:
         t = time.time()
-        d = data.dedup
-        ds, near = fuzzy_dedup(ds, d.threshold, d.num_perm, d.ngram, num_blocks, d.recall_weight)
+        ds, near = fuzzy_dedup(ds, data.dedup)
         ds = ds.materialize()
         timings["fuzzy_dedup"] = time.time() - t
 
