@@ -39,7 +39,7 @@ test: setup
 bench-curate: setup  # ~10 minutes on 2 cores; builds its corpus from this machine's text
 	$(PY) bench/curate.py --mb 200 --out runs/bench-curate.json
 
-bench-train: setup  # ~4 minutes on 2 cores
+bench-train: setup  # ~12 minutes on 2 cores (3 interleaved repeats)
 	$(PY) bench/train.py --steps 40 --out runs/bench-train.json
 
 bench-serve: setup  # after `make demo`: dynamic batching on vs off, concurrency 1 and 8

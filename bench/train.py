@@ -11,6 +11,7 @@ feeding, the engine (DeepSpeed ZeRO-2 or DDP) and the recipe's logging. tokens/s
 steps after the first window (warm-up), and the recipe's windows leave out checkpoint writing.
 Ray runs its workers at nice 15, below its own control plane; the plain loop runs at nice 0.
 --worker-niceness 0 measures the same at equal priority.
+Each side runs --repeats times, interleaved; the medians are compared and every run is listed.
 overhead_pct = 100 * (1 - ours / plain); the target is <= 3 on CPU. recipe_overhead_pct compares ours
 with the same plain loop run inside a Ray Train worker, which separates what the recipe costs from
 what a Ray worker process costs on a 2-core machine shared with Ray's own processes.
@@ -112,6 +113,12 @@ def plain_loop_in_a_ray_worker(cfg, loop: dict, rows: np.ndarray, steps: int) ->
         return json.loads((Path(d) / "result.json").read_text())
 
 
+def median_run(results: list[dict]) -> dict:
+    """The median tokens/s of repeated runs, with every run's figure beside it (the spread is the noise)."""
+    speeds = [r["tokens_per_s"] for r in results]
+    return {"tokens_per_s": round(float(np.median(speeds)), 1), "runs": speeds, "final_loss": results[-1]["final_loss"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small-moe", help="model shape (pipeline.model.PRESETS)")
@@ -120,6 +127,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="micro-batch")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2, help="torch threads on each side (CPU)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each side, interleaved; medians are reported")
     ap.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA r16 q/v")
     ap.add_argument("--strategies", default="deepspeed,ddp")
     ap.add_argument("--worker-niceness", type=int, default=None,
@@ -144,15 +152,20 @@ def main() -> None:
                  f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}", "train.log_every=5",
                  f"train.eval_every={10 * args.steps}", "train.lr=1e-3", f"model.seq_len={args.seq_len}",
                  f"train.full_finetune={str(args.full).lower()}", "train.lora.modules_to_save=[]"]
-    plain = plain_loop(loop_config(load_config("configs/tiny.yaml", overrides), base), rows, args.steps, device)
-    in_worker = None if args.gpu else plain_loop_in_a_ray_worker(
-        load_config("configs/tiny.yaml", overrides), loop_config(load_config("configs/tiny.yaml", overrides), base),
-        rows, args.steps)
+    runs: dict[str, list[dict]] = {}
+    for rep in range(args.repeats):  # interleaved, so slow spells of the machine hit every side alike
+        cfg = load_config("configs/tiny.yaml", overrides)
+        runs.setdefault("plain", []).append(plain_loop(loop_config(cfg, base), rows, args.steps, device))
+        if not args.gpu:
+            runs.setdefault("in_worker", []).append(plain_loop_in_a_ray_worker(cfg, loop_config(cfg, base), rows, args.steps))
+        for strategy in args.strategies.split(","):
+            cfg = load_config("configs/tiny.yaml", overrides + [f"train.strategy={strategy}"]
+                              + (["train.zero_stage=2"] if strategy == "deepspeed" else []))
+            runs.setdefault(strategy, []).append(ray_loop(cfg, loop_config(cfg, base), rows, tmp / f"{strategy}-{rep}"))
+    plain, in_worker = median_run(runs["plain"]), runs.get("in_worker") and median_run(runs["in_worker"])
     ours = {}
     for strategy in args.strategies.split(","):
-        cfg = load_config("configs/tiny.yaml", overrides + [f"train.strategy={strategy}"]
-                          + (["train.zero_stage=2"] if strategy == "deepspeed" else []))
-        ours[strategy] = ray_loop(cfg, loop_config(cfg, base), rows, tmp / strategy)
+        ours[strategy] = median_run(runs[strategy])
         ours[strategy]["overhead_pct"] = round(100 * (1 - ours[strategy]["tokens_per_s"] / plain["tokens_per_s"]), 2)
         if in_worker:  # ours against the plain loop in the same kind of process: the recipe's own cost
             ours[strategy]["recipe_overhead_pct"] = round(
@@ -161,7 +174,7 @@ def main() -> None:
     result = {"bench": "train", "device": torch.cuda.get_device_name() if args.gpu else
               f"cpu: {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
               "preset": args.preset, "parameters": n_params, "lora": not args.full, "seq_len": args.seq_len,
-              "micro_batch": args.batch, "steps": args.steps, "threads": args.threads,
+              "micro_batch": args.batch, "steps": args.steps, "threads": args.threads, "repeats": args.repeats,
               "ray_worker_niceness": 15 if args.worker_niceness is None else args.worker_niceness,
               "plain_pytorch": plain, "plain_pytorch_in_a_ray_worker": in_worker, "ray_train": ours,
               "target_overhead_pct": 3.0}

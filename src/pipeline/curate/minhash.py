@@ -51,16 +51,18 @@ class _Buffers:
     def reserve(self, n: int) -> "_Buffers":
         if n > self.size:
             self.size = max(n, CHUNK_BYTES)
-            self.power = np.cumprod(np.full(self.size + 1, _P, dtype=np.uint64), dtype=np.uint64)
-            self.power[1:] = self.power[:-1].copy()
-            self.power[0] = 1
-            inverse = np.full(self.size + 1, pow(_P, -1, 2**64), dtype=np.uint64)
-            inverse[0] = 1
-            self.inverse = np.cumprod(inverse, dtype=np.uint64)
+            self.power, self.inverse = _powers(_P, self.size + 1), _powers(pow(_P, -1, 2**64), self.size + 1)
             self.product = np.empty(self.size, dtype=np.uint64)
             self.prefix = np.empty(self.size + 1, dtype=np.uint64)
             self.in_word = np.empty(self.size, dtype=bool)
         return self
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    """base^0 .. base^(n-1), mod 2^64."""
+    factors = np.full(n, base, dtype=np.uint64)
+    factors[0] = 1
+    return np.cumprod(factors, dtype=np.uint64)
 
 
 _BUF = _Buffers()
