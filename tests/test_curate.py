@@ -113,6 +113,22 @@ def test_fuzzy_dedup_is_the_same_whatever_the_block_count(ray_local, tiny_corpus
     assert len(first) > 50
 
 
+def test_fuzzy_dedup_with_nothing_to_compare(ray_local):
+    import pandas as pd
+    import ray
+
+    from pipeline.config import DedupConfig
+    from pipeline.curate.dedup_fuzzy import fuzzy_dedup
+
+    text = "the same five words here"
+    df = pd.DataFrame({"id": ["a", "b"], "text": [text, text], "reason": ["too short", "too short"],
+                       "source": "", "raw": "", "duplicate_of": ""})
+    marked, near = fuzzy_dedup(ray.data.from_pandas(df), DedupConfig())  # every row already rejected
+    assert near == 0 and marked.to_pandas()["reason"].tolist() == ["too short", "too short"]
+    marked, near = fuzzy_dedup(ray.data.from_pandas(df.iloc[:0]), DedupConfig())
+    assert near == 0 and marked.count() == 0
+
+
 @pytest.mark.parametrize("suffix, codec", [(".jsonl.zst", "zstd"), (".jsonl.gz", "gzip"), (".txt.zst", "zstd")])
 def test_compressed_files_are_read_and_corrupt_ones_rejected(tmp_path, suffix, codec):
     import pyarrow as pa

@@ -225,7 +225,8 @@ def fuzzy_dedup(ds: ray.data.Dataset, dedup: DedupConfig) -> tuple[ray.data.Data
                   .sort(["band_key", "doc"], boundaries=split)
                   .map_batches(bucket_pairs, batch_format="pyarrow", batch_size=None))
     pairs = unique_rows(np.concatenate([np.zeros((0, 2), dtype=np.int64)] + [
-        np.stack([t["a"].to_numpy(), t["b"].to_numpy()], axis=1) for t in ray.get(candidates.to_arrow_refs())]))
+        np.stack([t["a"].to_numpy(), t["b"].to_numpy()], axis=1) for t in ray.get(candidates.to_arrow_refs())
+        if t.num_rows]))  # (an empty block may come back without columns)
     log.info("fuzzy dedup: %d candidate pairs from %d bands x %d rows (%.1f s)", len(pairs), bands, rows,
              time.perf_counter() - start)
     uf = UnionFind()
@@ -234,7 +235,7 @@ def fuzzy_dedup(ds: ray.data.Dataset, dedup: DedupConfig) -> tuple[ray.data.Data
                                 fn_kwargs={"pairs_ref": ray.put((pairs[:, 0].copy(), pairs[:, 1].copy())), "ngram": ngram})
                  .sort(["a", "b"], boundaries=split)
                  .map_batches(verify_pairs, batch_format="pyarrow", batch_size=None, fn_kwargs={"threshold": threshold}))
-        for table in ray.get(edges.to_arrow_refs()):
+        for table in filter(lambda t: t.num_rows, ray.get(edges.to_arrow_refs())):
             for a, b in zip(table["a"].to_pylist(), table["b"].to_pylist()):
                 uf.union(a, b)
     duplicate_of = {x: root for x, root in uf.roots().items() if x != root}

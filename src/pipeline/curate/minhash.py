@@ -94,8 +94,9 @@ def _chunks(texts):
 
 
 def word_hashes(texts) -> tuple[np.ndarray, np.ndarray]:
-    """64-bit hashes of every word (as `str.split()` cuts them), concatenated, and each text's word count.
-    `texts`: a list of str or an Arrow string array."""
+    """64-bit hashes of every word, concatenated, and each text's word count. Words are cut at ASCII
+    whitespace, which is where `str.split()` cuts normalized text (normalize.py turns every other
+    space into " "). `texts`: a list of str or an Arrow string array."""
     parts = [_word_hashes(data, offsets) for _, data, offsets in _chunks(texts)]
     return _concat(parts, np.uint64, np.int64)
 
