@@ -131,10 +131,11 @@ def pair_sides(batch: pa.Table, pairs_ref, ngram: int) -> pa.Table:
     kept = _kept(batch)
     keys = doc_keys(kept["id"].to_pylist())
     order = np.argsort(keys)
+    sorted_keys = keys[order]
     side_pair, side_doc = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
     for end in (pair_a, pair_b) if len(keys) else ():
-        at = np.minimum(np.searchsorted(keys[order], end), len(keys) - 1)
-        hit = np.flatnonzero(keys[order][at] == end)
+        at = np.minimum(np.searchsorted(sorted_keys, end), len(keys) - 1)
+        hit = np.flatnonzero(sorted_keys[at] == end)
         side_pair.append(hit)
         side_doc.append(order[at[hit]])
     side_pair = np.concatenate(side_pair)
@@ -149,11 +150,11 @@ def pair_sides(batch: pa.Table, pairs_ref, ngram: int) -> pa.Table:
 
 
 def verify_pairs(block: pa.Table, threshold: float) -> pa.Table:
-    """Edges (id, id) of the pairs whose Jaccard >= threshold (the block holds both sides of each pair)."""
+    """Edges (id, id) of the pairs whose Jaccard >= threshold (the block holds both sides of each pair,
+    sorted by pair, so a pair's two sides are neighbours)."""
     a, b = block["a"].to_numpy(), block["b"].to_numpy()
-    order = np.lexsort((b, a))
-    same = (a[order][1:] == a[order][:-1]) & (b[order][1:] == b[order][:-1])
-    first, second = order[:-1][same], order[1:][same]
+    first = np.flatnonzero((a[1:] == a[:-1]) & (b[1:] == b[:-1]))
+    second = first + 1
     sets, ids = block["shingles"].combine_chunks(), block["id"].to_pylist()
     offsets = np.frombuffer(sets.buffers()[1], dtype=np.int64)[sets.offset:sets.offset + len(sets) + 1] // 4
     values = np.frombuffer(sets.buffers()[2], dtype=np.uint32) if len(sets) else np.zeros(0, dtype=np.uint32)
