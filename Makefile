@@ -7,11 +7,14 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench-serve bench-curate bench-train clean help
+.PHONY: setup demo test test-fast lint format bench-serve bench-curate bench-train clean help
 
 help:
 	@echo "make demo   - set up .venv, build the sample corpus, run curate -> train -> quantize -> serve"
-	@echo "make test   - set up .venv and run the test suite"
+	@echo "make test   - set up .venv and run the whole test suite (unit + integration, ~20 minutes on 2 cores)"
+	@echo "make test-fast - the unit tests only: no Ray, under 2 minutes"
+	@echo "make lint   - ruff check and ruff format --check (CI runs it first)"
+	@echo "make format - ruff format and the safe ruff fixes, in place"
 	@echo "make bench-serve - after make demo: serving QPS with @serve.batch on vs off (JSON)"
 	@echo "make bench-curate - fuzzy dedup on 200 MB vs the datasketch MinHashLSH loop (JSON)"
 	@echo "make bench-train - Ray Train recipe vs a plain PyTorch loop, same model and batch (JSON)"
@@ -35,6 +38,17 @@ demo: setup data/corpus/.built
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench-curate: setup  # ~10 minutes on 2 cores; builds its corpus from this machine's text
 	$(PY) bench/curate.py --mb 200 --out runs/bench-curate.json

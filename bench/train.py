@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import PRESETS  # noqa: E402
-from pipeline.train.recipe import build_model  # noqa: E402
-from pipeline.train.stage import fit, loop_config  # noqa: E402
+from pipeline.train.fit import fit  # noqa: E402
+from pipeline.train.recipe import build_model, speed_switches  # noqa: E402
+from pipeline.train.recipe_config import RecipeConfig, recipe_config  # noqa: E402
 
 H100_BF16_FLOPS = 989e12
 
@@ -52,62 +53,72 @@ def build_base(preset: str, vocab: int, out: Path) -> Path:
     return out
 
 
-def plain_loop(loop: dict, rows: np.ndarray, steps: int, device: torch.device) -> dict:
+def plain_loop(recipe: RecipeConfig, rows: np.ndarray, steps: int, device: torch.device) -> dict:
     """The loop a user writes by hand: model, AdamW, cosine schedule, clip, no framework."""
     from transformers import get_cosine_schedule_with_warmup
 
-    model = build_model(loop).to(device)
+    train = recipe.train
+    model = build_model(recipe).to(device)
+    switches = speed_switches(model, recipe, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=loop["lr"], weight_decay=0.0)
-    sched = get_cosine_schedule_with_warmup(opt, loop["warmup_steps"], loop["max_steps"])
-    batch, bf16 = loop["batch_size"], device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, train.warmup_steps, train.max_steps)
+    batch, bf16 = train.batch_size, device.type == "cuda"
     warmup, t0 = max(2, steps // 8), 0.0
+    if bf16:
+        torch.cuda.reset_peak_memory_stats()
     for step in range(steps):
         if step == warmup:
             torch.cuda.synchronize() if bf16 else None
             t0 = time.time()
         ids = torch.from_numpy(rows[(step * batch) % (len(rows) - batch):][:batch]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, loop["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize() if bf16 else None
-    tokens = (steps - warmup) * batch * loop["seq_len"]
-    return {"tokens_per_s": round(tokens / (time.time() - t0), 1), "final_loss": round(loss.item(), 4)}
+    tokens = (steps - warmup) * batch * recipe.model.seq_len
+    result = {"tokens_per_s": round(tokens / (time.time() - t0), 1), "final_loss": round(loss.item(), 4), **switches}
+    if bf16:
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return result
 
 
-def ray_loop(cfg, loop: dict, rows: np.ndarray, out: Path) -> dict:
+def ray_loop(cfg, recipe: RecipeConfig, rows: np.ndarray, out: Path) -> dict:
     import ray
 
     datasets = {"train": ray.data.from_numpy(rows).rename_columns({"data": "input_ids"}),
                 "eval": ray.data.from_numpy(rows[:16]).rename_columns({"data": "input_ids"})}
-    _, history = fit(cfg, loop, out, datasets)
+    _, history = fit(cfg, recipe, out, datasets)
     windows = [h["tokens_per_s"] for h in history[2:]]  # after step 1 and the first window (warm-up)
-    return {"tokens_per_s": round(float(np.mean(windows)), 1), "final_loss": history[-1]["loss"]}
+    switches = {k: history[0][k] for k in ("attention", "compile", "cross_entropy") if k in history[0]}
+    memory = {k: history[-1][k] for k in ("peak_memory_gib", "peak_rss_gib") if k in history[-1]}
+    return {"tokens_per_s": round(float(np.mean(windows)), 1), "final_loss": history[-1]["loss"], **switches, **memory}
 
 
-def plain_loop_in_a_ray_worker(cfg, loop: dict, rows: np.ndarray, steps: int) -> dict:
+def plain_loop_in_a_ray_worker(cfg, recipe: RecipeConfig, rows: np.ndarray, steps: int) -> dict:
     """The plain loop again, inside one Ray Train worker: what running in a Ray worker process costs
     by itself (scheduling beside Ray's own processes), apart from our recipe."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    def run(c: dict) -> None:
+    def run() -> None:
         import ray.train
 
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from train import plain_loop as loop_fn  # this file, importable in the worker
 
-        result = loop_fn(c["loop"], c["rows"], c["steps"], torch.device("cpu"))
+        result = loop_fn(recipe, rows, steps, torch.device("cpu"))
         with tempfile.TemporaryDirectory() as d:  # Ray Train keeps metrics only beside a checkpoint
             (Path(d) / "result.json").write_text(json.dumps(result))
             ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    result = TorchTrainer(run, train_loop_config={"loop": loop, "rows": rows, "steps": steps},
-                          scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+    result = TorchTrainer(run,
+                          scaling_config=ScalingConfig(num_workers=1,
+                                                       resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
                           run_config=ray.train.RunConfig(storage_path=str(Path(cfg.runs_dir) / "plain"))).fit()
     with result.checkpoint.as_directory() as d:
         return json.loads((Path(d) / "result.json").read_text())
@@ -155,13 +166,15 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for rep in range(args.repeats):  # interleaved, so slow spells of the machine hit every side alike
         cfg = load_config("configs/tiny.yaml", overrides)
-        runs.setdefault("plain", []).append(plain_loop(loop_config(cfg, base), rows, args.steps, device))
+        recipe = recipe_config(cfg, base, tmp)
+        runs.setdefault("plain", []).append(plain_loop(recipe, rows, args.steps, device))
         if not args.gpu:
-            runs.setdefault("in_worker", []).append(plain_loop_in_a_ray_worker(cfg, loop_config(cfg, base), rows, args.steps))
+            runs.setdefault("in_worker", []).append(plain_loop_in_a_ray_worker(cfg, recipe, rows, args.steps))
         for strategy in args.strategies.split(","):
             cfg = load_config("configs/tiny.yaml", overrides + [f"train.strategy={strategy}"]
                               + (["train.zero_stage=2"] if strategy == "deepspeed" else []))
-            runs.setdefault(strategy, []).append(ray_loop(cfg, loop_config(cfg, base), rows, tmp / f"{strategy}-{rep}"))
+            out = tmp / f"{strategy}-{rep}"
+            runs.setdefault(strategy, []).append(ray_loop(cfg, recipe_config(cfg, base, out), rows, out))
     plain, in_worker = median_run(runs["plain"]), runs.get("in_worker") and median_run(runs["in_worker"])
     ours = {}
     for strategy in args.strategies.split(","):
@@ -170,7 +183,7 @@ def main() -> None:
         if in_worker:  # ours against the plain loop in the same kind of process: the recipe's own cost
             ours[strategy]["recipe_overhead_pct"] = round(
                 100 * (1 - ours[strategy]["tokens_per_s"] / in_worker["tokens_per_s"]), 2)
-    n_params = sum(p.numel() for p in build_model(loop_config(cfg, base)).parameters())
+    n_params = sum(p.numel() for p in build_model(recipe_config(cfg, base, tmp)).parameters())
     result = {"bench": "train", "device": torch.cuda.get_device_name() if args.gpu else
               f"cpu: {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
               "preset": args.preset, "parameters": n_params, "lora": not args.full, "seq_len": args.seq_len,

@@ -31,9 +31,9 @@ ENV = [{"name": "NCCL_DEBUG", "value": "WARN"},
                                                                    "optional": True}}}]
 
 
-def pod(p: dict, role: str, cpu: str, memory: str, gpus: int, shm: str) -> dict:
+def pod(profile: dict, role: str, cpu: str, memory: str, gpus: int, shm: str) -> dict:
     limits = {"cpu": cpu, "memory": memory, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
-    container = {"name": f"ray-{role}", "image": p["image"], "env": ENV,
+    container = {"name": f"ray-{role}", "image": profile["image"], "env": ENV,
                  "resources": {"limits": limits, "requests": limits},
                  "volumeMounts": [{"name": "runs", "mountPath": RUNS}, {"name": "dshm", "mountPath": "/dev/shm"}]}
     if role == "head":
@@ -41,16 +41,16 @@ def pod(p: dict, role: str, cpu: str, memory: str, gpus: int, shm: str) -> dict:
                               {"containerPort": 8000, "name": "serve"}]
     spec = {"containers": [container],
             # NCCL and Ray's object store both live in shared memory; the default 64 MiB is far too small
-            "volumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": p["storage"]["claim"]}},
+            "volumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": profile["storage"]["claim"]}},
                         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}}]}
     if gpus:
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     return {"spec": spec}
 
 
-def cluster_spec(p: dict) -> dict:
-    w = p["workers"]
-    group = "gpu" if w["gpus"] else "cpu"
+def cluster_spec(profile: dict) -> dict:
+    workers = profile["workers"]
+    group = "gpu" if workers["gpus"] else "cpu"
     return {
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": True,
@@ -60,27 +60,30 @@ def cluster_spec(p: dict) -> dict:
             # pod network because KubeRay submits jobs and checks Serve through it; only the ClusterIP
             # head service reaches it (kubectl port-forward), nothing outside the cluster
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-            "template": pod(p, "head", p["head"]["cpu"], p["head"]["memory"], 0, "1Gi"),
+            "template": pod(profile, "head", profile["head"]["cpu"], profile["head"]["memory"], 0, "1Gi"),
         },
         "workerGroupSpecs": [{
-            "groupName": group, "replicas": w["replicas"], "minReplicas": w["min"], "maxReplicas": w["max"],
-            "rayStartParams": {"num-cpus": str(w["cpu"]), **({"num-gpus": str(w["gpus"])} if w["gpus"] else {})},
-            "template": pod(p, "worker", w["cpu"], w["memory"], w["gpus"], w["shm"]),
+            "groupName": group, "replicas": workers["replicas"], "minReplicas": workers["min"],
+            "maxReplicas": workers["max"],
+            "rayStartParams": {"num-cpus": str(workers["cpu"]),
+                               **({"num-gpus": str(workers["gpus"])} if workers["gpus"] else {})},
+            "template": pod(profile, "worker", workers["cpu"], workers["memory"], workers["gpus"], workers["shm"]),
         }],
     }
 
 
-def overrides(p: dict) -> list[str]:
-    t, s = p["train"], p["serve"]
-    return [f"runs_dir={RUNS}", f"train.num_workers={t['num_workers']}", f"train.use_gpu={str(t['use_gpu']).lower()}",
-            f"train.zero_stage={t['zero_stage']}", f"serve.min_replicas={s['min_replicas']}",
-            f"serve.max_replicas={s['max_replicas']}", f"serve.num_cpus={s['num_cpus']}", f"serve.num_gpus={s['num_gpus']}"]
+def overrides(profile: dict) -> list[str]:
+    train, serve = profile["train"], profile["serve"]
+    return [f"runs_dir={RUNS}", f"train.num_workers={train['num_workers']}",
+            f"train.use_gpu={str(train['use_gpu']).lower()}", f"train.zero_stage={train['zero_stage']}",
+            f"serve.min_replicas={serve['min_replicas']}", f"serve.max_replicas={serve['max_replicas']}",
+            f"serve.num_cpus={serve['num_cpus']}", f"serve.num_gpus={serve['num_gpus']}"]
 
 
-def rayjob(p: dict, stage: str, inline_cluster: bool) -> dict:
+def rayjob(profile: dict, stage: str, inline_cluster: bool) -> dict:
     runtime_env = {"working_dir": APP_DIR, "env_vars": {"NCCL_DEBUG": "WARN", "PYTHONUNBUFFERED": "1"}}
     spec = {
-        "entrypoint": " ".join(["python", f"rayjobs/{stage}.py", "--config", p["config"], *overrides(p)]),
+        "entrypoint": " ".join(["python", f"rayjobs/{stage}.py", "--config", profile["config"], *overrides(profile)]),
         "runtimeEnvYAML": yaml.safe_dump(runtime_env, sort_keys=False),
         "submissionMode": "K8sJobMode",
         "backoffLimit": 1,
@@ -88,36 +91,36 @@ def rayjob(p: dict, stage: str, inline_cluster: bool) -> dict:
     }
     if inline_cluster:
         # the whole pipeline on a cluster of its own; kept after the job so the endpoint stays up
-        spec.update(shutdownAfterJobFinishes=False, rayClusterSpec=cluster_spec(p))
+        spec.update(shutdownAfterJobFinishes=False, rayClusterSpec=cluster_spec(profile))
     else:
         spec.update(clusterSelector={"ray.io/cluster": CLUSTER})
     name = f"{CLUSTER}-{stage}" if not inline_cluster else f"{CLUSTER}-all"
     return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": name}, "spec": spec}
 
 
-def serve_config(p: dict) -> dict:
-    cfg = load_config(ROOT.parent / p["config"], overrides(p))
-    s = cfg.serve
-    args = ServeArgs(model_dir=f"{RUNS}/{cfg.name}/quantize/awq", model_name=cfg.name,
-                     **s.model_dump(include=set(ServeArgs.model_fields) & set(type(s).model_fields)))
+def serve_config(profile: dict) -> dict:
+    cfg = load_config(ROOT.parent / profile["config"], overrides(profile))
+    args = ServeArgs.from_config(cfg, f"{RUNS}/{cfg.name}/quantize/awq")
     # no runtime_env: the image has the repo installed, and Serve takes only remote working_dirs
     return {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": 8000},
             "applications": [{"name": "llm", "route_prefix": "/", "import_path": "serve.app:build_app",
                               "args": args.model_dump(exclude_none=True)}]}
 
 
-def render(name: str, p: dict) -> dict[str, list[dict]]:
-    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": p["storage"]["claim"]},
-           "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": p["storage"]["size"]}}}}
+def render(name: str, profile: dict) -> dict[str, list[dict]]:
+    storage = profile["storage"]
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": storage["claim"]},
+           "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": storage["size"]}}}}
     service = {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": f"{CLUSTER}-serve"},
                "spec": {"upgradeStrategy": {"type": "NewCluster"},
-                        "serveConfigV2": yaml.safe_dump(serve_config(p), sort_keys=False),
-                        "rayClusterConfig": cluster_spec({**p, "image": p.get("serve_image", p["image"])})}}
+                        "serveConfigV2": yaml.safe_dump(serve_config(profile), sort_keys=False),
+                        "rayClusterConfig": cluster_spec({**profile,
+                                                          "image": profile.get("serve_image", profile["image"])})}}
     files = {"pvc.yaml": [pvc],
              "raycluster.yaml": [{"apiVersion": "ray.io/v1", "kind": "RayCluster",
-                                  "metadata": {"name": CLUSTER}, "spec": cluster_spec(p)}],
-             **{f"rayjob-{stage}.yaml": [rayjob(p, stage, False)] for stage in STAGES if stage != "serve"},
-             "rayjob-pipeline.yaml": [rayjob(p, "pipeline", True)],
+                                  "metadata": {"name": CLUSTER}, "spec": cluster_spec(profile)}],
+             **{f"rayjob-{stage}.yaml": [rayjob(profile, stage, False)] for stage in STAGES if stage != "serve"},
+             "rayjob-pipeline.yaml": [rayjob(profile, "pipeline", True)],
              "rayservice.yaml": [service]}
     # `kubectl apply -k` brings up the long-lived parts only; jobs and the service are applied one
     # by one, in order (a stage reads the one before; the service needs the quantized model)

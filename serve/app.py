@@ -14,7 +14,7 @@ import hmac
 import logging
 import os
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,11 +25,12 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.serving.engine import Completion, Sampling, Tokenizer, truncate_at_stop
+from pipeline.serving.engine import Tokenizer
 from pipeline.serving.generator import Generator
 from pipeline.serving.metrics import ServeMetrics
 from pipeline.serving.openai_format import APIError, ChunkWriter, completion_body, error_response
 from pipeline.serving.schemas import ChatRequest, CompletionRequest, GenerateRequest, ServeArgs
+from pipeline.serving.types import Completion, Sampling, StopCutter
 
 log = logging.getLogger("pipeline.serve")
 api = FastAPI(title="llm-pipeline", description="Generation from the model the pipeline trained, "
@@ -99,7 +100,7 @@ async def _internal(_: Request, exc: Exception):
 class LLMServer:
     def __init__(self, args: ServeArgs, generator: DeploymentHandle):
         self.args, self.generator = args, generator
-        self.tokens = Tokenizer(args.model_dir)  # prompt lengths and chat templates, no model needed
+        self.tokens = Tokenizer(args.model_dir, args.trust_remote_code)  # prompt lengths and chat templates
         self.metrics = api.state.metrics = ServeMetrics()
         self.in_flight = 0
         key = os.environ.get(args.api_key_env)
@@ -175,20 +176,18 @@ class LLMServer:
                 self._replica_died(attempt, e)
 
     async def _sse(self, prompt: str, sampling: Sampling, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-        writer, text, first = ChunkWriter(self.args.model_name, chat), "", True
-        stopped = False
+        writer, cutter, first = ChunkWriter(self.args.model_name, chat), StopCutter(sampling.stop), True
         async for piece in self._pieces(prompt, sampling):
-            if not piece:
-                continue
-            cut, stopped = truncate_at_stop(text + piece, sampling.stop)
-            if cut[len(text):]:
-                yield writer.piece(cut[len(text):], first=first)
+            if text := cutter.feed(piece):
+                yield writer.piece(text, first=first)
                 first = False
-            text = cut
-            if stopped:
+            if cutter.stopped:
                 break
-        n_prompt, n_out = self.tokens.count_tokens(prompt), self.tokens.count_tokens(text)
-        reason = "stop" if stopped or n_out < sampling.max_new_tokens else "length"
+        if text := cutter.flush():
+            yield writer.piece(text, first=first)
+            first = False
+        n_prompt, n_out = self.tokens.count_tokens(prompt), self.tokens.count_tokens(cutter.text)
+        reason = "stop" if cutter.stopped or n_out < sampling.max_new_tokens else "length"
         yield writer.piece("", first=first, finish_reason=reason)
         if include_usage:
             yield writer.usage(n_prompt, n_out)
@@ -243,26 +242,27 @@ class LLMServer:
         return await self._admit(handle)
 
 
-def model_options(s: ServeArgs) -> dict:
+def model_options(args: ServeArgs) -> dict:
     """The model replicas autoscale on ongoing requests."""
     return {
-        "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                               "target_ongoing_requests": s.target_ongoing_requests,
-                               "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s},
-        # at least what @serve.batch may hold in flight (max_batch_size x 8 concurrent batches)
-        "max_ongoing_requests": max(s.max_queue + 1, s.max_batch_size * 8),
-        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+        "autoscaling_config": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+                               "target_ongoing_requests": args.target_ongoing_requests,
+                               "upscale_delay_s": args.upscale_delay_s, "downscale_delay_s": args.downscale_delay_s},
+        # room for the batch that generates and several full ones waiting behind it
+        "max_ongoing_requests": max(args.max_queue + 1, args.max_batch_size * 8),
+        "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
     }
 
 
-def ingress_options(s: ServeArgs) -> dict:
+def ingress_options(args: ServeArgs) -> dict:
     """The ingress only parses, checks and forwards: a tenth of a CPU, as many replicas as the model's
     minimum so that one can die while the others answer."""
     # one more than our own queue limit, so that the ingress (not Serve's router) answers 429
-    return {"num_replicas": s.min_replicas, "max_ongoing_requests": s.max_queue + 1,
+    return {"num_replicas": args.min_replicas, "max_ongoing_requests": args.max_queue + 1,
             "ray_actor_options": {"num_cpus": 0.1}}
 
 
 def build_app(args: dict) -> Application:
-    s = ServeArgs(**args)
-    return LLMServer.options(**ingress_options(s)).bind(s, Generator.options(**model_options(s)).bind(s))
+    settings = ServeArgs(**args)
+    return LLMServer.options(**ingress_options(settings)).bind(
+        settings, Generator.options(**model_options(settings)).bind(settings))

@@ -1,4 +1,8 @@
-"""Shared fixtures: one local Ray for the whole session, a small real corpus, a tiny config."""
+"""Shared fixtures: one local Ray for the whole session, a small real corpus, a tiny config, and
+Ray-free fixtures (a tiny model directory) for the unit lane.
+
+Two lanes: tests marked `integration` start Ray (and usually the tiny pipeline run); the rest are
+unit tests of pure functions that run without Ray in seconds (`make test-fast`)."""
 from __future__ import annotations
 
 import json
@@ -19,6 +23,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_ray(request):
+    """A test that starts Ray belongs to the integration lane: say so rather than slow the fast lane down."""
+    running = ray.is_initialized()
+    yield
+    if not running and request.node.get_closest_marker("integration") is None:
+        assert not ray.is_initialized(), f"{request.node.nodeid} started Ray: mark it @pytest.mark.integration"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny-moe preset (random weights) on a BPE tokenizer trained on a little licence text, as the
+    train stage builds it, without Ray or a corpus run: for tests that need a model directory's config,
+    tokenizer or module names."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.model import PRESETS, train_tokenizer
+    from pipeline.sample_data import source_files, split_documents
+
+    texts = [doc for path in source_files()[:40] for doc in split_documents(path.read_text(errors="replace"))]
+    out = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = train_tokenizer(texts, 512)
+    AutoModelForCausalLM.from_config(PRESETS["tiny-moe"](len(tokenizer))).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")

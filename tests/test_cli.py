@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 PIPELINE = [sys.executable, "-m", "pipeline.cli"]
@@ -31,6 +33,7 @@ def test_bad_config_key_is_a_clear_error_without_traceback():
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.integration  # the stage starts a local Ray before it finds nothing to quantize
 def test_missing_previous_stage_is_a_clear_error(tmp_path):
     out = run("quantize", f"runs_dir={tmp_path}")
     assert out.returncode == 2

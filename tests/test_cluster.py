@@ -7,10 +7,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from kuberay_schema import SCHEMAS
 from ray.serve.schema import ServeDeploySchema
 
 from conftest import REPO
-from kuberay_schema import SCHEMAS
 from pipeline.config import load_config
 from pipeline.serving.schemas import ServeArgs
 
@@ -94,7 +94,7 @@ def test_clusters_keep_work_off_the_head_and_size_gpu_groups_consistently():
 
 
 def test_rayservice_serve_config_is_a_valid_serve_deployment_of_our_app():
-    for path, doc in docs("RayService"):
+    for _, doc in docs("RayService"):
         serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
         ServeDeploySchema.model_validate(serve_config)
         (app,) = serve_config["applications"]

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO, free_port
 
+pytestmark = pytest.mark.integration
+
 BIN = Path(sys.executable).parent
 
 

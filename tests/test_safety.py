@@ -57,6 +57,7 @@ def test_everything_listens_on_loopback_by_default():
     assert cfg.serve.host == "127.0.0.1" and cfg.serve.api_key_env == "PIPELINE_API_KEY"
 
 
+@pytest.mark.integration
 def test_local_ray_runs_without_a_dashboard(ray_local):
     import ray
 

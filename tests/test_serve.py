@@ -12,8 +12,9 @@ import requests
 from ray import serve
 
 from pipeline.serving.deploy import serve_args, wait_healthy
-from pipeline.serving.engine import choose_engine, vllm_engine_args
 from serve.app import build_app
+
+pytestmark = pytest.mark.integration
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -210,14 +211,3 @@ def test_autoscaling_up_under_load_and_back_down(tiny_run, app):
         time.sleep(2)
     assert running() == 1, "did not scale back down after the load stopped"
     serve.delete("scaled")
-
-
-def test_engine_selection_and_vllm_arguments():
-    assert choose_engine("auto", vllm_present=False) == "transformers"
-    assert choose_engine("auto", vllm_present=True) == "vllm"
-    assert choose_engine("transformers", vllm_present=True) == "transformers"
-    with pytest.raises(RuntimeError, match="requirements-vllm.txt"):
-        choose_engine("vllm", vllm_present=False)
-    args = vllm_engine_args("/models/awq", max_model_len=2048, max_num_seqs=64)
-    assert args == {"model": "/models/awq", "tokenizer": "/models/awq", "max_model_len": 2048, "max_num_seqs": 64,
-                    "dtype": "auto", "gpu_memory_utilization": 0.85, "trust_remote_code": False}

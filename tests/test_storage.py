@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pyarrow.fs as pafs
+import pytest
 
 from conftest import TINY
 from pipeline.cli import main
@@ -11,6 +12,7 @@ from pipeline.config import load_config
 from pipeline.storage import cache_dir, staged
 
 
+@pytest.mark.integration
 def test_stages_hand_over_through_a_uri(ray_local, tiny_corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
     remote = tmp_path / "bucket"

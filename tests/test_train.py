@@ -1,30 +1,19 @@
 """Ray Train recipes on CPU workers (gloo), 2 workers, real DeepSpeed / FSDP2 / DDP and peft, on the
-tiny Qwen3-MoE: strategies, staged pretrain -> SFT -> DPO, early stopping, fault restart, EWC."""
+tiny Qwen3-MoE: strategies, staged pretrain -> SFT -> DPO, early stopping, fault restart, EWC.
+(The rules around them, without Ray: test_train_rules.py.)"""
 import json
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
+
 from conftest import derived_config
 
-from pipeline.config import ConfigError, load_config
+pytestmark = pytest.mark.integration
 
 
 def history(cfg, stage: str = "pretrain") -> list[dict]:
     return json.loads((cfg.stage_dir("train") / stage / "metrics.json").read_text())["history"]
-
-
-def test_a_changed_training_config_starts_a_fresh_ray_train_run(tiny_run):
-    """Ray Train resumes a run of the same name; the name follows the loop config, so a resubmitted
-    job resumes while a changed config does not load checkpoints that do not fit it."""
-    from pipeline.train.stage import loop_config, run_name
-
-    loop = loop_config(tiny_run, Path("/base"))
-    out = tiny_run.stage_dir("train")
-    assert run_name(tiny_run, loop, out) == run_name(tiny_run, dict(loop), out)
-    assert run_name(tiny_run, loop, out) != run_name(tiny_run, {**loop, "lr": 1.0}, out)
 
 
 def test_training_writes_tensorboard_scalars(tiny_run):
@@ -170,89 +159,6 @@ def test_ewc_lowers_forgetting_of_the_first_task(tiny_run, tmp_path):
     assert forgetting[True] < forgetting[False] / 2, forgetting
 
 
-def test_sft_labels_ignore_prompt_tokens_and_examples_do_not_see_each_other(tiny_run):
-    from transformers import AutoTokenizer
-
-    from pipeline.train.data import IGNORE, format_instruction, pack_examples
-
-    base = json.loads((tiny_run.stage_dir("train") / "metrics.json").read_text())["base_model"]
-    tok = AutoTokenizer.from_pretrained(base)
-    recs = [{"task": "echo", "input": f"word{i}", "output": f"answer {i}"} for i in range(40)]
-    table = pack_examples(pd.DataFrame(recs), base, 64, held_out=False)
-    ids, labels, positions = (np.array(table.column(c).to_pylist()) for c in ("input_ids", "labels", "position_ids"))
-    first = tok(format_instruction("echo", "word0"), add_special_tokens=False)["input_ids"]
-    row = [lab for lab in labels[0]]
-    assert row[: len(first)] == [IGNORE] * len(first), "the prompt is not learned"
-    response = tok("answer 0", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert row[len(first): len(first) + len(response)] == response
-    assert positions[0][len(first) + len(response)] == 0, "the next packed example restarts its positions"
-    assert (ids[labels != IGNORE] == labels[labels != IGNORE]).all()
-
-
-def test_chat_records_use_the_tokenizers_chat_template(tiny_run):
-    from transformers import AutoTokenizer
-
-    from pipeline.train.data import prompt_and_response
-
-    tok = AutoTokenizer.from_pretrained(json.loads((tiny_run.stage_dir("train") / "metrics.json").read_text())["base_model"])
-    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-    with pytest.raises(ValueError, match="no chat template"):
-        prompt_and_response(record, tok)
-    tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    assert prompt_and_response(record, tok) == ("<|user|>hi\n<|assistant|>", "hello")
-
-
-def test_bad_training_configs_fail_before_any_worker_starts(tiny_run):
-    from pipeline.train.stage import check_lora_targets
-
-    with pytest.raises(ConfigError, match="DDP keeps a whole replica"):
-        load_config("configs/tiny.yaml", ["train.strategy=ddp", "train.zero_stage=3"])
-    with pytest.raises(ConfigError, match="ewc needs whole parameters"):
-        load_config("configs/tiny.yaml", ["train.strategy=fsdp", "train.ewc.enabled=true"])
-    with pytest.raises(ConfigError, match="does not support dropout"):
-        load_config("configs/tiny.yaml", ["train.lora.target_parameters=[mlp.experts.down_proj]"])
-    with pytest.raises(ConfigError, match="needs `data`"):
-        load_config("configs/tiny.yaml", ["train.stages=[pretrain, sft]"])
-    base = json.loads((tiny_run.stage_dir("train") / "metrics.json").read_text())["base_model"]
-    with pytest.raises(ConfigError, match=r"\['qkv_proj'\] not found.*linear modules there: .*q_proj"):
-        check_lora_targets(Path(base), ["qkv_proj"], [])
-    with pytest.raises(ConfigError, match="mlp.experts.up_proj"):
-        check_lora_targets(Path(base), ["q_proj"], ["mlp.experts.up_proj"])
-
-
-def test_auto_batch_size_starts_from_the_seed_rule_and_halves_on_oom():
-    from pipeline.train.batch_size import halve_until_fits, seed_rule
-
-    assert seed_rule(80 * 2**30, 2048, 896) == 256  # capped
-    assert seed_rule(2 * 2**30, 4096, 4096) == 32
-    assert seed_rule(1, 128, 128) == 1
-    tried = []
-
-    def step(batch: int) -> None:  # stands in for a GPU that fits 24 sequences
-        tried.append(batch)
-        if batch > 24:
-            raise torch.OutOfMemoryError("CUDA out of memory")
-    assert halve_until_fits(step, 256) == 16 and tried == [256, 128, 64, 32, 16]
-    with pytest.raises(RuntimeError, match="gradient_checkpointing"):
-        halve_until_fits(lambda b: step(100), 4)
-
-
-def test_scale_presets_and_their_configs():
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.model import HARDWARE, PRESETS
-
-    for preset, low, high, config in (("7b-dense", 6e9, 8e9, "configs/7b-lora.yaml"),
-                                      ("66b-dense", 60e9, 70e9, "configs/66b-zero3.yaml")):
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(PRESETS[preset](32000))
-        assert low < sum(p.numel() for p in model.parameters()) < high
-        cfg = load_config(config)
-        assert cfg.model.preset == preset and config in HARDWARE[preset] and cfg.train.use_gpu
-    assert load_config("configs/66b-zero3.yaml").train.zero_stage == 3
-
-
 def test_rope_scaling_extends_the_context_of_a_built_or_given_model(tiny_run, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -273,14 +179,3 @@ def test_rope_scaling_extends_the_context_of_a_built_or_given_model(tiny_run, tm
     assert model(torch.randint(0, 500, (1, 4096))).logits.shape == (1, 4096, config.vocab_size)
 
 
-def test_a_users_deepspeed_json_overrides_the_generated_config(tmp_path):
-    from pipeline.train.stage import loop_config
-    from pipeline.train.strategy import deepspeed_config
-
-    user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5}))
-    cfg = load_config("configs/tiny.yaml", [f"train.deepspeed_config={user}", "train.offload_optimizer=true"])
-    ds = deepspeed_config(loop_config(cfg, Path("/base")))
-    assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False},
-                                       "reduce_bucket_size": 1000}
-    assert ds["gradient_clipping"] == 0.5 and ds["train_micro_batch_size_per_gpu"] == 8

@@ -112,7 +112,7 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
     train = run_train(cfg)
     quant = run_quantize(cfg, force=args.force)
     if cfg.distill.enabled:
-        from pipeline.export.distill import run_distill
+        from pipeline.train.distill import run_distill
 
         distill = run_distill(cfg)
         print(f"distilled student: KL to teacher {distill['kl_to_teacher_before']} -> "
@@ -171,7 +171,7 @@ def run_command(cfg: PipelineConfig, args) -> None:
 
         print(json.dumps(run_quantize(cfg, force=args.force), indent=2))
     elif args.command == "distill":
-        from pipeline.export.distill import run_distill
+        from pipeline.train.distill import run_distill
 
         summary = run_distill(cfg)
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))

@@ -49,7 +49,7 @@ class FiltersConfig(Section):
 
 class PerplexityConfig(Section):
     model_path: str | None = Field(None, description="local HF causal LM that scores documents; None: no filter")
-    max_perplexity: float = Field(20, gt=0, description="the seed's rule: keep perplexity < 20")
+    max_perplexity: float = Field(20, gt=0, description="keep documents whose perplexity is below this")
     max_tokens: int = Field(512, ge=8, description="tokens scored per document (its beginning)")
     batch_size: int = Field(16, ge=1)
     concurrency: int = Field(1, ge=1, description="scoring actors (each loads the model once; a GPU each when present)")
@@ -67,7 +67,7 @@ class AugmentConfig(Section):
     concurrency: int = Field(1, ge=1, description="actors per augmentation model")
 
     @model_validator(mode="after")
-    def _two_translation_models(self) -> "AugmentConfig":
+    def _two_translation_models(self) -> AugmentConfig:
         if len(self.back_translation_models) not in (0, 2):
             raise ValueError("back_translation_models takes two paths: [forward, backward]")
         return self
@@ -80,7 +80,7 @@ class DataConfig(Section):
     id_field: str = "id"
     lowercase: bool = False
     keep_fields: list[str] = Field(default_factory=list, description="input fields carried into kept/ as `meta` "
-                                   "(JSON); every other field is dropped, like the seed's remove_columns")
+                                   "(JSON); every other field is dropped")
     rename: dict[str, str] = Field(default_factory=dict, description="new names for keep_fields inside `meta`")
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
     perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig)
@@ -126,7 +126,7 @@ class LoraSettings(Section):
         "parameters in transformers 5, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] (needs dropout 0)")
 
     @model_validator(mode="after")
-    def _parameter_lora_has_no_dropout(self) -> "LoraSettings":
+    def _parameter_lora_has_no_dropout(self) -> LoraSettings:
         if self.target_parameters and self.dropout:
             raise ValueError(f"peft's LoRA on parameters (target_parameters) does not support dropout: "
                              f"set train.lora.dropout=0 (got {self.dropout})")
@@ -152,7 +152,7 @@ class StageSpec(Section):
         return values
 
     @model_validator(mode="after")
-    def _needs_data(self) -> "StageSpec":
+    def _needs_data(self) -> StageSpec:
         if self.kind != "pretrain" and not self.data:
             raise ValueError(f"a {self.kind} stage needs `data`: a jsonl file")
         return self
@@ -180,11 +180,21 @@ class TrainConfig(Section):
     deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON whose keys override the generated ones")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPUs")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    fused_cross_entropy: bool = Field(
+        False, description="compute the loss from hidden states without the full-vocabulary logits: Liger Kernel's "
+        "fused linear cross-entropy on CUDA when installed, chunks of tokens elsewhere (train/fused_loss.py)")
+    compile: bool = Field(False, description="torch.compile each decoder layer (the first steps compile)")
+    padding_free: bool = Field(False, description="pretraining: position ids restart at each document packed into "
+                               "a row, so documents do not attend to each other (as SFT examples never do)")
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="attention kernel; auto: flash_attention_2 on GPUs where flash-attn is installed, "
+        "else sdpa. The choice is logged and kept in the metrics")
     lr: float = Field(3e-5, gt=0)
     warmup_steps: int = Field(5, ge=0)
     max_steps: int = Field(60, ge=1)
     batch_size: int | Literal["auto"] = Field(
-        8, description="micro-batch per worker; auto: the seed's memory rule, halved on CUDA OOM (see recipe.py)")
+        8, description="micro-batch per worker; auto: memory / (seq_len x hidden x 4 bytes), halved on CUDA OOM "
+        "(train/batch_size.py)")
     grad_accum: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, gt=0)
     router_aux_loss_coef: float | None = Field(None, ge=0, description="MoE load-balancing loss weight; None: the model's")
@@ -207,6 +217,13 @@ class TrainConfig(Section):
                                     description="e.g. [pretrain, {kind: sft, data: ...}, {kind: dpo, data: ...}]")
     ewc: EwcConfig = Field(default_factory=EwcConfig)
 
+    @property
+    def resolved_precision(self) -> Literal["fp32", "bf16", "fp16"]:
+        """`auto` made concrete: bf16 on GPUs, fp32 on CPUs."""
+        if self.precision == "auto":
+            return "bf16" if self.use_gpu else "fp32"
+        return self.precision
+
     @model_validator(mode="before")
     @classmethod
     def _zero_stage_default(cls, values: Any) -> Any:
@@ -216,7 +233,7 @@ class TrainConfig(Section):
         return values
 
     @model_validator(mode="after")
-    def _coherent(self) -> "TrainConfig":
+    def _coherent(self) -> TrainConfig:
         if self.strategy != "deepspeed":
             for key in ("zero_stage", "deepspeed_config"):
                 if getattr(self, key) is not None:
@@ -230,6 +247,9 @@ class TrainConfig(Section):
             raise ValueError("precision fp16 needs GPUs (use_gpu=true); on CPUs use bf16 or fp32")
         if self.precision == "fp16" and self.strategy == "fsdp":
             raise ValueError("precision fp16 with strategy=fsdp is not supported here: use bf16")
+        if self.compile and self.zero_stage == 3:
+            raise ValueError("compile with zero_stage 3 is not supported (ZeRO-3 gathers parameters in hooks inside "
+                             "the compiled layers): use strategy=fsdp to shard, or zero_stage <= 2")
         if self.ewc.enabled and (self.strategy == "fsdp" or self.zero_stage == 3):
             raise ValueError("ewc needs whole parameters on every worker: use zero_stage <= 2 or strategy=ddp")
         names = [s.name for s in self.stages]
@@ -264,9 +284,9 @@ class DistillConfig(Section):
     eval_samples: int = Field(32, ge=1, description="held-out curated documents the KL to the teacher is measured on")
 
 
-class ServeConfig(Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+class ReplicaSettings(Section):
+    """What every serving replica is built from; declared once, validators included. `serve.*` in the YAML
+    extends it with where to listen (ServeConfig); the replicas get it with the model to serve (ServeArgs)."""
     engine: Literal["auto", "transformers", "vllm"] = "auto"
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(2, ge=1)
@@ -275,20 +295,29 @@ class ServeConfig(Section):
     downscale_delay_s: float = Field(30, ge=0)
     num_cpus: float = Field(0.5, gt=0, description="CPUs per replica")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (vLLM is used when >0 and installed)")
-    max_batch_size: int = Field(8, ge=1, description="@serve.batch: requests per model.generate call (1 = off)")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="@serve.batch: wait this long to fill a batch")
+    max_batch_size: int = Field(8, ge=1, description="requests per model.generate call (1 = no batching)")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="wait this long for requests to fill a batch")
     max_queue: int = Field(64, ge=1, description="requests a replica holds before answering 429")
     request_timeout_s: float = Field(120, gt=0, description="a request running longer gets 408")
     api_key_env: str = Field("PIPELINE_API_KEY", description="env var holding the API key; unset = no key")
     max_new_tokens: int = Field(256, ge=1, description="cap on tokens a request may ask for")
     max_prompt_tokens: int = Field(1024, ge=1)
-    demo_prompt: str = Field("Permission is hereby granted", description="what `pipeline run` asks the endpoint")
 
     @model_validator(mode="after")
-    def _replica_range(self) -> "ServeConfig":
+    def _replica_range(self) -> ReplicaSettings:
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
         return self
+
+    def replica_settings(self) -> dict:
+        """This object's ReplicaSettings fields alone (a ServeConfig carries more)."""
+        return self.model_dump(include=set(ReplicaSettings.model_fields))
+
+
+class ServeConfig(ReplicaSettings):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    demo_prompt: str = Field("Permission is hereby granted", description="what `pipeline run` asks the endpoint")
 
 
 class PipelineConfig(Section):

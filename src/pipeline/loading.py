@@ -1,6 +1,6 @@
-"""Every model and adapter the pipeline opens goes through here, so the rules hold everywhere:
-weights come from safetensors only (a pickled .bin can run code when it is read), and code shipped
-with a model (`auto_map`) runs only when `model.trust_remote_code` says so."""
+"""Every model, adapter, tokenizer and model config the pipeline opens goes through here, so the rules
+hold everywhere: weights come from safetensors only (a pickled .bin can run code when it is read), and
+code shipped with a model (`auto_map`) runs only when `model.trust_remote_code` says so."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,16 +15,32 @@ def _refuse_pickles(path: Path, what: str, names: tuple[str, ...]) -> None:
                           "save_pretrained(..., safe_serialization=True) in a trusted environment")
 
 
-def load_model(auto_class, path: str | Path, trust_remote_code: bool = False, **kwargs):
-    """`auto_class.from_pretrained(path)` under the rules: AutoModelForCausalLM, AutoModelForMaskedLM, ..."""
-    _refuse_pickles(Path(path), "model", ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt"))
+def _from_pretrained(load, path: str | Path, trust_remote_code: bool, **kwargs):
     try:
-        return auto_class.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs)
+        return load(path, trust_remote_code=trust_remote_code, **kwargs)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ConfigError(f"{path} needs the code it ships (auto_map) to load; set model.trust_remote_code=true "
                               "only if you trust its source") from None
         raise
+
+
+def load_model(auto_class, path: str | Path, trust_remote_code: bool = False, **kwargs):
+    """`auto_class.from_pretrained(path)` under the rules: AutoModelForCausalLM, AutoModelForMaskedLM, ..."""
+    _refuse_pickles(Path(path), "model", ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt"))
+    return _from_pretrained(auto_class.from_pretrained, path, trust_remote_code, use_safetensors=True, **kwargs)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, **kwargs):
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer.from_pretrained, path, trust_remote_code, **kwargs)
+
+
+def load_model_config(path: str | Path, trust_remote_code: bool = False, **kwargs):
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig.from_pretrained, path, trust_remote_code, **kwargs)
 
 
 def load_adapter(model, path: str | Path, **kwargs):

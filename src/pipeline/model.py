@@ -3,15 +3,22 @@ a BPE tokenizer trained on the curated text (no model hub is needed, or reachabl
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen3Config, Qwen3MoeConfig)
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 from pipeline.config import ModelConfig
-from pipeline.train.data import split_texts
+from pipeline.heldout import split_texts
+from pipeline.loading import load_model_config
 
 log = logging.getLogger("pipeline.model")
 
@@ -19,9 +26,9 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 UNK, BOS, EOS, PAD = range(4)
 
 # Widths are multiples of 128 so that every Linear layer holds whole AWQ groups of 128.
-_COMMON = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-               head_dim=32, max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=False,
-               bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+_COMMON = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+           "head_dim": 32, "max_position_embeddings": 2048, "rope_theta": 10000.0, "tie_word_embeddings": False,
+           "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}
 PRESETS = {
     "tiny-moe": lambda vocab: Qwen3MoeConfig(
         vocab_size=vocab, intermediate_size=256, moe_intermediate_size=128, num_experts=4,
@@ -33,7 +40,7 @@ PRESETS = {
         vocab_size=vocab, intermediate_size=512, moe_intermediate_size=768, num_experts=8,
         num_experts_per_tok=2, decoder_sparse_step=1, router_aux_loss_coef=0.01,
         **{**_COMMON, "hidden_size": 256, "num_hidden_layers": 4, "head_dim": 64}),
-    # The seed's scale table, random-init: shapes for capacity planning and GPU benchmarks.
+    # The scale targets (7B on one GPU, 66B on eight), random-init: shapes for capacity planning and GPU benchmarks.
     "7b-dense": lambda vocab: Qwen2Config(  # Qwen2-7B's shape
         vocab_size=vocab, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
         num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False,
@@ -74,34 +81,39 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
                                    pad_token="<pad>", unk_token="<unk>", model_max_length=2048)
 
 
-def check_model_dir(path: str | Path) -> Path:
+def check_model_dir(path: str | Path, trust_remote_code: bool) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.path {path} is not a Hugging Face model directory (no config.json)")
-    AutoConfig.from_pretrained(path)  # fails early on a config transformers cannot read
+    load_model_config(path, trust_remote_code)  # fails early on a config transformers cannot read
     return path
 
 
-def rescaled_copy(model_dir: Path, rope: dict, out: Path) -> Path:
+def rescaled_copy(model_dir: Path, rope: dict, out: Path, trust_remote_code: bool) -> Path:
     """The user's model with RoPE scaling, without copying its weights: links to its files and a new config."""
     out.mkdir(parents=True, exist_ok=True)
     for f in model_dir.iterdir():
         if f.name != "config.json" and not (out / f.name).exists():
             (out / f.name).symlink_to(f.resolve())
-    apply_rope_scaling(AutoConfig.from_pretrained(model_dir), rope).save_pretrained(out)
+    apply_rope_scaling(load_model_config(model_dir, trust_remote_code), rope).save_pretrained(out)
     return out
 
 
-def prepare_base_model(cfg: ModelConfig, corpus_kept: Path, out: Path) -> Path:
+def prepare_base_model(model_config: ModelConfig, corpus_kept: Path, out: Path) -> Path:
     """Return the directory of the base model to fine-tune, building the preset if needed."""
-    if cfg.path:
-        path = check_model_dir(cfg.path)
-        return rescaled_copy(path, cfg.rope_scaling, out) if cfg.rope_scaling else path
+    if model_config.path:
+        path = check_model_dir(model_config.path, model_config.trust_remote_code)
+        if not model_config.rope_scaling:
+            return path
+        return rescaled_copy(path, model_config.rope_scaling, out, model_config.trust_remote_code)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(split_texts(corpus_kept, cfg.tokenizer_docs, held_out=False), cfg.vocab_size)
-    model = AutoModelForCausalLM.from_config(apply_rope_scaling(PRESETS[cfg.preset](len(tokenizer)), cfg.rope_scaling))
+    texts = split_texts(corpus_kept, model_config.tokenizer_docs, held_out=False)
+    tokenizer = train_tokenizer(texts, model_config.vocab_size)
+    architecture = apply_rope_scaling(PRESETS[model_config.preset](len(tokenizer)), model_config.rope_scaling)
+    model = AutoModelForCausalLM.from_config(architecture)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
-    log.info("built %s base model (%.2fM parameters, vocab %d) in %s", cfg.preset, n / 1e6, len(tokenizer), out)
+    log.info("built %s base model (%.2fM parameters, vocab %d) in %s", model_config.preset, n / 1e6,
+             len(tokenizer), out)
     return out

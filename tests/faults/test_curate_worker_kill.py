@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.curate.stage import run_curate
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
 # Ray names a worker process after the task it runs ("ray::MapBatches(...)"); idle ones are "ray::IDLE"
 DATA_TASKS = ("MapBatches", "FlatMap", "ReadFiles", "Map(", "HashAggregate")
 

@@ -16,7 +16,7 @@ from ray import serve
 from pipeline.serving.deploy import serve_args, wait_healthy
 from serve.app import build_app
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
 APP, TOTAL, CLIENTS = "faulty", 500, 8
 
 

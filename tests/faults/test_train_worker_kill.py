@@ -7,11 +7,12 @@ import signal
 import threading
 import time
 
-import pytest
-from conftest import derived_config
 import psutil
+import pytest
 
-pytestmark = pytest.mark.faults
+from conftest import derived_config
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 
 def logged_steps(tensorboard_dir) -> list[int]:

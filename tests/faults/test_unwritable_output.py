@@ -4,9 +4,10 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import REPO
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 
 def test_unwritable_runs_dir_is_a_clear_error_naming_the_path(tmp_path, tiny_corpus):
@@ -25,9 +26,8 @@ def test_a_failing_stage_leaves_no_output_that_looks_complete(tmp_path):
     from pipeline.runtime import atomic_dir
 
     final = tmp_path / "curate"
-    with pytest.raises(OSError):
-        with atomic_dir(final) as tmp:
-            (tmp / "kept").mkdir()
-            (tmp / "kept" / "part-0.parquet").write_bytes(b"half")
-            raise OSError(28, "No space left on device", str(tmp / "kept" / "part-1.parquet"))
+    with pytest.raises(OSError), atomic_dir(final) as tmp:
+        (tmp / "kept").mkdir()
+        (tmp / "kept" / "part-0.parquet").write_bytes(b"half")
+        raise OSError(28, "No space left on device", str(tmp / "kept" / "part-1.parquet"))
     assert not final.exists() and not (tmp_path / "curate.tmp").exists()

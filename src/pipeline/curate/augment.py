@@ -2,7 +2,7 @@
 actor, on a GPU when the cluster has them). Augmented rows are new kept documents that carry
 `augmented_from` = the id of the document they were made from; the inputs stay as they were.
 
-- Back-translation (the seed's en -> zh -> en): two seq2seq models from local paths
+- Back-translation (en -> zh -> en, say): two seq2seq models from local paths
   (MarianMT-style `AutoModelForSeq2SeqLM`), forward to the pivot language and back.
 - Synonym perturbation: a fill-mask model from a local path proposes, for a share of the words,
   the most likely other word in that context.
@@ -16,11 +16,11 @@ import zlib
 import pandas as pd
 import ray
 import torch
-from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 from pipeline.config import AugmentConfig
 from pipeline.curate.records import is_kept
-from pipeline.loading import load_model
+from pipeline.loading import load_model, load_tokenizer
 
 
 def selected(doc_id: str, share: float, salt: str) -> bool:
@@ -44,8 +44,9 @@ def _augmented(batch: pd.DataFrame, texts: list[str], suffix: str) -> pd.DataFra
 
 
 class BackTranslator:
-    def __init__(self, forward_model: str, backward_model: str, max_tokens: int):
-        self.stages = [(AutoTokenizer.from_pretrained(p), load_model(AutoModelForSeq2SeqLM, p).to(_device()).eval())
+    def __init__(self, forward_model: str, backward_model: str, max_tokens: int, trust_remote_code: bool):
+        self.stages = [(load_tokenizer(p, trust_remote_code),
+                        load_model(AutoModelForSeq2SeqLM, p, trust_remote_code).to(_device()).eval())
                        for p in (forward_model, backward_model)]
         self.max_tokens = max_tokens
 
@@ -69,11 +70,11 @@ class BackTranslator:
 
 
 class SynonymReplacer:
-    def __init__(self, model_path: str, word_share: float, window: int = 24):
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+    def __init__(self, model_path: str, word_share: float, trust_remote_code: bool, window: int = 24):
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         if self.tokenizer.mask_token is None:
             raise ValueError(f"{model_path}: the tokenizer has no mask token; a fill-mask model is needed")
-        self.model = load_model(AutoModelForMaskedLM, model_path).to(_device()).eval()
+        self.model = load_model(AutoModelForMaskedLM, model_path, trust_remote_code).to(_device()).eval()
         self.word_share, self.window = word_share, window
 
     @torch.no_grad()
@@ -109,19 +110,22 @@ def pick(batch: pd.DataFrame, share: float, salt: str) -> pd.DataFrame:
     return batch[is_kept(batch) & batch["id"].map(lambda i: selected(i, share, salt))]
 
 
-def augment(ds: ray.data.Dataset, a: AugmentConfig) -> ray.data.Dataset:
+def augment(ds: ray.data.Dataset, settings: AugmentConfig, trust_remote_code: bool) -> ray.data.Dataset:
     """`ds` plus the augmented rows (none when no augmentation model is configured)."""
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    pool = {"batch_format": "pandas", "batch_size": 8, "concurrency": a.concurrency, "num_gpus": gpus}
+    pool = {"batch_format": "pandas", "batch_size": 8, "concurrency": settings.concurrency, "num_gpus": gpus}
     parts = []
-    if a.back_translation_models:
-        forward, backward = a.back_translation_models
-        parts.append(ds.map_batches(pick, batch_format="pandas", fn_kwargs={"share": a.back_translation_share,
-                                                                            "salt": "bt"})
+    if settings.back_translation_models:
+        forward, backward = settings.back_translation_models
+        parts.append(ds.map_batches(pick, batch_format="pandas",
+                                    fn_kwargs={"share": settings.back_translation_share, "salt": "bt"})
                      .map_batches(BackTranslator, **pool, fn_constructor_kwargs={
-                         "forward_model": forward, "backward_model": backward, "max_tokens": a.max_tokens}))
-    if a.synonym_model:
-        parts.append(ds.map_batches(pick, batch_format="pandas", fn_kwargs={"share": a.synonym_share, "salt": "syn"})
+                         "forward_model": forward, "backward_model": backward, "max_tokens": settings.max_tokens,
+                         "trust_remote_code": trust_remote_code}))
+    if settings.synonym_model:
+        parts.append(ds.map_batches(pick, batch_format="pandas", fn_kwargs={"share": settings.synonym_share,
+                                                                            "salt": "syn"})
                      .map_batches(SynonymReplacer, **pool, fn_constructor_kwargs={
-                         "model_path": a.synonym_model, "word_share": a.synonym_word_share}))
+                         "model_path": settings.synonym_model, "word_share": settings.synonym_word_share,
+                         "trust_remote_code": trust_remote_code}))
     return ds.union(*parts) if parts else ds

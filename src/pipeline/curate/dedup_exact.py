@@ -10,7 +10,7 @@ import hashlib
 import pandas as pd
 import ray
 
-from pipeline.curate.records import is_kept
+from pipeline.curate.records import is_kept, reject
 from pipeline.runtime import rows_per_batch
 
 
@@ -21,13 +21,12 @@ def add_digest(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 def mark_exact_duplicates(block: pd.DataFrame) -> pd.DataFrame:
+    """Within a block holding every copy of its texts: each copy but the lowest id is a duplicate of it."""
     kept = is_kept(block)
     survivor = block["digest"].map(block[kept].groupby("digest")["id"].min()).tolist()
     dup = [k and s != i for k, s, i in zip(kept.tolist(), survivor, block["id"].tolist())]
-    # whole-column writes: partial .loc writes copy Arrow-backed string columns each time
-    block["reason"] = ["exact duplicate" if d else r for d, r in zip(dup, block["reason"].tolist())]
     block["duplicate_of"] = [s if d else o for d, s, o in zip(dup, survivor, block["duplicate_of"].tolist())]
-    return block
+    return reject(block, ["exact duplicate" if d else "" for d in dup], "exact_dedup")
 
 
 def exact_dedup(ds: ray.data.Dataset) -> ray.data.Dataset:

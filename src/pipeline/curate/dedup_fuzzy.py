@@ -194,11 +194,11 @@ class UnionFind:
         return {x: self.find(x) for x in list(self.parent)}
 
 
-def mark_near_duplicates(batch: pa.Table, duplicate_of_ref) -> pa.Table:
-    duplicates, survivors = ray.get(duplicate_of_ref)
+def mark_near_duplicates(batch: pa.Table, duplicates: pa.Array, survivors: pa.Array) -> pa.Table:
+    """Reject the kept rows whose id is in `duplicates`, each pointing to its survivor (same position)."""
     if not len(duplicates):
         return batch
-    reason, target = batch["reason"].combine_chunks(), batch["duplicate_of"].combine_chunks()
+    reason, step, target = (batch[c].combine_chunks() for c in ("reason", "step", "duplicate_of"))
 
     def survivor_of(column: pa.Array, allowed: pa.Array) -> tuple[pa.Array, pa.Array]:
         found = pc.index_in(column, value_set=duplicates)
@@ -207,14 +207,20 @@ def mark_near_duplicates(batch: pa.Table, duplicate_of_ref) -> pa.Table:
     near, survivor = survivor_of(batch["id"].combine_chunks(), pc.equal(reason, ""))
     # an exact copy of a document that is itself a near duplicate points on to the final survivor
     onward, onward_survivor = survivor_of(target, pc.equal(reason, "exact duplicate"))
-    target = pc.if_else(onward, onward_survivor, pc.if_else(near, survivor, target))
-    reason = pc.if_else(near, pa.scalar("near duplicate", reason.type), reason)
-    batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", reason)
-    return batch.set_column(batch.schema.get_field_index("duplicate_of"), "duplicate_of", target)
+    columns = {"duplicate_of": pc.if_else(onward, onward_survivor, pc.if_else(near, survivor, target)),
+               "reason": pc.if_else(near, pa.scalar("near duplicate", reason.type), reason),
+               "step": pc.if_else(near, pa.scalar("fuzzy_dedup", step.type), step)}
+    for name, column in columns.items():
+        batch = batch.set_column(batch.schema.get_field_index(name), name, column)
+    return batch
 
 
-def fuzzy_dedup(ds: ray.data.Dataset, dedup: DedupConfig) -> tuple[ray.data.Dataset, int]:
-    """Returns the annotated dataset and the number of near-duplicates found."""
+def _mark_near_duplicates(batch: pa.Table, duplicate_of_ref) -> pa.Table:
+    return mark_near_duplicates(batch, *ray.get(duplicate_of_ref))
+
+
+def fuzzy_dedup(ds: ray.data.Dataset, dedup: DedupConfig) -> ray.data.Dataset:
+    """Marks near duplicates (reason "near duplicate", duplicate_of = the component's survivor)."""
     threshold, num_perm, ngram = dedup.threshold, dedup.num_perm, dedup.ngram
     start = time.perf_counter()
     ds = ds.materialize()  # read three times below
@@ -232,8 +238,8 @@ def fuzzy_dedup(ds: ray.data.Dataset, dedup: DedupConfig) -> tuple[ray.data.Data
              time.perf_counter() - start)
     uf = UnionFind()
     if len(pairs):
-        edges = (ds.map_batches(pair_sides, batch_format="pyarrow", batch_size=batch,
-                                fn_kwargs={"pairs_ref": ray.put((pairs[:, 0].copy(), pairs[:, 1].copy())), "ngram": ngram})
+        sides = {"pairs_ref": ray.put((pairs[:, 0].copy(), pairs[:, 1].copy())), "ngram": ngram}
+        edges = (ds.map_batches(pair_sides, batch_format="pyarrow", batch_size=batch, fn_kwargs=sides)
                  .sort(["a", "b"], boundaries=split)
                  .map_batches(verify_pairs, batch_format="pyarrow", batch_size=None, fn_kwargs={"threshold": threshold}))
         for table in filter(lambda t: t.num_rows, ray.get(edges.to_arrow_refs())):
@@ -243,5 +249,5 @@ def fuzzy_dedup(ds: ray.data.Dataset, dedup: DedupConfig) -> tuple[ray.data.Data
     log.info("fuzzy dedup: %d near duplicates in %d clusters (%.1f s)", len(duplicate_of),
              len(set(duplicate_of.values())), time.perf_counter() - start)
     ref = ray.put((pa.array(list(duplicate_of), pa.string()), pa.array(list(duplicate_of.values()), pa.string())))
-    marked = ds.map_batches(mark_near_duplicates, batch_format="pyarrow", batch_size=batch, fn_kwargs={"duplicate_of_ref": ref})
-    return marked, len(duplicate_of)
+    return ds.map_batches(_mark_near_duplicates, batch_format="pyarrow", batch_size=batch,
+                          fn_kwargs={"duplicate_of_ref": ref})

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from pipeline.config import FiltersConfig
+from pipeline.curate.records import reject
 
 
 @dataclass(frozen=True)
@@ -96,20 +97,20 @@ class Script:
         return None
 
 
-def build_filters(c: FiltersConfig) -> list:
-    return [Length(c.min_words, c.max_words, c.min_chars, c.max_chars),
-            Repetition(c.max_duplicate_line_chars, c.max_top_ngram_share),
-            SymbolRatio(c.max_symbol_words, c.min_alpha_words),
-            Script(tuple(s.upper() for s in c.scripts), c.min_script_share)]
+def build_filters(settings: FiltersConfig) -> list:
+    return [Length(settings.min_words, settings.max_words, settings.min_chars, settings.max_chars),
+            Repetition(settings.max_duplicate_line_chars, settings.max_top_ngram_share),
+            SymbolRatio(settings.max_symbol_words, settings.min_alpha_words),
+            Script(tuple(s.upper() for s in settings.scripts), settings.min_script_share)]
+
+
+def first_reason(text: str, filters: list) -> str:
+    """The reason of the first filter that drops the text ("" when every filter keeps it)."""
+    return next((reason for f in filters if (reason := f(text))), "")
 
 
 def apply_filters(batch: pd.DataFrame, filters: list) -> pd.DataFrame:
-    """The first filter that drops a document names the reason; later ones do not look at it."""
-    reasons = batch["reason"].tolist()
-    for i, text in enumerate(batch["text"].tolist()):
-        for f in filters:
-            if reasons[i]:
-                break
-            reasons[i] = f(text) or ""
-    batch["reason"] = reasons  # one whole-column write (see normalize_batch)
-    return batch
+    """Rows rejected before are not looked at again."""
+    reasons = [first_reason(text, filters) if not old else "" for text, old in
+               zip(batch["text"].tolist(), batch["reason"].tolist())]
+    return reject(batch, reasons, "filters")

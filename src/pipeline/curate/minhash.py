@@ -48,7 +48,7 @@ class _Buffers:
     def __init__(self) -> None:
         self.size = 0
 
-    def reserve(self, n: int) -> "_Buffers":
+    def reserve(self, n: int) -> _Buffers:
         if n > self.size:
             self.size = max(n, CHUNK_BYTES)
             self.power, self.inverse = _powers(_P, self.size + 1), _powers(pow(_P, -1, 2**64), self.size + 1)

@@ -1,5 +1,5 @@
-"""Perplexity filter: a reference causal LM (any local HF directory) scores each document; the
-seed's rule keeps perplexity < 20. Runs as a Ray Data actor pool, so each actor loads the model
+"""Perplexity filter: a reference causal LM (any local HF directory) scores each document and keeps
+those under data.perplexity.max_perplexity (20 by default). Runs as a Ray Data actor pool, so each actor loads the model
 once (on a GPU when the cluster has them) and scores batch after batch."""
 from __future__ import annotations
 
@@ -9,20 +9,20 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from pipeline.curate.records import is_kept
-from pipeline.loading import load_model
+from pipeline.curate.records import is_kept, reject
+from pipeline.loading import load_model, load_tokenizer
 
 
 class PerplexityScorer:
-    def __init__(self, model_path: str, max_tokens: int, max_perplexity: float):
+    def __init__(self, model_path: str, trust_remote_code: bool, max_tokens: int, max_perplexity: float):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
-        self.model = load_model(AutoModelForCausalLM, model_path).to(self.device).eval()
+        self.model = load_model(AutoModelForCausalLM, model_path, trust_remote_code).to(self.device).eval()
         self.max_tokens, self.max_perplexity = max_tokens, max_perplexity
 
     @torch.no_grad()
@@ -41,8 +41,7 @@ class PerplexityScorer:
             scores[kept] = self.perplexities(batch.loc[kept, "text"].tolist())
         batch["perplexity"] = scores
         over = kept & (scores >= self.max_perplexity)
-        batch["reason"] = [self.reason(s) if o else r for s, o, r in zip(scores, over, batch["reason"].tolist())]
-        return batch
+        return reject(batch, [self.reason(s) if o else "" for s, o in zip(scores, over)], "perplexity")
 
     def reason(self, score: float) -> str:
         return f"perplexity {score:.1f} >= {self.max_perplexity:g}" if math.isfinite(score) else "perplexity not finite"

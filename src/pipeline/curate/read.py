@@ -8,15 +8,18 @@ from __future__ import annotations
 import glob
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
 from pipeline.curate.records import record
+
+STEP = "read"
+
 
 @dataclass(frozen=True)
 class ReadOptions:
@@ -45,7 +48,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
 
 def file_format(path: str) -> str:
     suffixes = [s for s in Path(path).suffixes if s not in COMPRESSION]
-    fmt = FORMATS.get(suffixes[-1] if suffixes else "", None)
+    fmt = FORMATS.get(suffixes[-1] if suffixes else "")
     if fmt is None:
         raise ValueError(f"{path}: unknown format; expected one of {sorted(FORMATS)} (optionally .gz or .zst)")
     return fmt
@@ -59,16 +62,20 @@ def _open_bytes(path: str) -> bytes:
         return stream.read()
 
 
+def _rejected(rid: str, source: str, reason: str, raw: str = "") -> dict:
+    return record(rid, source=source, raw=raw, reason=reason, step=STEP)
+
+
 def _from_value(value, rid: str, source: str, opts: ReadOptions, raw: str) -> dict:
     if not isinstance(value, dict):
-        return record(rid, source=source, raw=raw, reason="not a JSON object")
+        return _rejected(rid, source, "not a JSON object", raw=raw)
     if opts.id_field in value and value[opts.id_field] is not None:
         rid = str(value[opts.id_field])
     text = value.get(opts.text_field)
     if not isinstance(text, str):
-        return record(rid, source=source, raw=raw, reason=f"missing text field {opts.text_field!r}")
+        return _rejected(rid, source, f"missing text field {opts.text_field!r}", raw=raw)
     if not text.strip():
-        return record(rid, source=source, raw=raw, reason="empty text")
+        return _rejected(rid, source, "empty text", raw=raw)
     meta = {opts.rename.get(k, k): value[k] for k in opts.keep_fields if k in value}
     return record(rid, text=text, source=source, meta=json.dumps(meta, default=str) if meta else "")
 
@@ -81,12 +88,12 @@ def _jsonl(path: str, data: bytes, opts: ReadOptions) -> Iterator[dict]:
         try:
             raw = line.decode("utf-8")
         except UnicodeDecodeError:
-            yield record(rid, source=path, raw=line.decode("utf-8", "replace"), reason="invalid utf-8")
+            yield _rejected(rid, path, "invalid utf-8", raw=line.decode("utf-8", "replace"))
             continue
         try:
             value = json.loads(raw)
         except json.JSONDecodeError as e:
-            yield record(rid, source=path, raw=raw, reason=f"malformed json: {e.msg}")
+            yield _rejected(rid, path, f"malformed json: {e.msg}", raw=raw)
             continue
         yield _from_value(value, rid, path, opts, raw)
 
@@ -95,8 +102,7 @@ def _json_array(path: str, data: bytes, opts: ReadOptions) -> Iterator[dict]:
     try:
         values = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        yield record(f"{path}:0", source=path, raw=data[:10_000].decode("utf-8", "replace"),
-                     reason=f"malformed json file: {e}")
+        yield _rejected(f"{path}:0", path, f"malformed json file: {e}", raw=data[:10_000].decode("utf-8", "replace"))
         return
     if not isinstance(values, list):
         values = [values]
@@ -114,9 +120,9 @@ def _text(path: str, data: bytes, opts: ReadOptions) -> Iterator[dict]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        yield record(path, source=path, raw=data[:10_000].decode("utf-8", "replace"), reason="invalid utf-8")
+        yield _rejected(path, path, "invalid utf-8", raw=data[:10_000].decode("utf-8", "replace"))
         return
-    yield record(path, text=text, source=path) if text.strip() else record(path, source=path, reason="empty text")
+    yield record(path, text=text, source=path) if text.strip() else _rejected(path, path, "empty text")
 
 
 READERS = {"jsonl": _jsonl, "json": _json_array, "parquet": _parquet, "text": _text}
@@ -127,9 +133,9 @@ def read_file(row: dict, opts: ReadOptions) -> list[dict]:
     try:
         data = _open_bytes(path)
     except (OSError, pa.ArrowException) as e:  # a truncated or corrupt .gz/.zst among them
-        return [record(path, source=path, reason=f"unreadable file: {e}")]
+        return [_rejected(path, path, f"unreadable file: {e}")]
     records = list(READERS[file_format(path)](path, data, opts))
-    return records or [record(path, source=path, reason="empty file")]
+    return records or [_rejected(path, path, "empty file")]
 
 
 def read_corpus(patterns: list[str], opts: ReadOptions) -> ray.data.Dataset:

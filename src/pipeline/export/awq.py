@@ -8,10 +8,10 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from pipeline.config import ConfigError
-from pipeline.loading import load_model
+from pipeline.loading import load_model, load_model_config, load_tokenizer
 
 log = logging.getLogger("pipeline.quantize")
 
@@ -28,9 +28,9 @@ def _allow_cpu_calibration() -> None:
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
 
-def check_supported(model_dir: str | Path, symmetric: bool) -> None:
+def check_supported(model_dir: str | Path, symmetric: bool, trust_remote_code: bool) -> None:
     """Fail before calibrating when the result could not be loaded back."""
-    config = AutoConfig.from_pretrained(model_dir)
+    config = load_model_config(model_dir, trust_remote_code)
     if not symmetric and getattr(config, "num_experts", 0):
         # transformers 5.17 re-fuses the linearized experts on load and drops their zero points
         # ("Asymmetric quant requires zero-point values"), so the model would not reload
@@ -39,7 +39,7 @@ def check_supported(model_dir: str | Path, symmetric: bool) -> None:
 
 
 def quantize_awq(model_dir: Path, out: Path, calib_texts: list[str], group_size: int,
-                 symmetric: bool, seq_len: int) -> Path:
+                 symmetric: bool, seq_len: int, trust_remote_code: bool) -> Path:
     from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
     from compressed_tensors.quantization.quant_args import QuantizationArgs
     from datasets import Dataset
@@ -48,16 +48,17 @@ def quantize_awq(model_dir: Path, out: Path, calib_texts: list[str], group_size:
     from llmcompressor.modifiers.awq import AWQModifier
 
     _allow_cpu_calibration()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
     # fused 3-D expert weights become per-expert Linear layers so that AWQ sees (and quantizes) them
-    model = linearize_moe(load_model(AutoModelForCausalLM, model_dir, dtype="auto"))
+    model = linearize_moe(load_model(AutoModelForCausalLM, model_dir, trust_remote_code, dtype="auto"))
     weights = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric,
                                strategy=QuantizationStrategy.GROUP, group_size=group_size)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     calib = Dataset.from_dict({"text": calib_texts}).map(
         lambda b: tokenizer(b["text"], truncation=True, max_length=seq_len), batched=True, remove_columns=["text"])
     oneshot(model=model, dataset=calib, recipe=[AWQModifier(ignore=IGNORE, config_groups={"group_0": scheme})],
-            max_seq_length=seq_len, num_calibration_samples=len(calib_texts), output_dir=str(out))
+            max_seq_length=seq_len, num_calibration_samples=len(calib_texts), output_dir=str(out),
+            trust_remote_code_model=trust_remote_code)
     tokenizer.save_pretrained(out)
     log.info("AWQ W4 g%d (%s) written to %s", group_size, "sym" if symmetric else "asym", out)
     return out

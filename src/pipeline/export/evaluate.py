@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from pipeline.loading import load_model
+from pipeline.loading import load_model, load_tokenizer
 
 
 @torch.no_grad()
@@ -44,11 +44,11 @@ def weight_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
 
 
-def measure(model_dir: Path, texts: list[str], seq_len: int) -> dict:
+def measure(model_dir: Path, texts: list[str], seq_len: int, trust_remote_code: bool) -> dict:
     """Load the model once on this machine's device; its bytes, held-out perplexity and tokens/s."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_model(AutoModelForCausalLM, model_dir).to(device).eval()
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    model = load_model(AutoModelForCausalLM, model_dir, trust_remote_code).to(device).eval()
     return {"bytes": weight_bytes(model_dir),
             "perplexity": round(perplexity(model, tokenizer, texts, seq_len), 4),
             "tokens_per_s": generation_tokens_per_s(model, tokenizer, texts[:3])}

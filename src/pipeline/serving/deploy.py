@@ -10,23 +10,18 @@ import requests
 from ray import serve
 
 from pipeline.config import PipelineConfig
-from pipeline.export.stage import served_model_dir
+from pipeline.handoff import served_model_dir
 from pipeline.serving.schemas import ServeArgs
 
 log = logging.getLogger("pipeline.serve")
-# ServeConfig fields that a replica takes as they are
-SHARED_FIELDS = {"engine", "max_new_tokens", "max_prompt_tokens", "max_batch_size", "batch_wait_timeout_s",
-                 "max_queue", "request_timeout_s", "api_key_env", "min_replicas", "max_replicas",
-                 "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s", "num_cpus", "num_gpus"}
 APP_NAME = "llm"
 
 
 def serve_args(cfg: PipelineConfig) -> ServeArgs:
-    s = cfg.serve
-    key = os.environ.get(s.api_key_env)
-    return ServeArgs(model_dir=str(served_model_dir(cfg)), model_name=cfg.name,
-                     api_key_sha256=hashlib.sha256(key.encode()).hexdigest() if key else None,
-                     **s.model_dump(include=SHARED_FIELDS))
+    """The replicas' settings for the model this config's last quantize stage produced; the API key
+    (from serve.api_key_env) travels only as its SHA-256."""
+    key = os.environ.get(cfg.serve.api_key_env)
+    return ServeArgs.from_config(cfg, served_model_dir(cfg), hashlib.sha256(key.encode()).hexdigest() if key else None)
 
 
 def deploy(cfg: PipelineConfig) -> str:
@@ -34,11 +29,12 @@ def deploy(cfg: PipelineConfig) -> str:
     deploy the app; returns the base URL once it answers /healthz."""
     from serve.app import build_app
 
+    args = serve_args(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app(serve_args(cfg).model_dump()), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(args.model_dump()), name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     wait_healthy(url)
-    log.info("serving %s at %s", served_model_dir(cfg), url)
+    log.info("serving %s at %s", args.model_dir, url)
     return url
 
 

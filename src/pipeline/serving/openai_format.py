@@ -7,7 +7,7 @@ import uuid
 
 from fastapi.responses import JSONResponse
 
-from pipeline.serving.engine import Completion
+from pipeline.serving.types import Completion
 
 
 class APIError(Exception):

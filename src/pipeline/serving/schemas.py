@@ -2,9 +2,12 @@
 built from. OpenAI bodies ignore fields we do not implement (clients send `n`, `user`, ...)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.config import PipelineConfig, ReplicaSettings
 
 
 def _stop_list(v):
@@ -60,24 +63,15 @@ class ChatRequest(_OpenAIRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
-class ServeArgs(BaseModel):
-    """Everything one replica needs; also the `args` of the app in a RayService serveConfigV2."""
-    model_config = ConfigDict(extra="forbid")
+class ServeArgs(ReplicaSettings):
+    """Everything one replica needs: the serve section's replica settings (validated as there) and the
+    model to serve. Also the `args` of the app in a RayService serveConfigV2."""
     model_dir: str
     model_name: str = "llm-pipeline"
-    engine: Literal["auto", "transformers", "vllm"] = "auto"
-    max_new_tokens: int = 256
-    max_prompt_tokens: int = 1024
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02
-    max_queue: int = 64
-    request_timeout_s: float = 120
-    api_key_env: str = "PIPELINE_API_KEY"
+    trust_remote_code: bool = False
     api_key_sha256: str | None = None
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 2
-    upscale_delay_s: float = 5
-    downscale_delay_s: float = 30
-    num_cpus: float = 0.5
-    num_gpus: float = 0
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig, model_dir: str | Path, api_key_sha256: str | None = None) -> ServeArgs:
+        return cls(model_dir=str(model_dir), model_name=cfg.name, trust_remote_code=cfg.model.trust_remote_code,
+                   api_key_sha256=api_key_sha256, **cfg.serve.replica_settings())

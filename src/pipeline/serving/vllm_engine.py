@@ -1,24 +1,22 @@
 """vLLM engine for GPU replicas: AsyncLLMEngine with continuous batching. vLLM cannot be installed
 beside llm-compressor, so this module is only imported where `choose_engine` found vLLM and a GPU
-(requirements-vllm.txt); its arguments come from `engine.vllm_engine_args`, which is tested."""
+(requirements-vllm.txt); its arguments come from `engines.vllm_engine_args`, which is tested."""
 from __future__ import annotations
 
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
-from pipeline.serving.engine import Completion, Sampling, TokenizerOps, truncate_at_stop
+from pipeline.loading import load_tokenizer
+from pipeline.serving.engine import Engine
+from pipeline.serving.types import Completion, Sampling, truncate_at_stop
 
 
-class VLLMEngine(TokenizerOps):
-    continuous_batching = True
-
+class VLLMEngine(Engine):
     def __init__(self, engine_args: dict):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
         self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_args))
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(engine_args["tokenizer"])
+        self.tokenizer = load_tokenizer(engine_args["tokenizer"], engine_args["trust_remote_code"])
 
     @staticmethod
     def _params(s: Sampling):
@@ -31,17 +29,17 @@ class VLLMEngine(TokenizerOps):
         async for out in self.engine.generate(prompt, self._params(s), request_id=uuid.uuid4().hex):
             yield out
 
-    async def agenerate(self, prompt: str, s: Sampling) -> Completion:
+    async def complete(self, prompt: str, sampling: Sampling) -> Completion:
         final = None
-        async for final in self._outputs(prompt, s):
-            pass
+        async for output in self._outputs(prompt, sampling):
+            final = output  # each output holds the whole text so far; the last one is the answer
         choice = final.outputs[0]
-        text, _ = truncate_at_stop(choice.text, s.stop)
+        text, _ = truncate_at_stop(choice.text, sampling.stop)
         return Completion(text, len(final.prompt_token_ids), len(choice.token_ids), choice.finish_reason or "stop")
 
-    async def astream(self, prompt: str, s: Sampling) -> AsyncIterator[str]:
+    async def stream(self, prompt: str, sampling: Sampling) -> AsyncIterator[str]:
         sent = 0
-        async for out in self._outputs(prompt, s):
+        async for out in self._outputs(prompt, sampling):
             text = out.outputs[0].text
             yield text[sent:]
             sent = len(text)

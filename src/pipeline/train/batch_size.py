@@ -1,12 +1,15 @@
-"""train.batch_size=auto: the seed's memory rule as a first guess, then halved until a step fits."""
+"""train.batch_size=auto: a memory rule as a first guess, then halved until a step fits."""
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import psutil
 import torch
 import torch.distributed as dist
+
+from pipeline.config import TrainConfig
+from pipeline.train.strategy import autocast_dtype
 
 log = logging.getLogger("pipeline.train")
 
@@ -14,9 +17,9 @@ MAX_GUESS = 256
 CPU_MAX = 8  # on CPUs time, not memory, is the limit: bigger micro-batches only make steps slower
 
 
-def seed_rule(mem_bytes: int, seq_len: int, d_model: int) -> int:
-    """floor(mem_GB*1024 / (seq_len*d_model*4)) with both sides in the same unit: memory over the bytes of one
-    sample's fp32 hidden states. It ignores depth and optimizer state, so it overshoots; halving corrects it."""
+def memory_rule(mem_bytes: int, seq_len: int, d_model: int) -> int:
+    """floor(memory / (seq_len * d_model * 4 bytes)): memory over the bytes of one sample's fp32 hidden
+    states. It ignores depth and optimizer state, so it overshoots; halving corrects it."""
     return max(1, min(MAX_GUESS, mem_bytes // (seq_len * d_model * 4)))
 
 
@@ -41,22 +44,26 @@ def probe(model: torch.nn.Module, seq_len: int, device: torch.device, dtype) -> 
     def try_step(batch: int) -> None:
         ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            model(input_ids=ids, labels=ids).loss.backward()
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         model.zero_grad(set_to_none=True)
     return try_step
 
 
-def choose_batch_size(model: torch.nn.Module, c: dict, device: torch.device, dtype) -> int:
-    if c["batch_size"] != "auto":
-        return c["batch_size"]
+def choose_batch_size(model: torch.nn.Module, train: TrainConfig, seq_len: int, device: torch.device) -> int:
+    if train.batch_size != "auto":
+        return train.batch_size
+    hidden = model.config.hidden_size
     if device.type == "cuda":
-        guess = seed_rule(torch.cuda.get_device_properties(device).total_memory, c["seq_len"], model.config.hidden_size)
-        sharded = c["strategy"] == "fsdp" or c.get("zero_stage") == 3
+        guess = memory_rule(torch.cuda.get_device_properties(device).total_memory, seq_len, hidden)
+        sharded = train.strategy == "fsdp" or train.zero_stage == 3
         # a sharded model may not fit whole on one GPU, so it cannot be probed before sharding
-        chosen = guess if sharded else halve_until_fits(probe(model.to(device), c["seq_len"], device, dtype), guess)
+        if sharded:
+            chosen = guess
+        else:
+            chosen = halve_until_fits(probe(model.to(device), seq_len, device, autocast_dtype(train)), guess)
     else:
-        chosen = min(CPU_MAX, seed_rule(psutil.virtual_memory().available, c["seq_len"], model.config.hidden_size))
+        chosen = min(CPU_MAX, memory_rule(psutil.virtual_memory().available, seq_len, hidden))
     agreed = torch.tensor(chosen, device=device)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # every worker steps with the same micro-batch
-    log.info("batch_size=auto: micro-batch %d per worker (seed rule, then halving on OOM)", int(agreed))
+    log.info("batch_size=auto: micro-batch %d per worker (memory rule, then halving on OOM)", int(agreed))
     return int(agreed)

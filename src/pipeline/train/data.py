@@ -7,43 +7,24 @@ dpo       preference jsonl -> one chosen and one rejected row per pair   {chosen
 from __future__ import annotations
 
 import json
-import zlib
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as pads
 import ray
 from ray.data.extensions import ArrowTensorArray
-from transformers import AutoTokenizer
 
-HELD_OUT_EVERY = 20  # 1 document in 20, picked by a hash of its id, is never trained on
+from pipeline.heldout import is_held_out
+from pipeline.loading import load_tokenizer
+
 IGNORE = -100  # label of tokens the loss skips (prompts, padding)
 
 
-def is_held_out(doc_id: str) -> bool:
-    """Stable across runs, block counts and cluster sizes: it depends on the id alone."""
-    return zlib.crc32(str(doc_id).encode()) % HELD_OUT_EVERY == 0
-
-
-def split_texts(kept_dir: Path, limit: int, held_out: bool) -> list[str]:
-    """Up to `limit` curated texts from the training split, or from the held-out split that
-    training never sees (for perplexity and KL evaluation). Streams; never loads the folder."""
-    texts: list[str] = []
-    for batch in pads.dataset(str(kept_dir), format="parquet").to_batches(columns=["id", "text"]):
-        for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            if is_held_out(doc_id) == held_out:
-                texts.append(text)
-                if len(texts) == limit:
-                    return texts
-    return texts
-
-
 @lru_cache(maxsize=2)
-def _tokenizer(path: str):
-    return AutoTokenizer.from_pretrained(path)
+def _tokenizer(path: str, trust_remote_code: bool):
+    return load_tokenizer(path, trust_remote_code)
 
 
 def tensor_table(columns: dict[str, np.ndarray]) -> pa.Table:
@@ -59,22 +40,37 @@ def record_key(rec: dict) -> str:
 
 # --- pretrain -----------------------------------------------------------------------------------
 
-def pack_documents(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: bool) -> pa.Table:
+def pack_documents(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: bool,
+                   trust_remote_code: bool, padding_free: bool = False) -> pa.Table:
     """Concatenate the split's documents (each ended by EOS) and cut the stream into seq_len rows; the tail
-    shorter than a row is dropped, so no row carries padding."""
-    tok = _tokenizer(tokenizer_dir)
+    shorter than a row is dropped, so no row carries padding. `padding_free`: position_ids restart after
+    each EOS (and at each row start), which keeps documents from attending to each other."""
+    tok = _tokenizer(tokenizer_dir, trust_remote_code)
     batch = batch[batch["id"].map(is_held_out) == held_out]
     stream: list[int] = []
     for ids in tok(batch["text"].tolist(), add_special_tokens=False)["input_ids"] if len(batch) else []:
         stream += ids + [tok.eos_token_id]
     rows = len(stream) // seq_len
-    return tensor_table({"input_ids": np.asarray(stream[: rows * seq_len], dtype=np.int64).reshape(rows, seq_len)})
+    ids = np.asarray(stream[: rows * seq_len], dtype=np.int64).reshape(rows, seq_len)
+    if not padding_free:
+        return tensor_table({"input_ids": ids})
+    return tensor_table({"input_ids": ids, "position_ids": document_positions(ids, tok.eos_token_id)})
+
+
+def document_positions(ids: np.ndarray, eos: int) -> np.ndarray:
+    """Each token's position inside its document, counted from the row start for a document that began
+    in an earlier row: 0 at each row start and right after each EOS."""
+    column = np.arange(ids.shape[1])
+    starts = np.zeros(ids.shape, dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = ids[:, :-1] == eos
+    return column - np.maximum.accumulate(np.where(starts, column, 0), axis=1)
 
 
 # --- sft ----------------------------------------------------------------------------------------
 
 def format_instruction(task: str, input_text: str, output: str | None = None) -> str:
-    """The seed's multi-task template; `output=None` gives the prompt the model completes."""
+    """The multi-task template ([TASK] / [INPUT] / [OUTPUT]); `output=None` gives the prompt the model completes."""
     prompt = f"[TASK] {task}\n[INPUT] {input_text}\n[OUTPUT] "
     return prompt if output is None else prompt + output
 
@@ -105,10 +101,11 @@ def tokenize_example(prompt: str, response: str, tok, seq_len: int) -> tuple[lis
     return p + r, [IGNORE] * len(p) + r
 
 
-def pack_examples(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: bool) -> pa.Table:
+def pack_examples(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: bool,
+                  trust_remote_code: bool) -> pa.Table:
     """Whole examples packed greedily into rows. position_ids restart at each example, which tells
     transformers to keep the examples of one row from attending to each other."""
-    tok = _tokenizer(tokenizer_dir)
+    tok = _tokenizer(tokenizer_dir, trust_remote_code)
     rows: list[tuple[list, list, list]] = []
     ids, labels, positions = [], [], []
     for rec in batch.to_dict("records"):
@@ -130,9 +127,10 @@ def pack_examples(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_ou
 
 # --- dpo ----------------------------------------------------------------------------------------
 
-def pair_rows(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: bool) -> pa.Table:
+def pair_rows(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: bool,
+              trust_remote_code: bool) -> pa.Table:
     """One padded row per side of each {prompt, chosen, rejected} pair; labels mark the response."""
-    tok = _tokenizer(tokenizer_dir)
+    tok = _tokenizer(tokenizer_dir, trust_remote_code)
     out: dict[str, list] = {f"{side}_{k}": [] for side in ("chosen", "rejected") for k in ("ids", "labels")}
     for rec in batch.to_dict("records"):
         missing = [k for k in ("prompt", "chosen", "rejected") if not rec.get(k)]
@@ -150,12 +148,15 @@ def pair_rows(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: b
 BUILDERS = {"pretrain": pack_documents, "sft": pack_examples, "dpo": pair_rows}
 
 
-def stage_datasets(kind: str, source: str, tokenizer_dir: str, seq_len: int) -> dict[str, ray.data.Dataset]:
-    """{"train": ..., "eval": ...} for one stage: `source` is the curated kept/ folder (pretrain) or a jsonl."""
+def stage_datasets(kind: str, source: str, tokenizer_dir: str, trust_remote_code: bool, seq_len: int,
+                   padding_free: bool = False) -> dict[str, ray.data.Dataset]:
+    """{"train": ..., "eval": ...} for one stage: `source` is the curated kept/ folder (pretrain) or a jsonl.
+    `padding_free` is pretraining's (SFT rows always restart positions per example)."""
     if not Path(source).exists():
         raise FileNotFoundError(f"{kind} data not found: {source}")
     read = ray.data.read_parquet(source, columns=["id", "text"]) if kind == "pretrain" else ray.data.read_json(source)
+    settings = {"tokenizer_dir": tokenizer_dir, "trust_remote_code": trust_remote_code, "seq_len": seq_len,
+                **({"padding_free": padding_free} if kind == "pretrain" else {})}
     return {split: read.map_batches(BUILDERS[kind], batch_format="pandas", batch_size=64,
-                                    fn_kwargs={"tokenizer_dir": tokenizer_dir, "seq_len": seq_len,
-                                               "held_out": split == "eval"})
+                                    fn_kwargs={**settings, "held_out": split == "eval"})
             for split in ("train", "eval")}

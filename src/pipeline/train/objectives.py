@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.loading import load_model
 from pipeline.train.data import IGNORE
+from pipeline.train.recipe_config import RecipeConfig
 
 
 def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -31,9 +32,14 @@ def moe_stats(out, top_k: int | None) -> dict:
 
 def causal_lm(engine, batch: dict) -> tuple[torch.Tensor, dict]:
     """Next-token cross-entropy over the tokens whose label is not IGNORE (all of them when pretraining,
-    the responses in SFT), plus the MoE router's load-balancing loss when the model has one."""
+    the responses in SFT), plus the MoE router's load-balancing loss when the model has one.
+
+    Restarting position_ids keep the sequences packed into one row from attending to each other, but
+    transformers (5.17) builds that mask only when no KV cache is passed, and a forward makes one unless
+    told use_cache=False, in training mode too: every training forward here says it."""
     ids = batch["input_ids"]
-    out = engine(input_ids=ids, labels=batch.get("labels", ids), position_ids=batch.get("position_ids"))
+    out = engine(input_ids=ids, labels=batch.get("labels", ids), position_ids=batch.get("position_ids"),
+                 use_cache=False)
     model = getattr(engine, "module", engine)  # an engine, or a bare model (EWC measures on one)
     return out.loss, moe_stats(out, getattr(model.config, "num_experts_per_tok", None))
 
@@ -52,21 +58,22 @@ class DPO:
     started from, does. With LoRA that is the same model with its adapter switched off (each stage
     starts a fresh adapter on the previous stage's merged model); a full fine-tune loads a frozen copy."""
 
-    def __init__(self, beta: float, reference_dir: str | None, device: torch.device):
+    def __init__(self, beta: float, reference_dir: str | None, trust_remote_code: bool, device: torch.device):
         self.beta = beta
-        self.reference = reference_dir and load_model(AutoModelForCausalLM, reference_dir).to(device).eval()
+        self.reference = reference_dir and load_model(
+            AutoModelForCausalLM, reference_dir, trust_remote_code).to(device).eval()
 
     @torch.no_grad()
     def reference_logps(self, engine, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.reference:
-            return sequence_logps(self.reference(input_ids=ids).logits, labels)
+            return sequence_logps(self.reference(input_ids=ids, use_cache=False).logits, labels)
         with engine.module.disable_adapter():
-            return sequence_logps(engine.module(input_ids=ids).logits, labels)
+            return sequence_logps(engine.module(input_ids=ids, use_cache=False).logits, labels)
 
     def __call__(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-        out = engine(input_ids=ids)
+        out = engine(input_ids=ids, use_cache=False)
         policy_chosen, policy_rejected = sequence_logps(out.logits, labels).chunk(2)
         ref_chosen, ref_rejected = self.reference_logps(engine, ids, labels).chunk(2)
         margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
@@ -82,25 +89,27 @@ class Distillation:
     T^2 keeps the soft targets' gradient on the CE's scale whatever T is. The teacher is frozen and
     runs without autograd on every worker, beside its student."""
 
-    def __init__(self, teacher_dir: str, alpha: float, temperature: float, device: torch.device):
+    def __init__(self, teacher_dir: str, alpha: float, temperature: float, trust_remote_code: bool,
+                 device: torch.device):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.teacher = load_model(AutoModelForCausalLM, teacher_dir, dtype=dtype).to(device).eval()
+        self.teacher = load_model(AutoModelForCausalLM, teacher_dir, trust_remote_code, dtype=dtype).to(device).eval()
         self.teacher.requires_grad_(False)
         self.alpha, self.temperature = alpha, temperature
 
     def __call__(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
         ids = batch["input_ids"]
-        out = engine(input_ids=ids, labels=ids)
+        out = engine(input_ids=ids, labels=ids, use_cache=False)
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=ids).logits.float()
+            teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits.float()
         kl = token_kl(teacher_logits, out.logits.float(), self.temperature)
         return self.alpha * kl * self.temperature ** 2 + (1 - self.alpha) * out.loss, {"kl": kl.detach()}
 
 
-def make_objective(c: dict, device: torch.device):
-    if c["objective"] == "distill":
-        return Distillation(c["teacher"], c["alpha"], c["temperature"], device)
-    if c["objective"] == "dpo":
+def make_objective(config: RecipeConfig, device: torch.device):
+    trust = config.model.trust_remote_code
+    if config.objective == "distill":
+        return Distillation(config.teacher, config.distill.alpha, config.distill.temperature, trust, device)
+    if config.objective == "dpo":
         # a full fine-tune has no adapter to switch off: its reference is the stage's starting model
-        return DPO(c["beta"], c["base_model"] if c["lora_r"] is None else None, device)
+        return DPO(config.dpo_beta, config.base_model if config.lora is None else None, trust, device)
     return causal_lm

@@ -8,9 +8,12 @@ step and data position from the latest checkpoint.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import math
 import os
+import resource
 import tempfile
 import time
 from contextlib import nullcontext
@@ -22,31 +25,62 @@ import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-from pipeline.loading import load_model
+from pipeline.config import TrainConfig
+from pipeline.loading import load_model, load_model_config
+from pipeline.train import fused_loss
 from pipeline.train.batch_size import choose_batch_size
 from pipeline.train.ewc import EWC
 from pipeline.train.objectives import causal_lm, make_objective
-from pipeline.train.strategy import DTYPES, build_engine, precision
+from pipeline.train.recipe_config import RecipeConfig
+from pipeline.train.strategy import build_engine
+
+log = logging.getLogger("pipeline.train")
 
 
-def build_model(c: dict) -> torch.nn.Module:
-    """The stage's base with LoRA adapters, or the whole model trainable when `lora_r` is None."""
-    config = AutoConfig.from_pretrained(c["base_model"], trust_remote_code=c["trust_remote_code"])
-    if hasattr(config, "router_aux_loss_coef"):
-        config.output_router_logits = True  # adds the router's load-balancing loss to `loss`
-        if c["router_aux_loss_coef"] is not None:
-            config.router_aux_loss_coef = c["router_aux_loss_coef"]
-    model = load_model(AutoModelForCausalLM, c["base_model"], c["trust_remote_code"], config=config, dtype=torch.float32)
-    if c["gradient_checkpointing"]:
+def attention_kernel(train: TrainConfig) -> str:
+    if train.attention != "auto":
+        return train.attention
+    flash = train.use_gpu and importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if flash else "sdpa"
+
+
+def build_model(config: RecipeConfig) -> torch.nn.Module:
+    """The stage's base with LoRA adapters, or the whole model trainable for a full fine-tune."""
+    trust, train = config.model.trust_remote_code, config.train
+    architecture = load_model_config(config.base_model, trust)
+    if hasattr(architecture, "router_aux_loss_coef"):
+        architecture.output_router_logits = True  # adds the router's load-balancing loss to `loss`
+        if train.router_aux_loss_coef is not None:
+            architecture.router_aux_loss_coef = train.router_aux_loss_coef
+    model = load_model(AutoModelForCausalLM, config.base_model, trust, config=architecture, dtype=torch.float32,
+                       attn_implementation=attention_kernel(train))
+    if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if c["lora_r"] is None:
-        return model
-    lora = LoraConfig(r=c["lora_r"], lora_alpha=c["lora_alpha"], lora_dropout=c["lora_dropout"],
-                      target_modules=c["lora_targets"] or None, target_parameters=c["lora_target_parameters"] or None,
-                      modules_to_save=c["lora_modules_to_save"] or None, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    lora = config.lora
+    if lora is not None:
+        model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules or None,
+            target_parameters=lora.target_parameters or None, modules_to_save=lora.modules_to_save or None,
+            task_type="CAUSAL_LM"))
+    if train.compile:  # layer by layer, as torchtitan does: small graphs, and the shards stay outside them
+        for layer in decoder_layers(model):
+            layer.compile()
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm.get_decoder().layers
+
+
+def speed_switches(model: torch.nn.Module, config: RecipeConfig, device: torch.device) -> dict:
+    """Installs the fused cross-entropy where asked (and where the objective reads no logits); returns
+    what this run uses, for the log and the first step's metrics."""
+    fused = config.train.fused_cross_entropy and config.objective == "causal_lm"
+    return {"attention": model.config._attn_implementation, "compile": config.train.compile,
+            "cross_entropy": fused_loss.install(model, device) if fused else "full_logits"}
 
 
 @dataclass
@@ -60,12 +94,12 @@ class State:
     stopped_early: bool = False
     resumed_at: list = field(default_factory=list)  # the step of each restart from a checkpoint
 
-    def record_eval(self, loss: float, c: dict) -> None:
-        if loss < self.best_eval - c["early_stopping_min_delta"]:
+    def record_eval(self, loss: float, train: TrainConfig) -> None:
+        if loss < self.best_eval - train.early_stopping_min_delta:
             self.best_eval, self.evals_without_gain = loss, 0
         else:
             self.evals_without_gain += 1
-        patience = c["early_stopping_patience"]
+        patience = train.early_stopping_patience
         self.stopped_early = patience > 0 and self.evals_without_gain >= patience
 
 
@@ -128,13 +162,20 @@ def evaluate(engine, objective, held_out: list[dict]) -> float | None:
     return round((total[0] / total[1]).item(), 5) if total[1] else None
 
 
+def peak_memory() -> dict:
+    """This worker's peak so far: GPU memory allocated on CUDA, else its resident set size."""
+    if torch.cuda.is_available():
+        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+
+
 class Meter:
     """Averages the loss and the objective's scalars over logging windows, across workers; writes TensorBoard."""
 
-    def __init__(self, c: dict, rank: int, tokens_per_micro_batch: int):
+    def __init__(self, output_dir: str | None, rank: int, tokens_per_micro_batch: int):
         self.values: dict[str, list] = {}
         self.tokens, self.t0 = tokens_per_micro_batch * dist.get_world_size(), time.time()
-        self.writer = SummaryWriter(c["tensorboard_dir"]) if rank == 0 and c.get("tensorboard_dir") else None
+        self.writer = SummaryWriter(Path(output_dir) / "tensorboard") if rank == 0 and output_dir else None
 
     def add(self, loss: torch.Tensor, stats: dict) -> None:
         for name, value in {"loss": loss, **stats}.items():
@@ -148,10 +189,10 @@ class Meter:
         micro_batches, elapsed = len(self.values["loss"]), time.time() - self.t0
         metrics = {"step": step, **{n: round(m.item(), 5) for n, m in zip(names, means)}, "lr": engine.lr,
                    "grad_norm": round(engine.grad_norm, 5), "tokens_per_s": round(self.tokens * micro_batches / elapsed, 1),
-                   **extra}
+                   **peak_memory(), **extra}
         if self.writer:
             for name, value in metrics.items():
-                if name != "step" and isinstance(value, (int, float)):
+                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"{'eval' if name.startswith('eval') else 'train'}/{name}", value, step)
             self.writer.flush()
         self.values = {}
@@ -162,41 +203,48 @@ class Meter:
         self.t0 = time.time()
 
 
-def profiler(c: dict, rank: int):
+def profiler(config: RecipeConfig, rank: int):
     """train.profile: rank 0 traces steps 2-4 (after one warm-up) for TensorBoard's profiler view."""
-    if not (c["profile"] and rank == 0):
+    if not (config.train.profile and rank == 0 and config.output_dir):
         return nullcontext(None)
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if c["use_gpu"] else [])
-    return torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
-                                  on_trace_ready=torch.profiler.tensorboard_trace_handler(c["profile_dir"]))
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if config.train.use_gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(
+        activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(Path(config.output_dir) / "profile")))
 
 
-def train_loop(c: dict) -> None:
-    if not c["use_gpu"]:
+def train_loop(config: RecipeConfig) -> None:
+    train = config.train
+    if not train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed  # noqa: F401  (after DS_ACCELERATOR: DeepSpeed picks its accelerator on import)
 
-    torch.manual_seed(c["seed"])
+    torch.manual_seed(train.seed)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    device = torch.device("cuda", ctx.get_local_rank()) if c["use_gpu"] else torch.device("cpu")
+    device = torch.device("cuda", ctx.get_local_rank()) if train.use_gpu else torch.device("cpu")
 
-    model = build_model(c).to(device)
-    micro = choose_batch_size(model, c, device, DTYPES[precision(c)])
-    objective = make_objective(c, device)
-    ewc = c["ewc_weight"] and EWC(model, causal_lm, first_batches(
-        ray.train.get_dataset_shard("previous"), c["ewc_batches"], micro, device), c["ewc_weight"])
-    engine = build_engine(model, {**c, "batch_size": micro}, device)
+    model = build_model(config).to(device)
+    switches = speed_switches(model, config, device)
+    if rank == 0:
+        log.info("training with %s", ", ".join(f"{k}={v}" for k, v in switches.items()))
+    micro = choose_batch_size(model, train, config.model.seq_len, device)
+    objective = make_objective(config, device)
+    ewc = config.ewc and EWC(model, causal_lm, first_batches(
+        ray.train.get_dataset_shard("previous"), train.ewc.fisher_batches, micro, device), train.ewc.weight)
+    engine = build_engine(model, train, micro, device)
     state = resume(engine)
     data = batches(ray.train.get_dataset_shard("train"), micro, device, skip=state.micro_batches)
-    held_out = first_batches(ray.train.get_dataset_shard("eval"), c["eval_batches"], micro, device)
-    previous_held_out = c["track_previous"] and first_batches(
-        ray.train.get_dataset_shard("previous_eval"), c["eval_batches"], micro, device)
-    meter = Meter(c, rank, micro * c["seq_len"])
+    held_out = first_batches(ray.train.get_dataset_shard("eval"), train.eval_batches, micro, device)
+    previous_held_out = config.track_previous and first_batches(
+        ray.train.get_dataset_shard("previous_eval"), train.eval_batches, micro, device)
+    meter = Meter(config.output_dir, rank, micro * config.model.seq_len)
 
-    with profiler(c, rank) as prof:
-        while state.step < c["max_steps"] and not state.stopped_early:
-            for _ in range(c["grad_accum"]):
+    with profiler(config, rank) as prof:
+        while state.step < train.max_steps and not state.stopped_early:
+            for _ in range(train.grad_accum):
                 loss, stats = objective(engine, next(data))
                 if ewc:
                     stats["ewc_penalty"] = ewc.penalty()
@@ -205,26 +253,26 @@ def train_loop(c: dict) -> None:
                 engine.step()
                 meter.add(loss, stats)
             state.step += 1
-            state.micro_batches += c["grad_accum"]
-            if c["inject_fault_at_step"] == state.step and rank == 0 and not state.resumed_at:
+            state.micro_batches += train.grad_accum
+            if train.inject_fault_at_step == state.step and rank == 0 and not state.resumed_at:
                 raise RuntimeError(f"fault drill: worker 0 fails at step {state.step} (train.inject_fault_at_step)")
-            extra = {"batch_size": micro} if state.step == 1 else {}
-            if state.step % c["eval_every"] == 0 and (eval_loss := evaluate(engine, objective, held_out)) is not None:
-                state.record_eval(eval_loss, c)
+            extra = {"batch_size": micro, **switches} if state.step == 1 else {}
+            if state.step % train.eval_every == 0 and (eval_loss := evaluate(engine, objective, held_out)) is not None:
+                state.record_eval(eval_loss, train)
                 extra.update(eval_loss=eval_loss, **({"stopped_early": True} if state.stopped_early else {}))
                 if previous_held_out:  # forgetting: the loss on the previous stage's held-out data
                     extra["previous_eval_loss"] = evaluate(engine, causal_lm, previous_held_out)
-            last = state.step == c["max_steps"] or state.stopped_early
-            if state.step % c["log_every"] == 0 or state.step % c["checkpoint_every"] == 0 or last or extra:
+            last = state.step == train.max_steps or state.stopped_early
+            checkpoint_now = state.step % train.checkpoint_every == 0 or last
+            if state.step % train.log_every == 0 or checkpoint_now or extra:
                 metrics = meter.flush(state.step, engine, extra)
                 state.history.append(metrics)
                 if not math.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"loss became {metrics['loss']} at step {state.step}")
-                if state.step % c["checkpoint_every"] == 0 or last:
+                if checkpoint_now:
                     save_checkpoint(engine, state, metrics)
                 else:
                     ray.train.report(metrics)
                 meter.restart_clock()
             if prof:
                 prof.step()
-

@@ -15,32 +15,35 @@ import torch
 import torch.distributed as dist
 from transformers import get_cosine_schedule_with_warmup
 
+from pipeline.config import TrainConfig
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def precision(c: dict) -> str:
-    return ("bf16" if c["use_gpu"] else "fp32") if c["precision"] == "auto" else c["precision"]
+def autocast_dtype(train: TrainConfig) -> torch.dtype | None:
+    """The dtype of mixed-precision compute, None for plain fp32."""
+    return DTYPES[train.resolved_precision]
 
 
-def deepspeed_config(c: dict) -> dict:
+def deepspeed_config(train: TrainConfig, micro_batch: int) -> dict:
     """Generated from our config; a user's DeepSpeed JSON (train.deepspeed_config) overrides any key."""
-    zero = {"stage": c["zero_stage"]}
-    if c["offload_optimizer"]:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": c["use_gpu"]}
+    zero = {"stage": train.zero_stage}
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
     generated = {
-        "train_micro_batch_size_per_gpu": c["batch_size"],
-        "gradient_accumulation_steps": c["grad_accum"],
-        "gradient_clipping": c["grad_clip"],
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
         # torch_adam: the fused DeepSpeed Adam would JIT-compile a C++ op on CPU first
-        "optimizer": {"type": "AdamW", "params": {"lr": c["lr"], "weight_decay": 0.0, "torch_adam": True}},
-        "bf16": {"enabled": precision(c) == "bf16"},
-        "fp16": {"enabled": precision(c) == "fp16"},
+        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": 0.0, "torch_adam": True}},
+        "bf16": {"enabled": train.resolved_precision == "bf16"},
+        "fp16": {"enabled": train.resolved_precision == "fp16"},
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    if c.get("deepspeed_config"):
-        generated = _deep_merge(generated, json.loads(Path(c["deepspeed_config"]).read_text()))
+    if train.deepspeed_config:
+        generated = _deep_merge(generated, json.loads(Path(train.deepspeed_config).read_text()))
     generated.pop("train_batch_size", None)  # DeepSpeed derives it from micro-batch x accumulation x world
     return generated
 
@@ -61,15 +64,15 @@ def mark_moe_leaves(model: torch.nn.Module) -> None:
 
 
 class DeepSpeedEngine:
-    def __init__(self, model: torch.nn.Module, c: dict):
+    def __init__(self, model: torch.nn.Module, train: TrainConfig, micro_batch: int):
         import deepspeed
 
-        if c["zero_stage"] == 3:
+        if train.zero_stage == 3:
             mark_moe_leaves(model)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(c),
-            lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, c["warmup_steps"], c["max_steps"]))
+            config=deepspeed_config(train, micro_batch),
+            lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, train.warmup_steps, train.max_steps))
         self.module = self.engine.module
 
     def __call__(self, **batch):
@@ -115,21 +118,21 @@ class DeepSpeedEngine:
 class TorchEngine:
     """DDP or FSDP2 with AdamW, a cosine schedule, accumulation, clipping and mixed precision."""
 
-    def __init__(self, model: torch.nn.Module, c: dict, device: torch.device):
+    def __init__(self, model: torch.nn.Module, train: TrainConfig, device: torch.device):
         from torch.nn.parallel import DistributedDataParallel
 
-        self.accum, self.clip, self.micro_steps, self.grad_norm = c["grad_accum"], c["grad_clip"], 0, 0.0
-        dtype = DTYPES[precision(c)]
+        self.accum, self.clip, self.micro_steps, self.grad_norm = train.grad_accum, train.grad_clip, 0, 0.0
+        dtype = autocast_dtype(train)
         self.module = model.to(device)
-        if c["strategy"] == "fsdp":
+        if train.strategy == "fsdp":
             shard(model, dtype)
             self.model, self.autocast = model, None  # FSDP2 casts parameters itself
         else:
             self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
             self.autocast = dtype and torch.autocast(device.type, dtype=dtype)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=c["lr"], weight_decay=0.0)
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, c["warmup_steps"], c["max_steps"])
+        self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=0.0)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, train.warmup_steps, train.max_steps)
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
     def __call__(self, **batch):
@@ -214,5 +217,8 @@ def shard(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
     fully_shard(model, mp_policy=policy)
 
 
-def build_engine(model: torch.nn.Module, c: dict, device: torch.device):
-    return DeepSpeedEngine(model, c) if c["strategy"] == "deepspeed" else TorchEngine(model, c, device)
+def build_engine(model: torch.nn.Module, train: TrainConfig, micro_batch: int, device: torch.device):
+    """The micro-batch is given apart from `train`: with batch_size=auto it is only known on the workers."""
+    if train.strategy == "deepspeed":
+        return DeepSpeedEngine(model, train, micro_batch)
+    return TorchEngine(model, train, device)

@@ -1,0 +1,55 @@
+"""What a request asks of an engine and what comes back; shared by the engines, the batcher and the
+HTTP layer, so none of them imports another for its types."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+def truncate_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """`text` up to the first stop string in it, and whether one was found."""
+    cuts = [text.index(s) for s in stop if s and s in text]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+class StopCutter:
+    """Stop strings over a stream of text pieces. A stop string may arrive split across pieces, so a
+    tail that could be the start of one is held back until the next piece settles it."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = tuple(s for s in stop if s)
+        self.text = ""  # everything received, cut at the first stop string once one has arrived
+        self.sent = 0  # how much of `text` has been handed out
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """Add a piece; return the text that can be sent now."""
+        self.text, self.stopped = truncate_at_stop(self.text + piece, self.stop)
+        ready = len(self.text) if self.stopped else len(self.text) - self._may_start_stop()
+        out = self.text[self.sent:ready]
+        self.sent = max(self.sent, ready)
+        return out
+
+    def flush(self) -> str:
+        """At the end of the stream: the held-back tail, which started no stop string after all."""
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+    def _may_start_stop(self) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        return max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)

@@ -1,0 +1,146 @@
+"""The training rules without Ray: what a worker is told (the recipe config of each stage and its
+identity), the DeepSpeed config, batch sizes, the data formats, and the checks that fail before any
+worker starts. The recipe itself runs on Ray Train in test_train.py."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import TINY
+from pipeline.config import ConfigError, load_config
+from pipeline.train.recipe_config import recipe_config, stage_recipe
+
+
+def test_a_changed_training_config_starts_a_fresh_ray_train_run(tmp_path):
+    """Ray Train resumes a run of the same name; the name follows the recipe config, so a resubmitted
+    job resumes while a changed config does not load checkpoints that do not fit it."""
+    from pipeline.train.fit import run_name
+
+    cfg = load_config(TINY, [f"runs_dir={tmp_path}"])
+    recipe = recipe_config(cfg, Path("/base"), tmp_path / "out")
+    out = cfg.stage_dir("train")
+    assert run_name(cfg, recipe, out) == run_name(cfg, recipe.model_copy(), out)
+    faster = recipe.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1.0})})
+    assert run_name(cfg, recipe, out) != run_name(cfg, faster, out)
+    elsewhere = recipe.model_copy(update={"output_dir": "/elsewhere"})
+    assert run_name(cfg, recipe, out) == run_name(cfg, elsewhere, out), "where outputs go is no part of it"
+
+
+def test_each_stage_gets_its_own_objective_lr_steps_and_ewc(tmp_path):
+    cfg = load_config(TINY, ["train.lr=1e-3", "train.max_steps=30", "train.ewc.enabled=true", "train.stages="
+                             "[pretrain, {kind: sft, data: d.jsonl, lr: 1e-4}, {kind: dpo, data: p.jsonl, "
+                             "max_steps: 5, beta: 0.3}]"])
+    pretrain, sft, dpo = (stage_recipe(cfg, spec, Path("/base"), tmp_path, first=i == 0, track_previous=i > 0)
+                          for i, spec in enumerate(cfg.train.stages))
+    assert (pretrain.objective, pretrain.train.lr, pretrain.train.max_steps, pretrain.ewc) == ("causal_lm", 1e-3, 30,
+                                                                                                False)
+    assert (sft.objective, sft.train.lr, sft.train.max_steps, sft.ewc, sft.track_previous) == ("causal_lm", 1e-4, 30,
+                                                                                               True, True)
+    assert (dpo.objective, dpo.dpo_beta, dpo.train.max_steps, dpo.train.lr) == ("dpo", 0.3, 5, 1e-3)
+    assert cfg.train.lr == 1e-3 and cfg.train.max_steps == 30, "the pipeline's config is left as it was"
+    with pytest.raises(Exception, match="frozen"):
+        pretrain.base_model = "/other"
+    assert pretrain.lora == cfg.train.lora
+    assert recipe_config(load_config(TINY, ["train.full_finetune=true"]), Path("/b"), tmp_path).lora is None
+
+
+def test_a_users_deepspeed_json_overrides_the_generated_config(tmp_path):
+    from pipeline.train.strategy import deepspeed_config
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5}))
+    cfg = load_config("configs/tiny.yaml", [f"train.deepspeed_config={user}", "train.offload_optimizer=true"])
+    ds = deepspeed_config(cfg.train, cfg.train.batch_size)
+    assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                                       "reduce_bucket_size": 1000}
+    assert ds["gradient_clipping"] == 0.5 and ds["train_micro_batch_size_per_gpu"] == 8
+
+
+def test_auto_batch_size_starts_from_the_memory_rule_and_halves_on_oom():
+    from pipeline.train.batch_size import halve_until_fits, memory_rule
+
+    assert memory_rule(80 * 2**30, 2048, 896) == 256  # capped
+    assert memory_rule(2 * 2**30, 4096, 4096) == 32
+    assert memory_rule(1, 128, 128) == 1
+    tried = []
+
+    def step(batch: int) -> None:  # stands in for a GPU that fits 24 sequences
+        tried.append(batch)
+        if batch > 24:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    assert halve_until_fits(step, 256) == 16 and tried == [256, 128, 64, 32, 16]
+    with pytest.raises(RuntimeError, match="gradient_checkpointing"):
+        halve_until_fits(lambda b: step(100), 4)
+
+
+def test_scale_presets_and_their_configs():
+    from pipeline.model import HARDWARE, PRESETS
+
+    for preset, low, high, config in (("7b-dense", 6e9, 8e9, "configs/7b-lora.yaml"),
+                                      ("66b-dense", 60e9, 70e9, "configs/66b-zero3.yaml")):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(PRESETS[preset](32000))
+        assert low < sum(p.numel() for p in model.parameters()) < high
+        cfg = load_config(config)
+        assert cfg.model.preset == preset and config in HARDWARE[preset] and cfg.train.use_gpu
+    assert load_config("configs/66b-zero3.yaml").train.zero_stage == 3
+
+
+def test_bad_training_configs_fail_before_any_worker_starts(tiny_model_dir):
+    from pipeline.train.stage import check_lora_targets
+
+    with pytest.raises(ConfigError, match="DDP keeps a whole replica"):
+        load_config("configs/tiny.yaml", ["train.strategy=ddp", "train.zero_stage=3"])
+    with pytest.raises(ConfigError, match="ewc needs whole parameters"):
+        load_config("configs/tiny.yaml", ["train.strategy=fsdp", "train.ewc.enabled=true"])
+    with pytest.raises(ConfigError, match="does not support dropout"):
+        load_config("configs/tiny.yaml", ["train.lora.target_parameters=[mlp.experts.down_proj]"])
+    with pytest.raises(ConfigError, match="needs `data`"):
+        load_config("configs/tiny.yaml", ["train.stages=[pretrain, sft]"])
+    with pytest.raises(ConfigError, match=r"\['qkv_proj'\] not found.*linear modules there: .*q_proj"):
+        check_lora_targets(tiny_model_dir, ["qkv_proj"], [], trust_remote_code=False)
+    with pytest.raises(ConfigError, match="mlp.experts.up_proj"):
+        check_lora_targets(tiny_model_dir, ["q_proj"], ["mlp.experts.up_proj"], trust_remote_code=False)
+
+
+def test_sft_labels_ignore_prompt_tokens_and_examples_do_not_see_each_other(tiny_model_dir):
+    from pipeline.train.data import IGNORE, format_instruction, pack_examples
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    recs = [{"task": "echo", "input": f"word{i}", "output": f"answer {i}"} for i in range(40)]
+    table = pack_examples(pd.DataFrame(recs), str(tiny_model_dir), 64, held_out=False, trust_remote_code=False)
+    ids, labels, positions = (np.array(table.column(c).to_pylist()) for c in ("input_ids", "labels", "position_ids"))
+    first = tok(format_instruction("echo", "word0"), add_special_tokens=False)["input_ids"]
+    row = list(labels[0])
+    assert row[: len(first)] == [IGNORE] * len(first), "the prompt is not learned"
+    response = tok("answer 0", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert row[len(first): len(first) + len(response)] == response
+    assert positions[0][len(first) + len(response)] == 0, "the next packed example restarts its positions"
+    assert (ids[labels != IGNORE] == labels[labels != IGNORE]).all()
+
+
+def test_chat_records_use_the_tokenizers_chat_template(tiny_model_dir):
+    from pipeline.train.data import prompt_and_response
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    with pytest.raises(ValueError, match="no chat template"):
+        prompt_and_response(record, tok)
+    tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    assert prompt_and_response(record, tok) == ("<|user|>hi\n<|assistant|>", "hello")
+
+
+def test_distillation_refuses_a_student_with_another_tokenizer(tiny_model_dir, tmp_path):
+    from pipeline.model import train_tokenizer
+    from pipeline.train.distill import check_same_tokenizer
+
+    other = tmp_path / "other"
+    train_tokenizer(["completely different text " * 50], 300).save_pretrained(other)
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(other)
+    with pytest.raises(ConfigError, match="does not share the teacher's tokenizer"):
+        check_same_tokenizer(tiny_model_dir, other, trust_remote_code=False)
