@@ -11,6 +11,7 @@ precision = removed documents that truly have such a twin / removed documents;
 recall = true pairs of which at most one document survives / true pairs.
 Prints one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,12 @@ from pipeline.curate.dedup_fuzzy import lsh_params  # noqa: E402
 from pipeline.curate.jaccard import dedup_quality, similar_pairs  # noqa: E402
 from pipeline.sample_data import near_duplicate_variants, split_documents  # noqa: E402
 
-SOURCES = [("/usr/share/doc", "*/copyright"), ("/usr/share/doc", "*/changelog*.gz"),
-           ("/usr/share/man", "**/*.gz"), ("/usr/lib/python3.11", "**/*.py")]
+SOURCES = [
+    ("/usr/share/doc", "*/copyright"),
+    ("/usr/share/doc", "*/changelog*.gz"),
+    ("/usr/share/man", "**/*.gz"),
+    ("/usr/lib/python3.11", "**/*.py"),
+]
 
 
 def read_text(path: Path) -> str:
@@ -78,7 +83,7 @@ def baseline(ids: list[str], texts: list[str], threshold: float, num_perm: int, 
     for doc_id, text in zip(ids, texts):
         words = text.split()
         m = MinHash(num_perm=num_perm, seed=1)
-        m.update_batch([" ".join(words[i:i + ngram]).encode() for i in range(max(len(words) - ngram + 1, 1))])
+        m.update_batch([" ".join(words[i : i + ngram]).encode() for i in range(max(len(words) - ngram + 1, 1))])
         if lsh.query(m):
             removed.add(doc_id)
         else:
@@ -101,11 +106,20 @@ def main() -> None:
     from pipeline.runtime import init_ray
 
     init_ray()
-    cfg = load_config(None, [f"runs_dir={work / 'runs'}", "name=bench", f"data.input=[{work / 'corpus'}/*.jsonl]",
-                             # quality filters off: every document reaches dedup, which is what is compared
-                             "data.filters.min_words=0", "data.filters.max_duplicate_line_chars=0",
-                             "data.filters.max_top_ngram_share=0", "data.filters.max_symbol_words=0",
-                             "data.filters.min_alpha_words=0"])
+    cfg = load_config(
+        None,
+        [
+            f"runs_dir={work / 'runs'}",
+            "name=bench",
+            f"data.input=[{work / 'corpus'}/*.jsonl]",
+            # quality filters off: every document reaches dedup, which is what is compared
+            "data.filters.min_words=0",
+            "data.filters.max_duplicate_line_chars=0",
+            "data.filters.max_top_ngram_share=0",
+            "data.filters.max_symbol_words=0",
+            "data.filters.min_alpha_words=0",
+        ],
+    )
     d = cfg.data.dedup
     start = time.perf_counter()
     stats = run_curate(cfg)
@@ -126,17 +140,36 @@ def main() -> None:
     truth = similar_pairs(ids, texts, d.ngram, d.threshold)
     truth_s = time.perf_counter() - t
     result = {
-        "machine": f"{os.cpu_count()} CPUs", "corpus_mb": round(in_bytes / 1e6, 1), "docs_in": stats["docs_in"],
-        "params": {"threshold": d.threshold, "num_perm": d.num_perm, "ngram": d.ngram,
-                   "recall_weight": d.recall_weight, "bands_x_rows": list(lsh_params(d.threshold, d.num_perm,
-                                                                                     d.recall_weight))},
-        "curate": {"seconds": round(total_s, 1), "docs_per_s": round(stats["docs_in"] / total_s, 1),
-                   "mb_per_s": round(in_bytes / 1e6 / total_s, 2), "kept": stats["kept"], "by_reason": stats["by_reason"]},
+        "machine": f"{os.cpu_count()} CPUs",
+        "corpus_mb": round(in_bytes / 1e6, 1),
+        "docs_in": stats["docs_in"],
+        "params": {
+            "threshold": d.threshold,
+            "num_perm": d.num_perm,
+            "ngram": d.ngram,
+            "recall_weight": d.recall_weight,
+            "bands_x_rows": list(lsh_params(d.threshold, d.num_perm, d.recall_weight)),
+        },
+        "curate": {
+            "seconds": round(total_s, 1),
+            "docs_per_s": round(stats["docs_in"] / total_s, 1),
+            "mb_per_s": round(in_bytes / 1e6 / total_s, 2),
+            "kept": stats["kept"],
+            "by_reason": stats["by_reason"],
+        },
         "dedup_input": {"docs": len(ids), "mb": round(fuzzy_mb, 1)},
-        "ours_fuzzy_dedup": {"seconds": round(ours_s, 1), "docs_per_s": round(len(ids) / ours_s, 1),
-                             "mb_per_s": round(fuzzy_mb / ours_s, 2), **dedup_quality(truth, set(near["id"]))},
-        "datasketch_loop": {"seconds": round(base_s, 1), "docs_per_s": round(len(ids) / base_s, 1),
-                            "mb_per_s": round(fuzzy_mb / base_s, 2), **dedup_quality(truth, base_removed)},
+        "ours_fuzzy_dedup": {
+            "seconds": round(ours_s, 1),
+            "docs_per_s": round(len(ids) / ours_s, 1),
+            "mb_per_s": round(fuzzy_mb / ours_s, 2),
+            **dedup_quality(truth, set(near["id"])),
+        },
+        "datasketch_loop": {
+            "seconds": round(base_s, 1),
+            "docs_per_s": round(len(ids) / base_s, 1),
+            "mb_per_s": round(fuzzy_mb / base_s, 2),
+            **dedup_quality(truth, base_removed),
+        },
         "speedup_mb_per_s": round(base_s / ours_s, 2),
         "ground_truth_seconds": round(truth_s, 1),
     }

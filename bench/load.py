@@ -6,6 +6,7 @@
 --compare-batching deploys the model of the config's last run twice on a local Ray (one replica
 each, @serve.batch max 8 vs 1) and measures both at concurrency 1 and 8 in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def one_request(session: requests.Session, url: str, body: dict, headers: dict, 
     start = time.perf_counter()
     ttft = None
     try:
-        r = session.post(f"{url}/v1/completions", json={**body, "stream": stream}, headers=headers,
-                         timeout=120, stream=stream)
+        r = session.post(
+            f"{url}/v1/completions", json={**body, "stream": stream}, headers=headers, timeout=120, stream=stream
+        )
         tokens = 0
         if stream and r.ok:
             for line in r.iter_lines(decode_unicode=True):
@@ -51,8 +53,7 @@ def one_request(session: requests.Session, url: str, body: dict, headers: dict, 
         status = r.status_code
     except requests.RequestException as e:
         status, tokens = type(e).__name__, 0
-    return {"start": start, "latency": time.perf_counter() - start, "ttft": ttft, "status": status,
-            "tokens": tokens}
+    return {"start": start, "latency": time.perf_counter() - start, "ttft": ttft, "status": status, "tokens": tokens}
 
 
 def replica_counts(app: str | None) -> int | None:
@@ -67,11 +68,24 @@ def replica_counts(app: str | None) -> int | None:
         return None
 
 
-def run_load(url: str, model: str, concurrency: int, duration: float, max_tokens: int = 64,
-             stream: bool = False, api_key: str | None = None, app: str | None = None) -> dict:
+def run_load(
+    url: str,
+    model: str,
+    concurrency: int,
+    duration: float,
+    max_tokens: int = 64,
+    stream: bool = False,
+    api_key: str | None = None,
+    app: str | None = None,
+) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    body = {"model": model, "prompt": "Permission is hereby granted, free of charge,", "max_tokens": max_tokens,
-            "temperature": 0, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": "Permission is hereby granted, free of charge,",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
     results, replicas, lock = [], [], threading.Lock()
     t0 = time.perf_counter()
     deadline = t0 + duration
@@ -97,8 +111,13 @@ def run_load(url: str, model: str, concurrency: int, duration: float, max_tokens
     elapsed = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
     return {
-        "url": url, "concurrency": concurrency, "duration_s": round(elapsed, 2), "stream": stream,
-        "requests": len(results), "ok": len(ok), "qps": round(len(ok) / elapsed, 3),
+        "url": url,
+        "concurrency": concurrency,
+        "duration_s": round(elapsed, 2),
+        "stream": stream,
+        "requests": len(results),
+        "ok": len(ok),
+        "qps": round(len(ok) / elapsed, 3),
         "tokens_per_s": round(sum(r["tokens"] for r in ok) / elapsed, 2),
         "latency_s": percentiles([r["latency"] for r in ok]),
         "ttft_s": percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
@@ -142,8 +161,13 @@ def compare_batching(config: str, duration: float, max_tokens: int) -> dict:
     cfg = load_config(config)
     init_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
-    base = {**serve_args(cfg).model_dump(), "min_replicas": 1, "max_replicas": 1, "num_cpus": 1,
-            "batch_wait_timeout_s": 0.03}
+    base = {
+        **serve_args(cfg).model_dump(),
+        "min_replicas": 1,
+        "max_replicas": 1,
+        "num_cpus": 1,
+        "batch_wait_timeout_s": 0.03,
+    }
     out = {"model": base["model_dir"], "cpus": os.cpu_count(), "max_tokens": max_tokens, "runs": {}}
     for name, batch in (("batching_off", 1), ("batching_on", 8)):
         serve.run(build_app({**base, "max_batch_size": batch}), name=name, route_prefix=f"/{name}")
@@ -186,8 +210,9 @@ def main() -> None:
         import ray
 
         ray.init(address=args.ray_address)
-    res = run_load(args.url, args.model, args.concurrency, args.duration, args.max_tokens, args.stream,
-                   args.api_key, args.app)
+    res = run_load(
+        args.url, args.model, args.concurrency, args.duration, args.max_tokens, args.stream, args.api_key, args.app
+    )
     if args.plot:
         plot(res, args.plot)
     res.pop("_timeline")

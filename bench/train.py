@@ -18,6 +18,7 @@ what a Ray worker process costs on a 2-core machine shared with Ray's own proces
 MFU (GPU only) = 6 * trainable-and-frozen parameters * tokens/s / peak bf16 FLOP/s (989 TFLOP/s, H100).
 Prints one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,7 @@ def plain_loop(recipe: RecipeConfig, rows: np.ndarray, steps: int, device: torch
         if step == warmup:
             torch.cuda.synchronize() if bf16 else None
             t0 = time.time()
-        ids = torch.from_numpy(rows[(step * batch) % (len(rows) - batch):][:batch]).to(device)
+        ids = torch.from_numpy(rows[(step * batch) % (len(rows) - batch) :][:batch]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
@@ -90,8 +91,10 @@ def plain_loop(recipe: RecipeConfig, rows: np.ndarray, steps: int, device: torch
 def ray_loop(cfg, recipe: RecipeConfig, rows: np.ndarray, out: Path) -> dict:
     import ray
 
-    datasets = {"train": ray.data.from_numpy(rows).rename_columns({"data": "input_ids"}),
-                "eval": ray.data.from_numpy(rows[:16]).rename_columns({"data": "input_ids"})}
+    datasets = {
+        "train": ray.data.from_numpy(rows).rename_columns({"data": "input_ids"}),
+        "eval": ray.data.from_numpy(rows[:16]).rename_columns({"data": "input_ids"}),
+    }
     _, history = fit(cfg, recipe, out, datasets)
     windows = [h["tokens_per_s"] for h in history[2:]]  # after step 1 and the first window (warm-up)
     switches = {k: history[0][k] for k in ("attention", "compile", "cross_entropy") if k in history[0]}
@@ -116,10 +119,11 @@ def plain_loop_in_a_ray_worker(cfg, recipe: RecipeConfig, rows: np.ndarray, step
             (Path(d) / "result.json").write_text(json.dumps(result))
             ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    result = TorchTrainer(run,
-                          scaling_config=ScalingConfig(num_workers=1,
-                                                       resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-                          run_config=ray.train.RunConfig(storage_path=str(Path(cfg.runs_dir) / "plain"))).fit()
+    result = TorchTrainer(
+        run,
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(storage_path=str(Path(cfg.runs_dir) / "plain")),
+    ).fit()
     with result.checkpoint.as_directory() as d:
         return json.loads((Path(d) / "result.json").read_text())
 
@@ -131,7 +135,9 @@ def median_run(results: list[dict]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", default="small-moe", help="model shape (pipeline.model.PRESETS)")
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -141,8 +147,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs of each side, interleaved; medians are reported")
     ap.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA r16 q/v")
     ap.add_argument("--strategies", default="deepspeed,ddp")
-    ap.add_argument("--worker-niceness", type=int, default=None,
-                    help="Ray workers' nice value (Ray's default is 15, below its own control plane at 0)")
+    ap.add_argument(
+        "--worker-niceness",
+        type=int,
+        default=None,
+        help="Ray workers' nice value (Ray's default is 15, below its own control plane at 0)",
+    )
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
@@ -158,11 +168,21 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     base = build_base(args.preset, args.vocab, tmp / "base")
     rows = np.random.default_rng(0).integers(4, args.vocab, (args.batch * (args.steps + 8), args.seq_len))
-    overrides = [f"runs_dir={tmp}", "train.num_workers=1", f"train.cpus_per_worker={args.threads}",
-                 f"train.use_gpu={str(args.gpu).lower()}", f"train.batch_size={args.batch}",
-                 f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}", "train.log_every=5",
-                 f"train.eval_every={10 * args.steps}", "train.lr=1e-3", f"model.seq_len={args.seq_len}",
-                 f"train.full_finetune={str(args.full).lower()}", "train.lora.modules_to_save=[]"]
+    overrides = [
+        f"runs_dir={tmp}",
+        "train.num_workers=1",
+        f"train.cpus_per_worker={args.threads}",
+        f"train.use_gpu={str(args.gpu).lower()}",
+        f"train.batch_size={args.batch}",
+        f"train.max_steps={args.steps}",
+        f"train.checkpoint_every={args.steps}",
+        "train.log_every=5",
+        f"train.eval_every={10 * args.steps}",
+        "train.lr=1e-3",
+        f"model.seq_len={args.seq_len}",
+        f"train.full_finetune={str(args.full).lower()}",
+        "train.lora.modules_to_save=[]",
+    ]
     runs: dict[str, list[dict]] = {}
     for rep in range(args.repeats):  # interleaved, so slow spells of the machine hit every side alike
         cfg = load_config("configs/tiny.yaml", overrides)
@@ -171,8 +191,12 @@ def main() -> None:
         if not args.gpu:
             runs.setdefault("in_worker", []).append(plain_loop_in_a_ray_worker(cfg, recipe, rows, args.steps))
         for strategy in args.strategies.split(","):
-            cfg = load_config("configs/tiny.yaml", overrides + [f"train.strategy={strategy}"]
-                              + (["train.zero_stage=2"] if strategy == "deepspeed" else []))
+            cfg = load_config(
+                "configs/tiny.yaml",
+                overrides
+                + [f"train.strategy={strategy}"]
+                + (["train.zero_stage=2"] if strategy == "deepspeed" else []),
+            )
             out = tmp / f"{strategy}-{rep}"
             runs.setdefault(strategy, []).append(ray_loop(cfg, recipe_config(cfg, base, out), rows, out))
     plain, in_worker = median_run(runs["plain"]), runs.get("in_worker") and median_run(runs["in_worker"])
@@ -182,15 +206,28 @@ def main() -> None:
         ours[strategy]["overhead_pct"] = round(100 * (1 - ours[strategy]["tokens_per_s"] / plain["tokens_per_s"]), 2)
         if in_worker:  # ours against the plain loop in the same kind of process: the recipe's own cost
             ours[strategy]["recipe_overhead_pct"] = round(
-                100 * (1 - ours[strategy]["tokens_per_s"] / in_worker["tokens_per_s"]), 2)
+                100 * (1 - ours[strategy]["tokens_per_s"] / in_worker["tokens_per_s"]), 2
+            )
     n_params = sum(p.numel() for p in build_model(recipe_config(cfg, base, tmp)).parameters())
-    result = {"bench": "train", "device": torch.cuda.get_device_name() if args.gpu else
-              f"cpu: {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
-              "preset": args.preset, "parameters": n_params, "lora": not args.full, "seq_len": args.seq_len,
-              "micro_batch": args.batch, "steps": args.steps, "threads": args.threads, "repeats": args.repeats,
-              "ray_worker_niceness": 15 if args.worker_niceness is None else args.worker_niceness,
-              "plain_pytorch": plain, "plain_pytorch_in_a_ray_worker": in_worker, "ray_train": ours,
-              "target_overhead_pct": 3.0}
+    result = {
+        "bench": "train",
+        "device": torch.cuda.get_device_name()
+        if args.gpu
+        else f"cpu: {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
+        "preset": args.preset,
+        "parameters": n_params,
+        "lora": not args.full,
+        "seq_len": args.seq_len,
+        "micro_batch": args.batch,
+        "steps": args.steps,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "ray_worker_niceness": 15 if args.worker_niceness is None else args.worker_niceness,
+        "plain_pytorch": plain,
+        "plain_pytorch_in_a_ray_worker": in_worker,
+        "ray_train": ours,
+        "target_overhead_pct": 3.0,
+    }
     if args.gpu:
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["mfu_plain"] = round(6 * n_params * plain["tokens_per_s"] / H100_BF16_FLOPS, 4)

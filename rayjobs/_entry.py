@@ -1,6 +1,7 @@
 """Shared by the rayjobs/ entrypoints: make the package importable from a `--working-dir` upload
 (where it may not be pip-installed), then hand over to the CLI, which prints where outputs went
 and exits non-zero with a clear message on failure."""
+
 from __future__ import annotations
 
 import sys

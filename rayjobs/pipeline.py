@@ -2,6 +2,7 @@
 
 Runs every stage (curate -> train -> quantize -> serve smoke test) on the cluster in RAY_ADDRESS,
 or on a local Ray started here when there is none."""
+
 import sys
 
 from _entry import run_stage

@@ -8,6 +8,7 @@ GET /v1/models, GET /healthz, GET /metrics. Run it with `pipeline serve --config
 `serve run serve.app:build_app model_dir=DIR`, or from a RayService serveConfigV2
 (import_path: serve.app:build_app, args: the fields of ServeArgs).
 """
+
 import asyncio
 import hashlib
 import hmac
@@ -33,8 +34,10 @@ from pipeline.serving.schemas import ChatRequest, CompletionRequest, GenerateReq
 from pipeline.serving.types import Completion, Sampling, StopCutter
 
 log = logging.getLogger("pipeline.serve")
-api = FastAPI(title="llm-pipeline", description="Generation from the model the pipeline trained, "
-              "with an OpenAI-compatible subset under /v1.")
+api = FastAPI(
+    title="llm-pipeline",
+    description="Generation from the model the pipeline trained, with an OpenAI-compatible subset under /v1.",
+)
 OPEN_ROUTES = {"/healthz", "/docs", "/openapi.json", "/redoc"}
 REPLICA_DIED = (RayActorError, ActorUnavailableError)
 RETRIES = 3  # tries on other model replicas after one died under a request
@@ -51,7 +54,7 @@ def _key_ok(request: Request, key_sha256: str) -> bool:
 def _route(request: Request) -> str:
     """The path inside this app (Serve mounts it under a route prefix, given as root_path)."""
     path, root = request.url.path, request.scope.get("root_path", "")
-    return path[len(root):] or "/" if root and path.startswith(root) else path
+    return path[len(root) :] or "/" if root and path.startswith(root) else path
 
 
 @api.middleware("http")
@@ -59,8 +62,12 @@ async def _auth_and_metrics(request: Request, call_next):
     """Every request: API key first (before the body is even parsed), then metrics."""
     state, start, path = request.app.state, time.perf_counter(), _route(request)
     if state.key_sha256 and path not in OPEN_ROUTES and not _key_ok(request, state.key_sha256):
-        response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                  "authentication_error", "invalid_api_key")
+        response = error_response(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            "authentication_error",
+            "invalid_api_key",
+        )
     else:
         response = await call_next(request)
     # label by the matched route only: arbitrary 404 paths must not grow the metric set without bound
@@ -73,8 +80,7 @@ async def _auth_and_metrics(request: Request, call_next):
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(_: Request, exc: RequestValidationError):
     errors = exc.errors()
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                         for e in errors)
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in errors)
     param = ".".join(str(p) for p in errors[0]["loc"] if p != "body") if errors else None
     return error_response(400, problems, "invalid_request_error", param=param or None)
 
@@ -110,26 +116,47 @@ class LLMServer:
     # ---- plumbing shared by every route -------------------------------------------------------
     def _check_model(self, name: str) -> None:
         if name != self.args.model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server has {self.args.model_name!r}",
-                           "invalid_request_error", "model_not_found", "model")
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server has {self.args.model_name!r}",
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
 
-    def _sampling(self, prompt: str, max_tokens: int | None, temperature: float, top_p: float,
-                  stop: list[str]) -> Sampling:
+    def _sampling(
+        self, prompt: str, max_tokens: int | None, temperature: float, top_p: float, stop: list[str]
+    ) -> Sampling:
         n_prompt = self.tokens.count_tokens(prompt)
         if n_prompt > self.args.max_prompt_tokens:
-            raise APIError(400, f"prompt has {n_prompt} tokens; the limit is {self.args.max_prompt_tokens}",
-                           code="context_length_exceeded", param="prompt")
+            raise APIError(
+                400,
+                f"prompt has {n_prompt} tokens; the limit is {self.args.max_prompt_tokens}",
+                code="context_length_exceeded",
+                param="prompt",
+            )
         if max_tokens is not None and max_tokens > self.args.max_new_tokens:
-            raise APIError(400, f"max tokens {max_tokens} is over this server's limit of {self.args.max_new_tokens}",
-                           param="max_tokens")
-        return Sampling(max_tokens or min(16, self.args.max_new_tokens),
-                        temperature if temperature >= MIN_TEMPERATURE else 0.0, top_p, tuple(stop))
+            raise APIError(
+                400,
+                f"max tokens {max_tokens} is over this server's limit of {self.args.max_new_tokens}",
+                param="max_tokens",
+            )
+        return Sampling(
+            max_tokens or min(16, self.args.max_new_tokens),
+            temperature if temperature >= MIN_TEMPERATURE else 0.0,
+            top_p,
+            tuple(stop),
+        )
 
     async def _admit(self, handler):
         """Queue limit (429) and timeout (408) around one request's work."""
         if self.in_flight >= self.args.max_queue:
-            return APIError(429, f"server busy: {self.in_flight} requests queued (limit {self.args.max_queue}); "
-                            "retry later", "rate_limit_error", "queue_full").response()
+            return APIError(
+                429,
+                f"server busy: {self.in_flight} requests queued (limit {self.args.max_queue}); retry later",
+                "rate_limit_error",
+                "queue_full",
+            ).response()
         self.in_flight += 1
         self.metrics.queue.set(self.in_flight)
         try:
@@ -145,8 +172,9 @@ class LLMServer:
     # ---- generation on the model replicas --------------------------------------------------------
     def _replica_died(self, attempt: int, error: Exception) -> None:
         if attempt == RETRIES:
-            raise APIError(503, "the model replicas are restarting; retry shortly", "server_error",
-                           "replica_unavailable") from error
+            raise APIError(
+                503, "the model replicas are restarting; retry shortly", "server_error", "replica_unavailable"
+            ) from error
         self.metrics.retries.inc()
         log.warning("a model replica died under a request (%s); retrying on another", type(error).__name__)
 
@@ -214,16 +242,23 @@ class LLMServer:
 
     @api.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.args.model_name, "object": "model", "created": 0,
-                                            "owned_by": "llm-pipeline"}]}
+        return {
+            "object": "list",
+            "data": [{"id": self.args.model_name, "object": "model", "created": 0, "owned_by": "llm-pipeline"}],
+        }
 
     @api.post("/generate")
     async def generate(self, req: GenerateRequest):
         async def handle():
             s = self._sampling(req.prompt, req.max_new_tokens, req.temperature, req.top_p, req.stop)
             c = await self._complete(req.prompt, s)
-            return {"text": c.text, "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                    "finish_reason": c.finish_reason}
+            return {
+                "text": c.text,
+                "prompt_tokens": c.prompt_tokens,
+                "completion_tokens": c.completion_tokens,
+                "finish_reason": c.finish_reason,
+            }
+
         return await self._admit(handle)
 
     @api.post("/v1/completions")
@@ -231,6 +266,7 @@ class LLMServer:
         async def handle():
             self._check_model(req.model)
             return await self._openai(req.prompt, req, req.max_tokens, chat=False)
+
         return await self._admit(handle)
 
     @api.post("/v1/chat/completions")
@@ -239,15 +275,20 @@ class LLMServer:
             self._check_model(req.model)
             prompt = self.tokens.apply_chat_template([m.model_dump() for m in req.messages])
             return await self._openai(prompt, req, req.max_completion_tokens or req.max_tokens, chat=True)
+
         return await self._admit(handle)
 
 
 def model_options(args: ServeArgs) -> dict:
     """The model replicas autoscale on ongoing requests."""
     return {
-        "autoscaling_config": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
-                               "target_ongoing_requests": args.target_ongoing_requests,
-                               "upscale_delay_s": args.upscale_delay_s, "downscale_delay_s": args.downscale_delay_s},
+        "autoscaling_config": {
+            "min_replicas": args.min_replicas,
+            "max_replicas": args.max_replicas,
+            "target_ongoing_requests": args.target_ongoing_requests,
+            "upscale_delay_s": args.upscale_delay_s,
+            "downscale_delay_s": args.downscale_delay_s,
+        },
         # room for the batch that generates and several full ones waiting behind it
         "max_ongoing_requests": max(args.max_queue + 1, args.max_batch_size * 8),
         "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
@@ -258,11 +299,15 @@ def ingress_options(args: ServeArgs) -> dict:
     """The ingress only parses, checks and forwards: a tenth of a CPU, as many replicas as the model's
     minimum so that one can die while the others answer."""
     # one more than our own queue limit, so that the ingress (not Serve's router) answers 429
-    return {"num_replicas": args.min_replicas, "max_ongoing_requests": args.max_queue + 1,
-            "ray_actor_options": {"num_cpus": 0.1}}
+    return {
+        "num_replicas": args.min_replicas,
+        "max_ongoing_requests": args.max_queue + 1,
+        "ray_actor_options": {"num_cpus": 0.1},
+    }
 
 
 def build_app(args: dict) -> Application:
     settings = ServeArgs(**args)
     return LLMServer.options(**ingress_options(settings)).bind(
-        settings, Generator.options(**model_options(settings)).bind(settings))
+        settings, Generator.options(**model_options(settings)).bind(settings)
+    )

@@ -3,6 +3,7 @@ Ray-free fixtures (a tiny model directory) for the unit lane.
 
 Two lanes: tests marked `integration` start Ray (and usually the tiny pipeline run); the rest are
 unit tests of pure functions that run without Ray in seconds (`make test-fast`)."""
+
 from __future__ import annotations
 
 import json
@@ -96,8 +97,9 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 
 def tiny_config(tmp: Path, corpus: Path, *overrides: str) -> PipelineConfig:
-    return load_config(TINY, [f"runs_dir={tmp}", f"data.input=[{corpus}/*.jsonl]",
-                              f"serve.port={free_port()}", *overrides])
+    return load_config(
+        TINY, [f"runs_dir={tmp}", f"data.input=[{corpus}/*.jsonl]", f"serve.port={free_port()}", *overrides]
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The package graph stays one-way (docs/architecture.md): curate -> train -> export -> serving, over
 shared modules below them, and no module imports itself back through another. Read from the source,
 so a new import that breaks the rule fails here first."""
+
 import ast
 import re
 from pathlib import Path
@@ -40,8 +41,12 @@ def imports() -> dict[str, set[str]]:
 
 
 def test_packages_depend_one_way():
-    wrong = [f"{module} (layer {layer(module)}) imports {target} (layer {layer(target)})"
-             for module, targets in imports().items() for target in targets if layer(target) > layer(module)]
+    wrong = [
+        f"{module} (layer {layer(module)}) imports {target} (layer {layer(target)})"
+        for module, targets in imports().items()
+        for target in targets
+        if layer(target) > layer(module)
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -61,6 +66,11 @@ def test_no_import_cycles():
 
 
 def test_training_and_export_read_typed_settings_not_string_keys():
-    lookups = [f"{path.relative_to(REPO)}:{n}" for package in ("train", "export") for path in (SRC / package).glob("*.py")
-               for n, line in enumerate(path.read_text().splitlines(), 1) if re.search(r"\bc\[\"", line)]
+    lookups = [
+        f"{path.relative_to(REPO)}:{n}"
+        for package in ("train", "export")
+        for path in (SRC / package).glob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\bc\[\"", line)
+    ]
     assert not lookups, lookups

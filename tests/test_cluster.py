@@ -1,5 +1,6 @@
 """cluster/: the KubeRay manifests are what cluster/render.py makes of cluster/profiles.yaml, use
 only fields of KubeRay's v1 CRDs (tests/kuberay_schema.py), and point at things that exist here."""
+
 import importlib
 import sys
 from pathlib import Path
@@ -34,8 +35,9 @@ def test_committed_manifests_are_the_rendered_profiles():
         rendered = render.render(name, profile)
         assert sorted(p.name for p in out.glob("*.yaml")) == sorted(rendered), name
         for filename, expected in rendered.items():
-            assert list(yaml.safe_load_all((out / filename).read_text())) == expected, \
+            assert list(yaml.safe_load_all((out / filename).read_text())) == expected, (
                 f"{out / filename} is stale: run `python cluster/render.py`"
+            )
 
 
 def test_every_document_matches_the_kuberay_v1_schema():
@@ -44,13 +46,16 @@ def test_every_document_matches_the_kuberay_v1_schema():
         jsonschema.validate(doc, SCHEMAS[doc["kind"]]), path
 
 
-@pytest.mark.parametrize("mutate, error", [
-    (lambda d: d["spec"].update(entrypointz="x"), "entrypointz"),
-    (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplica=1), "minReplica"),
-    (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(maxReplicas="4"), "is not of type"),
-    (lambda d: d["spec"].update(shutdownAfterJobFinishes="no"), "is not of type"),
-    (lambda d: d.update(apiVersion="ray.io/v1alpha1"), "ray.io/v1"),
-])
+@pytest.mark.parametrize(
+    "mutate, error",
+    [
+        (lambda d: d["spec"].update(entrypointz="x"), "entrypointz"),
+        (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplica=1), "minReplica"),
+        (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(maxReplicas="4"), "is not of type"),
+        (lambda d: d["spec"].update(shutdownAfterJobFinishes="no"), "is not of type"),
+        (lambda d: d.update(apiVersion="ray.io/v1alpha1"), "ray.io/v1"),
+    ],
+)
 def test_the_schema_rejects_unknown_fields_and_wrong_types(mutate, error):
     doc = next(d for _, d in docs("RayJob") if "rayClusterSpec" in d["spec"])
     mutate(doc)
@@ -77,8 +82,11 @@ def test_clusters_keep_work_off_the_head_and_size_gpu_groups_consistently():
     for path, doc in docs():
         if "spec" not in doc:
             continue
-        spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or \
-            (doc["spec"] if doc["kind"] == "RayCluster" else None)
+        spec = (
+            doc["spec"].get("rayClusterSpec")
+            or doc["spec"].get("rayClusterConfig")
+            or (doc["spec"] if doc["kind"] == "RayCluster" else None)
+        )
         if spec is None:
             continue
         assert spec["enableInTreeAutoscaling"] is True and spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"

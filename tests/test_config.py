@@ -4,8 +4,16 @@ from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
 
 
 def test_demo_config_loads_with_typed_overrides():
-    cfg = load_config(DEFAULT_CONFIG, ["train.lr=1e-4", "train.lora.r=8", "data.dedup.threshold=0.9",
-                                       "data.input=[a.jsonl, b.jsonl]", "serve.port=9000"])
+    cfg = load_config(
+        DEFAULT_CONFIG,
+        [
+            "train.lr=1e-4",
+            "train.lora.r=8",
+            "data.dedup.threshold=0.9",
+            "data.input=[a.jsonl, b.jsonl]",
+            "serve.port=9000",
+        ],
+    )
     assert cfg.train.lr == 1e-4 and cfg.train.lora.r == 8
     assert cfg.data.dedup.threshold == 0.9
     assert cfg.data.input == ["a.jsonl", "b.jsonl"]

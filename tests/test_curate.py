@@ -1,5 +1,6 @@
 """The curate stage on a real sample of licence text, with planted bad and duplicate records, on a
 local Ray (the rules alone, without Ray: test_curate_rules.py)."""
+
 import json
 
 import pandas as pd
@@ -88,7 +89,11 @@ def _near_duplicates(df, input_blocks: int) -> dict:
     ds = ray.data.from_pandas(df).repartition(input_blocks)
     marked = fuzzy_dedup(ds, DedupConfig())  # threshold 0.8, 128 slots, 5-word shingles
     out = marked.to_pandas()
-    return dict(zip(out.loc[out["reason"] == "near duplicate", "id"], out.loc[out["reason"] == "near duplicate", "duplicate_of"]))
+    return dict(
+        zip(
+            out.loc[out["reason"] == "near duplicate", "id"], out.loc[out["reason"] == "near duplicate", "duplicate_of"]
+        )
+    )
 
 
 def test_fuzzy_dedup_matches_exact_jaccard(ray_local, tiny_corpus):
@@ -121,8 +126,18 @@ def test_fuzzy_dedup_with_nothing_to_compare(ray_local):
     from pipeline.curate.dedup_fuzzy import fuzzy_dedup
 
     text = "the same five words here"
-    df = pd.DataFrame({"id": ["a", "b"], "text": [text, text], "reason": ["too short", "too short"],
-                       "step": "filters", "source": "", "raw": "", "duplicate_of": ""})
+    df = pd.DataFrame(
+        {
+            "id": ["a", "b"],
+            "text": [text, text],
+            "reason": ["too short", "too short"],
+            "step": "filters",
+            "source": "",
+            "raw": "",
+            "duplicate_of": "",
+        }
+    )
+
     def near(marked) -> int:
         return int((marked.to_pandas().get("reason", pd.Series(dtype=str)) == "near duplicate").sum())
 
@@ -154,11 +169,20 @@ def test_curate_options_perplexity_metadata_shards_and_plot(ray_local, tiny_run,
     with src.open("w") as fh:
         for i, text in enumerate(real + gibberish):
             fh.write(json.dumps({"id": f"d{i:03d}", "body": text, "lang": "en", "junk": 1}) + "\n")
-    cfg = tiny_config(tmp_path / "runs", tmp_path, "data.text_field=body", "data.keep_fields=[lang]",
-                      "data.rename={lang: language}", f"data.perplexity.model_path={model}",
-                      f"data.perplexity.max_perplexity={threshold}", "data.perplexity.max_tokens=64",
-                      "data.perplexity.concurrency=2", "data.shard_mb=0.01", "data.dedup.fuzzy=false",
-                      "data.filters.min_words=0")
+    cfg = tiny_config(
+        tmp_path / "runs",
+        tmp_path,
+        "data.text_field=body",
+        "data.keep_fields=[lang]",
+        "data.rename={lang: language}",
+        f"data.perplexity.model_path={model}",
+        f"data.perplexity.max_perplexity={threshold}",
+        "data.perplexity.max_tokens=64",
+        "data.perplexity.concurrency=2",
+        "data.shard_mb=0.01",
+        "data.dedup.fuzzy=false",
+        "data.filters.min_words=0",
+    )
     stats = run_curate(cfg)
     out = cfg.stage_dir("curate")
     kept = pq.read_table(out / "kept").to_pandas()
@@ -181,36 +205,65 @@ def _tiny_models(root, texts):
 
     tok = train_tokenizer(texts, 512)
     tok.add_special_tokens({"mask_token": "<mask>"})
-    small = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
-             "eos_token_id": tok.eos_token_id}
+    small = {
+        "vocab_size": len(tok),
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
     paths = []
     for name in ("en-zh", "zh-en"):
-        bart = BartForConditionalGeneration(BartConfig(
-            d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=512,
-            decoder_start_token_id=tok.bos_token_id, **small))
+        bart = BartForConditionalGeneration(
+            BartConfig(
+                d_model=32,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+                max_position_embeddings=512,
+                decoder_start_token_id=tok.bos_token_id,
+                **small,
+            )
+        )
         # a random decoder may stop at once or emit only special tokens: make it say something
         bart.generation_config.min_new_tokens = 8
         bart.generation_config.suppress_tokens = [tok.pad_token_id, tok.unk_token_id, tok.bos_token_id]
         bart.save_pretrained(root / name)
         tok.save_pretrained(root / name)
         paths.append(str(root / name))
-    bert = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      intermediate_size=64, vocab_size=len(tok), pad_token_id=tok.pad_token_id))
+    bert = BertForMaskedLM(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=len(tok),
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     bert.save_pretrained(root / "fill-mask")
     tok.save_pretrained(root / "fill-mask")
     return paths, str(root / "fill-mask")
 
 
 def test_augmentation_adds_rows_that_point_at_their_source(ray_local, tiny_corpus, tmp_path):
-    docs = [json.loads(line) for line in (tiny_corpus / "part-00.jsonl").read_bytes().splitlines()
-            if b"planted" not in line][:60]
+    docs = [
+        json.loads(line) for line in (tiny_corpus / "part-00.jsonl").read_bytes().splitlines() if b"planted" not in line
+    ][:60]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     translation, fill_mask = _tiny_models(tmp_path, [d["text"] for d in docs])
-    cfg = tiny_config(tmp_path / "runs", tmp_path / "in", f"data.augment.back_translation_models={translation}",
-                      "data.augment.back_translation_share=0.3", f"data.augment.synonym_model={fill_mask}",
-                      "data.augment.synonym_share=0.3", "data.augment.max_tokens=32")
+    cfg = tiny_config(
+        tmp_path / "runs",
+        tmp_path / "in",
+        f"data.augment.back_translation_models={translation}",
+        "data.augment.back_translation_share=0.3",
+        f"data.augment.synonym_model={fill_mask}",
+        "data.augment.synonym_share=0.3",
+        "data.augment.max_tokens=32",
+    )
     stats = run_curate(cfg)
     kept = pq.read_table(cfg.stage_dir("curate") / "kept").to_pandas()
     made = kept[kept["augmented_from"] != ""]

@@ -1,4 +1,5 @@
 """The export rules without Ray: the quality gate's decision, and refusing what could not be loaded back."""
+
 import pytest
 
 from pipeline.config import ConfigError

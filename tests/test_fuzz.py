@@ -1,6 +1,7 @@
 """API fuzzing: schemathesis generates requests from the served OpenAPI schema (valid and invalid
 bodies for every route) against the real Ray Serve app. Figure: cases run, 5xx seen (target 0);
 every error body is JSON."""
+
 import json
 
 import pytest
@@ -38,8 +39,9 @@ def test_fuzzed_requests_never_get_a_5xx_and_errors_are_json(fuzz_url):
     for operation, mode in operations:
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=CASES_PER_OPERATION, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=CASES_PER_OPERATION, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         def fuzz(case):
             response = case.call(base_url=fuzz_url, timeout=60)
             seen["cases"] += 1
@@ -49,15 +51,18 @@ def test_fuzzed_requests_never_get_a_5xx_and_errors_are_json(fuzz_url):
                 try:
                     json.loads(response.text)["error"]["message"]
                 except (ValueError, KeyError, TypeError):
-                    seen["non_json_errors"].append(  # noqa: B023 - called within its loop iteration
-                        (operation.label, response.status_code, response.text[:200]))
+                    error = (operation.label, response.status_code, response.text[:200])  # noqa: B023 - same iteration
+                    seen["non_json_errors"].append(error)
+
         try:
             fuzz()
         except Unsatisfiable:
             if mode is GenerationMode.POSITIVE:
                 raise  # only a route without parameters has no invalid input to send
-    print(f"\nFIGURE API fuzzing: {seen['cases']} cases over {len(operations) // 2} operations (valid and invalid "
-          f"inputs), {len(seen['5xx'])} 5xx, {len(seen['non_json_errors'])} non-JSON error bodies")
+    print(
+        f"\nFIGURE API fuzzing: {seen['cases']} cases over {len(operations) // 2} operations (valid and invalid "
+        f"inputs), {len(seen['5xx'])} 5xx, {len(seen['non_json_errors'])} non-JSON error bodies"
+    )
     assert seen["cases"] >= 100
     assert not seen["5xx"], seen["5xx"][:5]
     assert not seen["non_json_errors"], seen["non_json_errors"][:5]

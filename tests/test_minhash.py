@@ -1,4 +1,5 @@
 """The vectorized word hashing and one-permutation MinHash behind fuzzy dedup (no Ray needed)."""
+
 import random
 
 import numpy as np
@@ -8,8 +9,16 @@ import pytest
 from pipeline.curate.dedup_fuzzy import lsh_params
 from pipeline.curate.minhash import EMPTY, shingle_hashes, signatures, word_hashes
 
-TEXTS = ["The quick  brown fox\njumps over the lazy dog.", "", "   ", "one", "é ü ß 中文 text", "a\x01b c\td",
-         "tabs\tand\x1cfile\x1dseparators\x1e\x1fend", "the quick brown fox"]
+TEXTS = [
+    "The quick  brown fox\njumps over the lazy dog.",
+    "",
+    "   ",
+    "one",
+    "é ü ß 中文 text",
+    "a\x01b c\td",
+    "tabs\tand\x1cfile\x1dseparators\x1e\x1fend",
+    "the quick brown fox",
+]
 
 
 def test_words_are_cut_as_str_split_cuts_them_and_equal_words_hash_equal():
@@ -54,7 +63,7 @@ def _edited(words: list[str], share: float, rng: random.Random) -> list[str]:
 
 
 def _jaccard(a: str, b: str, n: int = 5) -> float:
-    sa, sb = ({tuple(w[i:i + n]) for i in range(len(w) - n + 1)} for w in (a.split(), b.split()))
+    sa, sb = ({tuple(w[i : i + n]) for i in range(len(w) - n + 1)} for w in (a.split(), b.split()))
     return len(sa & sb) / len(sa | sb)
 
 

@@ -1,4 +1,5 @@
 """`ray job submit` against a real Ray head started here (ray start --head on free ports)."""
+
 import os
 import re
 import signal
@@ -26,17 +27,34 @@ def _env() -> dict:
 def head(tmp_path_factory):
     dash = free_port()
     temp = Path(f"/tmp/rj-{uuid.uuid4().hex[:6]}")  # Ray's socket paths must stay short
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-           f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-           f"--runtime-env-agent-port={free_port()}", f"--temp-dir={temp}"]
-    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={free_port()}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--temp-dir={temp}",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
-    while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=_env(),
-                         capture_output=True).returncode != 0:
+    while (
+        subprocess.run(
+            [str(BIN / "ray"), "job", "list", "--address", address], env=_env(), capture_output=True
+        ).returncode
+        != 0
+    ):
         assert proc.poll() is None and time.time() < deadline, "ray head did not come up"
         time.sleep(2)
     yield address
@@ -46,28 +64,59 @@ def head(tmp_path_factory):
 
 def submit(address: str, *entrypoint: str, timeout_s: int = 600) -> tuple[str, str]:
     job_id = f"test-{uuid.uuid4().hex[:8]}"
-    subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-                    "--submission-id", job_id, "--no-wait", "--", *entrypoint],
-                   env=_env(), cwd=REPO, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            ".",
+            "--submission-id",
+            job_id,
+            "--no-wait",
+            "--",
+            *entrypoint,
+        ],
+        env=_env(),
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     deadline = time.time() + timeout_s
     while True:
-        out = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job_id],
-                             env=_env(), capture_output=True, text=True)
+        out = subprocess.run(
+            [str(BIN / "ray"), "job", "status", "--address", address, job_id],
+            env=_env(),
+            capture_output=True,
+            text=True,
+        )
         # `ray job status` ends with "Job '<id>' succeeded" (or failed / stopped) once the job is over
         found = re.search(r"Job '[^']+' (succeeded|failed|stopped)", out.stdout + out.stderr)
         status = found.group(1).upper() if found else None
         if status or time.time() > deadline:
             break
         time.sleep(3)
-    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, job_id],
-                          env=_env(), capture_output=True, text=True).stdout
+    logs = subprocess.run(
+        [str(BIN / "ray"), "job", "logs", "--address", address, job_id], env=_env(), capture_output=True, text=True
+    ).stdout
     return status or "TIMEOUT", logs
 
 
 @pytest.mark.slow
 def test_pipeline_job_succeeds_and_writes_every_stage(head, tiny_corpus, tmp_path):
-    status, logs = submit(head, "python", "rayjobs/pipeline.py", "--config", "configs/tiny.yaml",
-                          f"runs_dir={tmp_path}", f"data.input=[{tiny_corpus}/*.jsonl]", f"serve.port={free_port()}")
+    status, logs = submit(
+        head,
+        "python",
+        "rayjobs/pipeline.py",
+        "--config",
+        "configs/tiny.yaml",
+        f"runs_dir={tmp_path}",
+        f"data.input=[{tiny_corpus}/*.jsonl]",
+        f"serve.port={free_port()}",
+    )
     # on a cluster the endpoint outlives the job; take it down so the next jobs get the head's CPUs
     subprocess.run([str(BIN / "serve"), "shutdown", "-a", head, "-y"], env=_env(), capture_output=True, timeout=120)
     assert status == "SUCCEEDED", logs[-3000:]
@@ -79,8 +128,9 @@ def test_pipeline_job_succeeds_and_writes_every_stage(head, tiny_corpus, tmp_pat
 
 
 def test_failing_job_reports_failed_with_our_message(head, tmp_path):
-    status, logs = submit(head, "python", "rayjobs/quantize.py", "--config", "configs/tiny.yaml",
-                          f"runs_dir={tmp_path}", timeout_s=300)
+    status, logs = submit(
+        head, "python", "rayjobs/quantize.py", "--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", timeout_s=300
+    )
     assert status == "FAILED"
     assert "run `pipeline train` first" in logs
 
@@ -88,11 +138,23 @@ def test_failing_job_reports_failed_with_our_message(head, tmp_path):
 @pytest.mark.slow
 def test_each_stage_runs_as_its_own_job(head, tiny_corpus, tmp_path):
     """The per-stage RayJobs of cluster/kuberay run these same entrypoints, one after another."""
-    common = ["--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", f"data.input=[{tiny_corpus}/*.jsonl]",
-              "train.max_steps=6", "train.checkpoint_every=3", "quantize.calib_samples=4",
-              "quantize.max_ppl_increase=1.0", "distill.max_steps=4"]  # the gate has its own tests
-    outputs = {"curate": "stats.json", "train": "metrics.json", "quantize": "quant_report.json",
-               "distill": "metrics.json"}
+    common = [
+        "--config",
+        "configs/tiny.yaml",
+        f"runs_dir={tmp_path}",
+        f"data.input=[{tiny_corpus}/*.jsonl]",
+        "train.max_steps=6",
+        "train.checkpoint_every=3",
+        "quantize.calib_samples=4",
+        "quantize.max_ppl_increase=1.0",
+        "distill.max_steps=4",
+    ]  # the gate has its own tests
+    outputs = {
+        "curate": "stats.json",
+        "train": "metrics.json",
+        "quantize": "quant_report.json",
+        "distill": "metrics.json",
+    }
     for stage, output in outputs.items():
         status, logs = submit(head, "python", f"rayjobs/{stage}.py", *common)
         assert status == "SUCCEEDED", (stage, logs[-3000:])

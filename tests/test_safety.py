@@ -1,4 +1,5 @@
 """Safe loading: safetensors only, no model-shipped code unless trusted, safe YAML, loopback by default."""
+
 import json
 
 import pytest
@@ -11,9 +12,17 @@ from pipeline.loading import load_adapter, load_model
 
 @pytest.fixture()
 def tiny_dir(tmp_path):
-    model = AutoModelForCausalLM.from_config(Qwen3Config(
-        vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-        head_dim=32, intermediate_size=128))
+    model = AutoModelForCausalLM.from_config(
+        Qwen3Config(
+            vocab_size=256,
+            hidden_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=32,
+            intermediate_size=128,
+        )
+    )
     model.save_pretrained(tmp_path / "ok")
     return model, tmp_path
 
@@ -35,8 +44,10 @@ def test_pickled_weights_are_refused(tiny_dir):
 def test_model_code_runs_only_when_trusted(tiny_dir):
     _, tmp = tiny_dir
     config = json.loads((tmp / "ok" / "config.json").read_text())
-    config.update(model_type="shipped-code", auto_map={"AutoConfig": "configuration_x.XConfig",
-                                                       "AutoModelForCausalLM": "modeling_x.XModel"})
+    config.update(
+        model_type="shipped-code",
+        auto_map={"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"},
+    )
     (tmp / "ok" / "config.json").write_text(json.dumps(config))
     (tmp / "ok" / "configuration_x.py").write_text("raise SystemExit('this code must not run')\n")
     with pytest.raises(ConfigError, match="model.trust_remote_code=true"):

@@ -1,6 +1,7 @@
 """The serve/ app on a real local Ray Serve (127.0.0.1), serving the tiny run's AWQ model: every
 route over plain HTTP and through the official openai client, errors, API key, batching,
 queue limit, timeout and autoscaling."""
+
 import json
 import os
 import time
@@ -63,31 +64,52 @@ def test_generate_and_health(app):
 def test_openai_routes_over_plain_http(app):
     url, model = app
     assert requests.get(f"{url}/v1/models", headers=AUTH, timeout=10).json()["data"][0]["id"] == model
-    c = post(url, "/v1/completions", {"model": model, "prompt": "The software", "max_tokens": 8,
-                                      "temperature": 0}).json()
+    c = post(
+        url, "/v1/completions", {"model": model, "prompt": "The software", "max_tokens": 8, "temperature": 0}
+    ).json()
     assert c["object"] == "text_completion" and isinstance(c["choices"][0]["text"], str)
     assert c["usage"]["completion_tokens"] <= 8
     assert c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + c["usage"]["completion_tokens"]
-    chat = post(url, "/v1/chat/completions", {"model": model, "max_tokens": 8,
-                                              "messages": [{"role": "user", "content": "Name a licence."}]}).json()
+    chat = post(
+        url,
+        "/v1/chat/completions",
+        {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Name a licence."}]},
+    ).json()
     assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
 
 
 def test_streaming_sse_ends_with_done_and_usage(app):
     url, model = app
-    r = post(url, "/v1/completions", {"model": model, "prompt": "Copyright", "max_tokens": 10, "stream": True,
-                                      "temperature": 0, "stream_options": {"include_usage": True}}, stream=True)
+    r = post(
+        url,
+        "/v1/completions",
+        {
+            "model": model,
+            "prompt": "Copyright",
+            "max_tokens": 10,
+            "stream": True,
+            "temperature": 0,
+            "stream_options": {"include_usage": True},
+        },
+        stream=True,
+    )
     assert r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r)
     text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] > 0
     assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
-    plain = post(url, "/v1/completions", {"model": model, "prompt": "Copyright", "max_tokens": 10,
-                                          "temperature": 0}).json()
+    plain = post(
+        url, "/v1/completions", {"model": model, "prompt": "Copyright", "max_tokens": 10, "temperature": 0}
+    ).json()
     assert text == plain["choices"][0]["text"]  # greedy: streaming and batch generation agree
-    chat = sse_events(post(url, "/v1/chat/completions", {"model": model, "max_tokens": 6, "stream": True,
-                                                         "messages": [{"role": "user", "content": "hi"}]},
-                           stream=True))
+    chat = sse_events(
+        post(
+            url,
+            "/v1/chat/completions",
+            {"model": model, "max_tokens": 6, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+            stream=True,
+        )
+    )
     assert chat[0]["object"] == "chat.completion.chunk" and chat[0]["choices"][0]["delta"]["role"] == "assistant"
 
 
@@ -97,12 +119,19 @@ def test_official_openai_client(app):
     assert [m.id for m in client.models.list()] == [model]
     c = client.completions.create(model=model, prompt="Permission", max_tokens=6, temperature=0)
     assert c.usage.completion_tokens <= 6 and isinstance(c.choices[0].text, str)
-    chat = client.chat.completions.create(model=model, max_tokens=6,
-                                          messages=[{"role": "user", "content": "Which licence?"}])
+    chat = client.chat.completions.create(
+        model=model, max_tokens=6, messages=[{"role": "user", "content": "Which licence?"}]
+    )
     assert chat.choices[0].message.role == "assistant"
-    pieces = list(client.chat.completions.create(model=model, max_tokens=6, stream=True,
-                                                 stream_options={"include_usage": True},
-                                                 messages=[{"role": "user", "content": "hi"}]))
+    pieces = list(
+        client.chat.completions.create(
+            model=model,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "hi"}],
+        )
+    )
     assert pieces[-1].usage is not None and pieces[-1].usage.completion_tokens > 0
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
@@ -110,19 +139,22 @@ def test_official_openai_client(app):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
 
 
-@pytest.mark.parametrize("path,body,status,param", [
-    ("/generate", {"prompt": ""}, 400, "prompt"),
-    ("/generate", {"prompt": 3}, 400, "prompt"),
-    ("/generate", {"max_new_tokens": 5}, 400, "prompt"),
-    ("/generate", {"prompt": "hi", "max_new_tokens": 0}, 400, "max_new_tokens"),
-    ("/generate", {"prompt": "hi", "max_new_tokens": 100000}, 400, "max_tokens"),
-    ("/generate", {"prompt": "word " * 5000}, 400, "prompt"),
-    ("/generate", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
-    ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
-    ("/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, None),
-])
+@pytest.mark.parametrize(
+    "path,body,status,param",
+    [
+        ("/generate", {"prompt": ""}, 400, "prompt"),
+        ("/generate", {"prompt": 3}, 400, "prompt"),
+        ("/generate", {"max_new_tokens": 5}, 400, "prompt"),
+        ("/generate", {"prompt": "hi", "max_new_tokens": 0}, 400, "max_new_tokens"),
+        ("/generate", {"prompt": "hi", "max_new_tokens": 100000}, 400, "max_tokens"),
+        ("/generate", {"prompt": "word " * 5000}, 400, "prompt"),
+        ("/generate", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+        ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
+        ("/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, None),
+    ],
+)
 def test_bad_input_is_a_4xx_json_error(app, path, body, status, param):
     url, _ = app
     r = post(url, path, body)
@@ -135,8 +167,9 @@ def test_bad_input_is_a_4xx_json_error(app, path, body, status, param):
 
 def test_malformed_json_and_unknown_route(app):
     url, _ = app
-    r = requests.post(f"{url}/generate", data="{not json", headers={**AUTH, "content-type": "application/json"},
-                      timeout=10)
+    r = requests.post(
+        f"{url}/generate", data="{not json", headers={**AUTH, "content-type": "application/json"}, timeout=10
+    )
     assert r.status_code == 400 and r.json()["error"]["message"]
     r = requests.get(f"{url}/nope", headers=AUTH, timeout=10)
     assert r.status_code == 404 and r.json()["error"]["message"]
@@ -160,8 +193,9 @@ def test_serve_batch_groups_concurrent_requests(app):
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(one, range(8))) == [200] * 8
     metrics = requests.get(f"{url}/metrics", headers=AUTH, timeout=10).text
-    sizes = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-             if line.startswith("llm_batch_size_")}
+    sizes = {
+        line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("llm_batch_size_")
+    }
     batches, requests_batched = sizes["llm_batch_size_count"], sizes["llm_batch_size_sum"]
     assert requests_batched / batches > 1.5, sizes  # several requests shared one model.generate
     assert 'llm_requests_total{route="/generate",status="200"}' in metrics
@@ -169,8 +203,7 @@ def test_serve_batch_groups_concurrent_requests(app):
 
 
 def test_queue_limit_429_and_timeout_408(tiny_run, app):
-    url = start_app(tiny_run, "tight", max_queue=2, batch_wait_timeout_s=2.0, max_batch_size=64,
-                    request_timeout_s=0.5)
+    url = start_app(tiny_run, "tight", max_queue=2, batch_wait_timeout_s=2.0, max_batch_size=64, request_timeout_s=0.5)
 
     def one(_):
         return requests.post(f"{url}/generate", json={"prompt": "hi", "max_new_tokens": 2}, timeout=30)
@@ -184,8 +217,17 @@ def test_queue_limit_429_and_timeout_408(tiny_run, app):
 
 
 def test_autoscaling_up_under_load_and_back_down(tiny_run, app):
-    url = start_app(tiny_run, "scaled", min_replicas=1, max_replicas=2, target_ongoing_requests=1,
-                    upscale_delay_s=1, downscale_delay_s=4, num_cpus=0.25, max_batch_size=1)
+    url = start_app(
+        tiny_run,
+        "scaled",
+        min_replicas=1,
+        max_replicas=2,
+        target_ongoing_requests=1,
+        upscale_delay_s=1,
+        downscale_delay_s=4,
+        num_cpus=0.25,
+        max_batch_size=1,
+    )
 
     def running() -> int:
         states = serve.status().applications["scaled"].deployments["Generator"].replica_states

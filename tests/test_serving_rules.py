@@ -1,5 +1,6 @@
 """The serving rules as pure functions, without Ray: stop strings (also split across streamed pieces),
 the OpenAI stream format, the batch merger under concurrent requests, and engine selection."""
+
 import asyncio
 import json
 import threading
@@ -51,8 +52,7 @@ def test_chunks_follow_the_openai_stream_format():
     assert second["choices"][0]["delta"] == {"content": "lo"} and first["id"] == second["id"]
     end = json.loads(chat.piece("", finish_reason="stop")[6:])
     assert end["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}
-    assert json.loads(chat.usage(3, 2)[6:])["usage"] == {"prompt_tokens": 3, "completion_tokens": 2,
-                                                         "total_tokens": 5}
+    assert json.loads(chat.usage(3, 2)[6:])["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     text = json.loads(ChunkWriter("m", chat=False).piece("x")[6:])
     assert text["object"] == "text_completion" and text["choices"][0]["text"] == "x"
     assert ChunkWriter.done() == "data: [DONE]\n\n"
@@ -120,6 +120,13 @@ def test_engine_selection_and_vllm_arguments():
     with pytest.raises(RuntimeError, match="requirements-vllm.txt"):
         choose_engine("vllm", vllm_present=False)
     args = vllm_engine_args("/models/awq", max_model_len=2048, max_num_seqs=64, trust_remote_code=False)
-    assert args == {"model": "/models/awq", "tokenizer": "/models/awq", "max_model_len": 2048, "max_num_seqs": 64,
-                    "dtype": "auto", "gpu_memory_utilization": 0.85, "trust_remote_code": False}
+    assert args == {
+        "model": "/models/awq",
+        "tokenizer": "/models/awq",
+        "max_model_len": 2048,
+        "max_num_seqs": 64,
+        "dtype": "auto",
+        "gpu_memory_utilization": 0.85,
+        "trust_remote_code": False,
+    }
     assert vllm_engine_args("/m", 2048, 64, trust_remote_code=True)["trust_remote_code"] is True

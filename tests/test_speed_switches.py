@@ -1,5 +1,6 @@
 """The training speed switches against the plain path, on CPU and without Ray: each must leave the loss
 (and its gradients) what the plain forward gives, within floating-point tolerance."""
+
 import numpy as np
 import pytest
 import torch
@@ -28,8 +29,9 @@ def loss_and_grads(model, **batch) -> tuple[float, dict]:
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("lora", [{}, {"r": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}],
-                         ids=["full", "lora"])
+@pytest.mark.parametrize(
+    "lora", [{}, {"r": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}], ids=["full", "lora"]
+)
 def test_chunked_cross_entropy_gives_the_plain_loss_and_gradients(tiny_model_dir, lora):
     ids = torch.randint(4, 500, (2, 48))
     labels = ids.clone()
@@ -63,9 +65,19 @@ def dense_model(tmp_path, **config):
 
     torch.manual_seed(0)
     # weights large enough (initializer_range) that attention to other tokens changes the outputs
-    AutoModelForCausalLM.from_config(Qwen3Config(
-        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        head_dim=32, intermediate_size=128, initializer_range=0.2, **config)).save_pretrained(tmp_path)
+    AutoModelForCausalLM.from_config(
+        Qwen3Config(
+            vocab_size=512,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=32,
+            intermediate_size=128,
+            initializer_range=0.2,
+            **config,
+        )
+    ).save_pretrained(tmp_path)
     return tmp_path
 
 
@@ -101,8 +113,9 @@ def test_compiled_decoder_layers_give_the_plain_loss(tmp_path):
     ids = torch.randint(0, 512, (2, 32))
     losses = {}
     for compiled in (False, True):
-        recipe = RecipeConfig(base_model=str(model_dir), train=TrainConfig(compile=compiled, full_finetune=True),
-                              model={"seq_len": 32})
+        recipe = RecipeConfig(
+            base_model=str(model_dir), train=TrainConfig(compile=compiled, full_finetune=True), model={"seq_len": 32}
+        )
         model = build_model(recipe)
         losses[compiled] = loss_and_grads(model, input_ids=ids, labels=ids)
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-4)

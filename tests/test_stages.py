@@ -1,5 +1,6 @@
 """Train -> quantize on the tiny config: real Ray Train + DeepSpeed + peft, real
 llm-compressor AWQ (serving: test_serve.py)."""
+
 import json
 
 import pandas as pd
@@ -40,8 +41,12 @@ def test_quantized_model_is_awq_int4_and_generates(tiny_run):
     assert "lm_head" in qcfg["ignore"] and any(name.endswith("mlp.gate") for name in qcfg["ignore"])
     assert report["quantized_bytes"] < report["merged_bytes"]
     assert report["quantized_perplexity"] == pytest.approx(report["merged_perplexity"], rel=0.1)
-    assert report["gate"] == {"max_ppl_increase": 0.02, "perplexity_change": report["perplexity_change"],
-                              "passed": True, "forced": False}
+    assert report["gate"] == {
+        "max_ppl_increase": 0.02,
+        "perplexity_change": report["perplexity_change"],
+        "passed": True,
+        "forced": False,
+    }
     assert report["serve_model"] == "awq"
     assert report["merged_tokens_per_s"] > 0 and report["quantized_tokens_per_s"] > 0
 
@@ -58,8 +63,7 @@ def test_merged_model_matches_adapter_model(tiny_run):
     m = json.loads((tiny_run.stage_dir("train") / "metrics.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(m["base_model"], dtype=torch.float32)
     lora = PeftModel.from_pretrained(base, m["adapter"]).eval()
-    merged = AutoModelForCausalLM.from_pretrained(tiny_run.stage_dir("quantize") / "merged",
-                                                  dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tiny_run.stage_dir("quantize") / "merged", dtype=torch.float32).eval()
     ids = torch.randint(4, 500, (1, 24))
     with torch.no_grad():
         ref, got = lora(input_ids=ids).logits, merged(input_ids=ids).logits

@@ -1,5 +1,6 @@
 """A URI runs_dir (here file://, the same pyarrow.fs code path as s3://): stages pull what they
 read into a local cache, push what they write, and Ray Train checkpoints go to the URI itself."""
+
 import json
 import shutil
 

@@ -1,6 +1,7 @@
 """Ray Train recipes on CPU workers (gloo), 2 workers, real DeepSpeed / FSDP2 / DDP and peft, on the
 tiny Qwen3-MoE: strategies, staged pretrain -> SFT -> DPO, early stopping, fault restart, EWC.
 (The rules around them, without Ray: test_train_rules.py.)"""
+
 import json
 from pathlib import Path
 
@@ -21,8 +22,15 @@ def test_training_writes_tensorboard_scalars(tiny_run):
 
     events = EventAccumulator(str(tiny_run.stage_dir("train") / "pretrain" / "tensorboard")).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/moe_aux_loss",
-            "train/moe_max_load", "eval/eval_loss"} <= tags, tags
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/moe_aux_loss",
+        "train/moe_max_load",
+        "eval/eval_loss",
+    } <= tags, tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 5, 10, 15, 20, 25, 30]
     assert [e.step for e in events.Scalars("eval/eval_loss")] == [10, 20, 30]
     assert all(e.value > 0 for e in events.Scalars("train/grad_norm"))
@@ -32,10 +40,16 @@ def test_training_writes_tensorboard_scalars(tiny_run):
 def test_zero2_lora_on_moe_experts_resumes_a_failed_worker_from_its_checkpoint(tiny_run, tmp_path):
     """Worker 0 raises at step 8; Ray Train restarts the group, which resumes from the step-5
     checkpoint: the step count continues (6, 7, ...), it does not start over."""
-    cfg = derived_config(tiny_run, tmp_path, "train.max_steps=12", "train.checkpoint_every=5",
-                         "train.inject_fault_at_step=8", "train.router_aux_loss_coef=0.02",
-                         "train.lora.target_parameters=[mlp.experts.gate_up_proj, mlp.experts.down_proj]",
-                         "train.lora.dropout=0")
+    cfg = derived_config(
+        tiny_run,
+        tmp_path,
+        "train.max_steps=12",
+        "train.checkpoint_every=5",
+        "train.inject_fault_at_step=8",
+        "train.router_aux_loss_coef=0.02",
+        "train.lora.target_parameters=[mlp.experts.gate_up_proj, mlp.experts.down_proj]",
+        "train.lora.dropout=0",
+    )
     from pipeline.train.stage import run_train
 
     run_train(cfg)
@@ -72,8 +86,15 @@ def test_fsdp_with_gradient_checkpointing_trains_and_writes_profiler_traces(tiny
 
     from pipeline.train.stage import run_train
 
-    cfg = derived_config(tiny_run, tmp_path, "train.strategy=fsdp", "train.gradient_checkpointing=true",
-                         "train.profile=true", "train.max_steps=15", "train.checkpoint_every=15")
+    cfg = derived_config(
+        tiny_run,
+        tmp_path,
+        "train.strategy=fsdp",
+        "train.gradient_checkpointing=true",
+        "train.profile=true",
+        "train.max_steps=15",
+        "train.checkpoint_every=15",
+    )
     m = run_train(cfg)
     losses = [h["loss"] for h in m["history"]]
     assert 6.0 < losses[0] < 8.0 and losses[-1] < losses[0] - 0.3, losses
@@ -87,8 +108,15 @@ def test_fsdp_with_gradient_checkpointing_trains_and_writes_profiler_traces(tiny
 def test_ddp_full_finetune_trains_every_weight(tiny_run, tmp_path):
     from pipeline.train.stage import run_train
 
-    cfg = derived_config(tiny_run, tmp_path, "train.strategy=ddp", "train.full_finetune=true", "train.lr=1e-3",
-                         "train.max_steps=15", "train.checkpoint_every=15")
+    cfg = derived_config(
+        tiny_run,
+        tmp_path,
+        "train.strategy=ddp",
+        "train.full_finetune=true",
+        "train.lr=1e-3",
+        "train.max_steps=15",
+        "train.checkpoint_every=15",
+    )
     m = run_train(cfg)
     losses = [h["loss"] for h in m["history"]]
     assert 6.0 < losses[0] < 8.0 and losses[-1] < losses[0] - 0.2, losses
@@ -104,8 +132,15 @@ def test_early_stopping_ends_a_run_whose_eval_loss_is_flat(tiny_run, tmp_path):
     improvement (steps 4, 6, 8) end the run long before max_steps."""
     from pipeline.train.stage import run_train
 
-    cfg = derived_config(tiny_run, tmp_path, "train.lr=1e-9", "train.max_steps=60", "train.eval_every=2",
-                         "train.early_stopping_patience=3", "train.early_stopping_min_delta=1e-4")
+    cfg = derived_config(
+        tiny_run,
+        tmp_path,
+        "train.lr=1e-9",
+        "train.max_steps=60",
+        "train.eval_every=2",
+        "train.early_stopping_patience=3",
+        "train.early_stopping_min_delta=1e-4",
+    )
     m = run_train(cfg)
     assert m["steps"] == 8 and m["stopped_early"], m["history"]
     assert [h["step"] for h in m["history"] if "eval_loss" in h] == [2, 4, 6, 8]
@@ -119,8 +154,10 @@ def test_staged_pretrain_sft_dpo_each_from_the_previous_model(tiny_run, tmp_path
     prefs = tmp_path / "prefs.jsonl"
     lines = Path("data/preferences.jsonl").read_text().splitlines()
     prefs.write_text("".join(line + "\n" for line in lines if "[TASK] license-count" in json.loads(line)["prompt"]))
-    stages = (f"train.stages=[{{kind: pretrain, max_steps: 10}}, {{kind: sft, data: data/instructions.jsonl, "
-              f"max_steps: 10}}, {{kind: dpo, data: {prefs}, max_steps: 20, lr: 5.0e-3, beta: 0.5}}]")
+    stages = (
+        f"train.stages=[{{kind: pretrain, max_steps: 10}}, {{kind: sft, data: data/instructions.jsonl, "
+        f"max_steps: 10}}, {{kind: dpo, data: {prefs}, max_steps: 20, lr: 5.0e-3, beta: 0.5}}]"
+    )
     cfg = derived_config(tiny_run, tmp_path, stages, "train.checkpoint_every=20")
     m = run_train(cfg)
     assert [s["stage"] for s in m["stages"]] == ["pretrain", "sft", "dpo"]
@@ -145,12 +182,21 @@ def test_ewc_lowers_forgetting_of_the_first_task(tiny_run, tmp_path):
     records = [json.loads(line) for line in Path("data/instructions.jsonl").read_text().splitlines()]
     for name, tasks in (("a", {"license"}), ("b", {"copyright-holder", "license-count", "upstream-name"})):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["task"] in tasks))
-    stages = (f"train.stages=[{{kind: sft, name: task_a, data: {tmp_path}/a.jsonl, max_steps: 15}}, "
-              f"{{kind: sft, name: task_b, data: {tmp_path}/b.jsonl, max_steps: 15, lr: 1.0e-3}}]")
+    stages = (
+        f"train.stages=[{{kind: sft, name: task_a, data: {tmp_path}/a.jsonl, max_steps: 15}}, "
+        f"{{kind: sft, name: task_b, data: {tmp_path}/b.jsonl, max_steps: 15, lr: 1.0e-3}}]"
+    )
     forgetting = {}
     for ewc in (False, True):
-        cfg = derived_config(tiny_run, tmp_path / f"ewc-{ewc}", stages, "train.full_finetune=true", "train.eval_every=5",
-                             f"train.ewc.enabled={ewc}", "train.ewc.weight=10")
+        cfg = derived_config(
+            tiny_run,
+            tmp_path / f"ewc-{ewc}",
+            stages,
+            "train.full_finetune=true",
+            "train.eval_every=5",
+            f"train.ewc.enabled={ewc}",
+            "train.ewc.weight=10",
+        )
         m = run_train(cfg)
         after_a, after_b = m["stages"][0]["eval_loss_last"], m["stages"][1]["previous_eval_loss_last"]
         forgetting[ewc] = after_b - after_a
@@ -167,15 +213,15 @@ def test_rope_scaling_extends_the_context_of_a_built_or_given_model(tiny_run, tm
 
     kept = tiny_run.stage_dir("curate") / "kept"
     rope = {"rope_type": "yarn", "factor": 4.0}
-    built = prepare_base_model(ModelConfig(preset="tiny-dense", vocab_size=512, tokenizer_docs=50, rope_scaling=rope),
-                               kept, tmp_path / "built")
-    given = prepare_base_model(ModelConfig(path=str(built), rope_scaling={"rope_type": "linear", "factor": 2.0}),
-                               kept, tmp_path / "given")
+    built = prepare_base_model(
+        ModelConfig(preset="tiny-dense", vocab_size=512, tokenizer_docs=50, rope_scaling=rope), kept, tmp_path / "built"
+    )
+    given = prepare_base_model(
+        ModelConfig(path=str(built), rope_scaling={"rope_type": "linear", "factor": 2.0}), kept, tmp_path / "given"
+    )
     assert AutoConfig.from_pretrained(built).rope_parameters["rope_type"] == "yarn"
     config = AutoConfig.from_pretrained(given)
     assert config.rope_parameters["rope_type"] == "linear" and config.max_position_embeddings == 2 * 8192
     assert (given / "model.safetensors").is_symlink(), "the user's weights are linked, not copied"
     model = AutoModelForCausalLM.from_pretrained(given)
     assert model(torch.randint(0, 500, (1, 4096))).logits.shape == (1, 4096, config.vocab_size)
-
-

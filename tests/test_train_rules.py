@@ -1,6 +1,7 @@
 """The training rules without Ray: what a worker is told (the recipe config of each stage and its
 identity), the DeepSpeed config, batch sizes, the data formats, and the checks that fail before any
 worker starts. The recipe itself runs on Ray Train in test_train.py."""
+
 import json
 from pathlib import Path
 
@@ -31,15 +32,34 @@ def test_a_changed_training_config_starts_a_fresh_ray_train_run(tmp_path):
 
 
 def test_each_stage_gets_its_own_objective_lr_steps_and_ewc(tmp_path):
-    cfg = load_config(TINY, ["train.lr=1e-3", "train.max_steps=30", "train.ewc.enabled=true", "train.stages="
-                             "[pretrain, {kind: sft, data: d.jsonl, lr: 1e-4}, {kind: dpo, data: p.jsonl, "
-                             "max_steps: 5, beta: 0.3}]"])
-    pretrain, sft, dpo = (stage_recipe(cfg, spec, Path("/base"), tmp_path, first=i == 0, track_previous=i > 0)
-                          for i, spec in enumerate(cfg.train.stages))
-    assert (pretrain.objective, pretrain.train.lr, pretrain.train.max_steps, pretrain.ewc) == ("causal_lm", 1e-3, 30,
-                                                                                                False)
-    assert (sft.objective, sft.train.lr, sft.train.max_steps, sft.ewc, sft.track_previous) == ("causal_lm", 1e-4, 30,
-                                                                                               True, True)
+    cfg = load_config(
+        TINY,
+        [
+            "train.lr=1e-3",
+            "train.max_steps=30",
+            "train.ewc.enabled=true",
+            "train.stages="
+            "[pretrain, {kind: sft, data: d.jsonl, lr: 1e-4}, {kind: dpo, data: p.jsonl, "
+            "max_steps: 5, beta: 0.3}]",
+        ],
+    )
+    pretrain, sft, dpo = (
+        stage_recipe(cfg, spec, Path("/base"), tmp_path, first=i == 0, track_previous=i > 0)
+        for i, spec in enumerate(cfg.train.stages)
+    )
+    assert (pretrain.objective, pretrain.train.lr, pretrain.train.max_steps, pretrain.ewc) == (
+        "causal_lm",
+        1e-3,
+        30,
+        False,
+    )
+    assert (sft.objective, sft.train.lr, sft.train.max_steps, sft.ewc, sft.track_previous) == (
+        "causal_lm",
+        1e-4,
+        30,
+        True,
+        True,
+    )
     assert (dpo.objective, dpo.dpo_beta, dpo.train.max_steps, dpo.train.lr) == ("dpo", 0.3, 5, 1e-3)
     assert cfg.train.lr == 1e-3 and cfg.train.max_steps == 30, "the pipeline's config is left as it was"
     with pytest.raises(Exception, match="frozen"):
@@ -55,8 +75,11 @@ def test_a_users_deepspeed_json_overrides_the_generated_config(tmp_path):
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5}))
     cfg = load_config("configs/tiny.yaml", [f"train.deepspeed_config={user}", "train.offload_optimizer=true"])
     ds = deepspeed_config(cfg.train, cfg.train.batch_size)
-    assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False},
-                                       "reduce_bucket_size": 1000}
+    assert ds["zero_optimization"] == {
+        "stage": 2,
+        "offload_optimizer": {"device": "cpu", "pin_memory": False},
+        "reduce_bucket_size": 1000,
+    }
     assert ds["gradient_clipping"] == 0.5 and ds["train_micro_batch_size_per_gpu"] == 8
 
 
@@ -72,6 +95,7 @@ def test_auto_batch_size_starts_from_the_memory_rule_and_halves_on_oom():
         tried.append(batch)
         if batch > 24:
             raise torch.OutOfMemoryError("CUDA out of memory")
+
     assert halve_until_fits(step, 256) == 16 and tried == [256, 128, 64, 32, 16]
     with pytest.raises(RuntimeError, match="gradient_checkpointing"):
         halve_until_fits(lambda b: step(100), 4)
@@ -80,8 +104,10 @@ def test_auto_batch_size_starts_from_the_memory_rule_and_halves_on_oom():
 def test_scale_presets_and_their_configs():
     from pipeline.model import HARDWARE, PRESETS
 
-    for preset, low, high, config in (("7b-dense", 6e9, 8e9, "configs/7b-lora.yaml"),
-                                      ("66b-dense", 60e9, 70e9, "configs/66b-zero3.yaml")):
+    for preset, low, high, config in (
+        ("7b-dense", 6e9, 8e9, "configs/7b-lora.yaml"),
+        ("66b-dense", 60e9, 70e9, "configs/66b-zero3.yaml"),
+    ):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(PRESETS[preset](32000))
         assert low < sum(p.numel() for p in model.parameters()) < high
@@ -118,7 +144,7 @@ def test_sft_labels_ignore_prompt_tokens_and_examples_do_not_see_each_other(tiny
     row = list(labels[0])
     assert row[: len(first)] == [IGNORE] * len(first), "the prompt is not learned"
     response = tok("answer 0", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert row[len(first): len(first) + len(response)] == response
+    assert row[len(first) : len(first) + len(response)] == response
     assert positions[0][len(first) + len(response)] == 0, "the next packed example restarts its positions"
     assert (ids[labels != IGNORE] == labels[labels != IGNORE]).all()
 
@@ -130,8 +156,10 @@ def test_chat_records_use_the_tokenizers_chat_template(tiny_model_dir):
     record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     with pytest.raises(ValueError, match="no chat template"):
         prompt_and_response(record, tok)
-    tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     assert prompt_and_response(record, tok) == ("<|user|>hi\n<|assistant|>", "hello")
 
 

@@ -2,6 +2,7 @@
 
 Every stage reads the previous stage's folder and writes its own under runs/<name>/<stage>/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ local Ray started in this process."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipeline", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="pipeline", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stages = {
         "sample-data": "build the demo corpus (data/corpus/) and instruction set from local text",
@@ -54,13 +56,17 @@ def _parser() -> argparse.ArgumentParser:
         if name == "sample-data":
             s.add_argument("--out", default="data", help="the corpus goes to OUT/corpus/ (default: %(default)s)")
             s.add_argument("--max-mb", type=float, default=4.0, help="corpus size in MB (default: %(default)s)")
-            s.add_argument("--instructions", action="store_true",
-                           help="also rewrite OUT/instructions.jsonl and OUT/preferences.jsonl (the repo ships both)")
+            s.add_argument(
+                "--instructions",
+                action="store_true",
+                help="also rewrite OUT/instructions.jsonl and OUT/preferences.jsonl (the repo ships both)",
+            )
         if name == "run":
             s.add_argument("--keep-serving", action="store_true", help="leave the endpoint up at the end")
         if name in ("quantize", "run"):
-            s.add_argument("--force", action="store_true",
-                           help="serve the 4-bit model even when it fails the perplexity gate")
+            s.add_argument(
+                "--force", action="store_true", help="serve the 4-bit model even when it fails the perplexity gate"
+            )
     return p
 
 
@@ -115,22 +121,37 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
         from pipeline.train.distill import run_distill
 
         distill = run_distill(cfg)
-        print(f"distilled student: KL to teacher {distill['kl_to_teacher_before']} -> "
-              f"{distill['kl_to_teacher_after']} in {distill['student']}")
+        print(
+            f"distilled student: KL to teacher {distill['kl_to_teacher_before']} -> "
+            f"{distill['kl_to_teacher_after']} in {distill['student']}"
+        )
     url = deploy(cfg)
     reply = generate(url, cfg.serve.demo_prompt, DEMO_TOKENS, os.environ.get(cfg.serve.api_key_env))
     print(f"\nPOST {url}/generate {{'prompt': {cfg.serve.demo_prompt!r}}}\n-> {json.dumps(reply)}\n")
-    print(_table([
-        ("docs in / kept / rejected", f"{stats['docs_in']} / {stats['kept']} / {stats['rejected']}"),
-        ("train loss first -> last", f"{train['loss_first']:.4f} -> {train['loss_last']:.4f} ({train['steps']} steps)"),
-        ("train tokens/s", train["tokens_per_s"]),
-        ("quantized size", f"{quant.get('quantized_bytes', quant['merged_bytes']) / 1e6:.2f} MB "
-                           f"({quant.get('size_ratio', 1.0):.2f}x of {quant['merged_bytes'] / 1e6:.2f} MB)"),
-        ("perplexity 16-bit -> 4-bit", f"{quant['merged_perplexity']:.2f} -> {quant.get('quantized_perplexity', '-')} "
-                                       f"({quant.get('perplexity_change', 0):+.2%})"),
-        ("endpoint", f"{url}/generate"),
-        ("wall time", f"{time.time() - t0:.0f} s"),
-    ]))
+    print(
+        _table(
+            [
+                ("docs in / kept / rejected", f"{stats['docs_in']} / {stats['kept']} / {stats['rejected']}"),
+                (
+                    "train loss first -> last",
+                    f"{train['loss_first']:.4f} -> {train['loss_last']:.4f} ({train['steps']} steps)",
+                ),
+                ("train tokens/s", train["tokens_per_s"]),
+                (
+                    "quantized size",
+                    f"{quant.get('quantized_bytes', quant['merged_bytes']) / 1e6:.2f} MB "
+                    f"({quant.get('size_ratio', 1.0):.2f}x of {quant['merged_bytes'] / 1e6:.2f} MB)",
+                ),
+                (
+                    "perplexity 16-bit -> 4-bit",
+                    f"{quant['merged_perplexity']:.2f} -> {quant.get('quantized_perplexity', '-')} "
+                    f"({quant.get('perplexity_change', 0):+.2%})",
+                ),
+                ("endpoint", f"{url}/generate"),
+                ("wall time", f"{time.time() - t0:.0f} s"),
+            ]
+        )
+    )
     if os.environ.get("RAY_ADDRESS"):
         # on a cluster the endpoint is the product: it stays up after this driver exits
         print(f"serving at {url} on the cluster; `serve shutdown -y` stops it")
@@ -153,9 +174,14 @@ def cmd_serve(cfg: PipelineConfig, args) -> None:
 
 
 # the stage folders each command reads and writes (a URI runs_dir is staged through pipeline.storage)
-STAGE_IO = {"curate": ([], ["curate"]), "train": (["curate"], ["train"]),
-            "quantize": (["curate", "train"], ["quantize"]), "distill": (["curate", "quantize"], ["distill"]),
-            "serve": (["quantize"], []), "run": ([], ["curate", "train", "quantize", "distill"])}
+STAGE_IO = {
+    "curate": ([], ["curate"]),
+    "train": (["curate"], ["train"]),
+    "quantize": (["curate", "train"], ["quantize"]),
+    "distill": (["curate", "quantize"], ["distill"]),
+    "serve": (["quantize"], []),
+    "run": ([], ["curate", "train", "quantize", "distill"]),
+}
 
 
 def run_command(cfg: PipelineConfig, args) -> None:

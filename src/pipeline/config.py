@@ -3,6 +3,7 @@
 Every section forbids unknown keys, so a typo is an error that names the key and lists
 what is allowed instead of being silently ignored.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,13 +29,19 @@ class DedupConfig(Section):
     threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity that counts as duplicate")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash signature slots (one-permutation hashing bins)")
     ngram: int = Field(5, ge=1, le=32, description="word n-gram (shingle) size")
-    recall_weight: float = Field(0.98, gt=0, lt=1, description="LSH bands x rows favour recall this much "
-                                 "(datasketch's weights=(1-w, w)); candidates are verified by exact Jaccard, "
-                                 "so a higher weight costs only checks")
+    recall_weight: float = Field(
+        0.98,
+        gt=0,
+        lt=1,
+        description="LSH bands x rows favour recall this much "
+        "(datasketch's weights=(1-w, w)); candidates are verified by exact Jaccard, "
+        "so a higher weight costs only checks",
+    )
 
 
 class FiltersConfig(Section):
     """Quality filters (src/pipeline/curate/filters.py); 0 or [] turns one off."""
+
     min_words: int = Field(5, ge=0, description="drop documents with fewer words")
     max_words: int = Field(0, ge=0, description="drop documents with more words (0: no limit)")
     min_chars: int = Field(0, ge=0)
@@ -57,8 +64,10 @@ class PerplexityConfig(Section):
 
 class AugmentConfig(Section):
     """Off unless a model path is given (src/pipeline/curate/augment.py)."""
+
     back_translation_models: list[str] = Field(
-        default_factory=list, description="[forward, backward] local seq2seq dirs, e.g. opus-mt en-zh and zh-en")
+        default_factory=list, description="[forward, backward] local seq2seq dirs, e.g. opus-mt en-zh and zh-en"
+    )
     back_translation_share: float = Field(0.1, ge=0, le=1, description="share of kept documents back-translated")
     synonym_model: str | None = Field(None, description="local fill-mask model dir for synonym perturbation")
     synonym_share: float = Field(0.1, ge=0, le=1, description="share of kept documents perturbed")
@@ -74,13 +83,17 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    input: list[str] = Field(default_factory=lambda: ["data/corpus/*.jsonl"],
-                             description="files or globs: .jsonl/.json/.parquet/.txt, optionally .gz")
+    input: list[str] = Field(
+        default_factory=lambda: ["data/corpus/*.jsonl"],
+        description="files or globs: .jsonl/.json/.parquet/.txt, optionally .gz",
+    )
     text_field: str = "text"
     id_field: str = "id"
     lowercase: bool = False
-    keep_fields: list[str] = Field(default_factory=list, description="input fields carried into kept/ as `meta` "
-                                   "(JSON); every other field is dropped")
+    keep_fields: list[str] = Field(
+        default_factory=list,
+        description="input fields carried into kept/ as `meta` (JSON); every other field is dropped",
+    )
     rename: dict[str, str] = Field(default_factory=dict, description="new names for keep_fields inside `meta`")
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
     perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig)
@@ -101,16 +114,20 @@ PRESET_NAMES = Literal["tiny-moe", "tiny-dense", "small-moe", "7b-dense", "66b-d
 
 class ModelConfig(Section):
     path: str | None = Field(None, description="local HF causal-LM directory; None builds `preset`")
-    preset: PRESET_NAMES = Field("tiny-moe", description="random-init architecture (pipeline.model.PRESETS; "
-                                 "HARDWARE there says what each needs)")
+    preset: PRESET_NAMES = Field(
+        "tiny-moe", description="random-init architecture (pipeline.model.PRESETS; HARDWARE there says what each needs)"
+    )
     vocab_size: int = Field(2048, ge=256, description="BPE vocabulary when a tokenizer is trained")
     tokenizer_docs: int = Field(2000, ge=10, description="curated documents the tokenizer trains on")
     seq_len: int = Field(128, ge=16, description="training sequence length (tokens)")
-    trust_remote_code: bool = Field(False, description="run Python code shipped inside a model directory "
-                                    "(auto_map); only for sources you trust")
+    trust_remote_code: bool = Field(
+        False, description="run Python code shipped inside a model directory (auto_map); only for sources you trust"
+    )
     rope_scaling: dict[str, Any] | None = Field(
-        None, description="RoPE scaling for long context, e.g. {rope_type: yarn, factor: 4.0}; written into the "
-        "base model's config (transformers' rope_parameters)")
+        None,
+        description="RoPE scaling for long context, e.g. {rope_type: yarn, factor: 4.0}; written into the "
+        "base model's config (transformers' rope_parameters)",
+    )
 
 
 class LoraSettings(Section):
@@ -119,26 +136,36 @@ class LoraSettings(Section):
     dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     modules_to_save: list[str] = Field(
-        default_factory=list, description="modules trained in full beside the adapter, e.g. embed_tokens and "
-        "lm_head when the base model was just built with a new tokenizer")
+        default_factory=list,
+        description="modules trained in full beside the adapter, e.g. embed_tokens and "
+        "lm_head when the base model was just built with a new tokenizer",
+    )
     target_parameters: list[str] = Field(
-        default_factory=list, description="LoRA on parameters rather than modules: MoE experts are fused 3-D "
-        "parameters in transformers 5, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] (needs dropout 0)")
+        default_factory=list,
+        description="LoRA on parameters rather than modules: MoE experts are fused 3-D "
+        "parameters in transformers 5, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] (needs dropout 0)",
+    )
 
     @model_validator(mode="after")
     def _parameter_lora_has_no_dropout(self) -> LoraSettings:
         if self.target_parameters and self.dropout:
-            raise ValueError(f"peft's LoRA on parameters (target_parameters) does not support dropout: "
-                             f"set train.lora.dropout=0 (got {self.dropout})")
+            raise ValueError(
+                f"peft's LoRA on parameters (target_parameters) does not support dropout: "
+                f"set train.lora.dropout=0 (got {self.dropout})"
+            )
         return self
 
 
 class StageSpec(Section):
     """One stage of a staged run; each starts from the previous stage's model."""
+
     kind: Literal["pretrain", "sft", "dpo"]
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="output folder; default: kind")
-    data: str | None = Field(None, description="sft: jsonl of {task, input, output} or {messages}; dpo: jsonl of "
-                             "{prompt, chosen, rejected}; pretrain reads the curated corpus")
+    data: str | None = Field(
+        None,
+        description="sft: jsonl of {task, input, output} or {messages}; dpo: jsonl of "
+        "{prompt, chosen, rejected}; pretrain reads the curated corpus",
+    )
     max_steps: int | None = Field(None, ge=1, description="default: train.max_steps")
     lr: float | None = Field(None, gt=0, description="default: train.lr")
     beta: float = Field(0.1, gt=0, description="dpo: strength of the KL constraint to the reference")
@@ -161,10 +188,15 @@ class StageSpec(Section):
 class EwcConfig(Section):
     """Elastic weight consolidation: a stage after the first is pulled towards the previous stage's
     weights, in proportion to how much they mattered (diagonal Fisher) on the previous stage's data."""
+
     enabled: bool = False
-    weight: float = Field(10.0, gt=0, description="lambda; the Fisher is normalized to mean 1 over the trainable weights. "
-                          "Keep the penalty near the loss's size: Adam normalizes gradients, so a dominant penalty "
-                          "makes weights oscillate around their anchor instead of holding them")
+    weight: float = Field(
+        10.0,
+        gt=0,
+        description="lambda; the Fisher is normalized to mean 1 over the trainable weights. "
+        "Keep the penalty near the loss's size: Adam normalizes gradients, so a dominant penalty "
+        "makes weights oscillate around their anchor instead of holding them",
+    )
     fisher_batches: int = Field(8, ge=1, description="micro-batches of the previous stage's data per worker")
 
 
@@ -172,49 +204,75 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(
-        0.5, gt=0, description="<1 leaves CPUs for Ray Data's feeding tasks on small machines")
-    strategy: Literal["deepspeed", "fsdp", "ddp"] = Field("deepspeed", description="fsdp is PyTorch FSDP2 (sharded "
-                                                          "like ZeRO-3); ddp replicates the model on every worker")
-    zero_stage: Literal[0, 1, 2, 3] | None = Field(None, description="DeepSpeed ZeRO stage (strategy=deepspeed); default 2")
+        0.5, gt=0, description="<1 leaves CPUs for Ray Data's feeding tasks on small machines"
+    )
+    strategy: Literal["deepspeed", "fsdp", "ddp"] = Field(
+        "deepspeed", description="fsdp is PyTorch FSDP2 (sharded like ZeRO-3); ddp replicates the model on every worker"
+    )
+    zero_stage: Literal[0, 1, 2, 3] | None = Field(
+        None, description="DeepSpeed ZeRO stage (strategy=deepspeed); default 2"
+    )
     offload_optimizer: bool = Field(False, description="DeepSpeed: optimizer state in CPU memory (ZeRO 1-3)")
     deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON whose keys override the generated ones")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPUs")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, ~30% slower"
+    )
     fused_cross_entropy: bool = Field(
-        False, description="compute the loss from hidden states without the full-vocabulary logits: Liger Kernel's "
-        "fused linear cross-entropy on CUDA when installed, chunks of tokens elsewhere (train/fused_loss.py)")
+        False,
+        description="compute the loss from hidden states without the full-vocabulary logits: Liger Kernel's "
+        "fused linear cross-entropy on CUDA when installed, chunks of tokens elsewhere (train/fused_loss.py)",
+    )
     compile: bool = Field(False, description="torch.compile each decoder layer (the first steps compile)")
-    padding_free: bool = Field(False, description="pretraining: position ids restart at each document packed into "
-                               "a row, so documents do not attend to each other (as SFT examples never do)")
+    padding_free: bool = Field(
+        False,
+        description="pretraining: position ids restart at each document packed into "
+        "a row, so documents do not attend to each other (as SFT examples never do)",
+    )
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="attention kernel; auto: flash_attention_2 on GPUs where flash-attn is installed, "
-        "else sdpa. The choice is logged and kept in the metrics")
+        "auto",
+        description="attention kernel; auto: flash_attention_2 on GPUs where flash-attn is installed, "
+        "else sdpa. The choice is logged and kept in the metrics",
+    )
     lr: float = Field(3e-5, gt=0)
     warmup_steps: int = Field(5, ge=0)
     max_steps: int = Field(60, ge=1)
     batch_size: int | Literal["auto"] = Field(
-        8, description="micro-batch per worker; auto: memory / (seq_len x hidden x 4 bytes), halved on CUDA OOM "
-        "(train/batch_size.py)")
+        8,
+        description="micro-batch per worker; auto: memory / (seq_len x hidden x 4 bytes), halved on CUDA OOM "
+        "(train/batch_size.py)",
+    )
     grad_accum: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, gt=0)
-    router_aux_loss_coef: float | None = Field(None, ge=0, description="MoE load-balancing loss weight; None: the model's")
+    router_aux_loss_coef: float | None = Field(
+        None, ge=0, description="MoE load-balancing loss weight; None: the model's"
+    )
     log_every: int = Field(5, ge=1)
     eval_every: int = Field(10, ge=1, description="steps between eval-loss measurements on held-out data")
     eval_batches: int = Field(4, ge=1, description="held-out micro-batches per worker and evaluation")
-    early_stopping_patience: int = Field(3, ge=0, description="stop after this many evals without improvement (0: never)")
+    early_stopping_patience: int = Field(
+        3, ge=0, description="stop after this many evals without improvement (0: never)"
+    )
     early_stopping_min_delta: float = Field(0.0, ge=0, description="an eval loss must drop this much to count")
     checkpoint_every: int = Field(20, ge=1)
     profile: bool = Field(False, description="PyTorch profiler traces of a few steps on rank 0 (<stage>/profile)")
     seed: int = 0
     checkpoint_uri: str | None = Field(
-        None, description="where Ray Train keeps checkpoints (path or s3://...): URI/checkpoints/<stage>; "
-        "default: <stage folder>/ray")
+        None,
+        description="where Ray Train keeps checkpoints (path or s3://...): URI/checkpoints/<stage>; "
+        "default: <stage folder>/ray",
+    )
     inject_fault_at_step: int | None = Field(
-        None, ge=1, description="fault drill: rank 0 raises once at this step; the run restarts from its checkpoint")
-    full_finetune: bool = Field(False, description="train every weight instead of LoRA adapters (train.lora is then unused)")
+        None, ge=1, description="fault drill: rank 0 raises once at this step; the run restarts from its checkpoint"
+    )
+    full_finetune: bool = Field(
+        False, description="train every weight instead of LoRA adapters (train.lora is then unused)"
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(kind="pretrain")],
-                                    description="e.g. [pretrain, {kind: sft, data: ...}, {kind: dpo, data: ...}]")
+    stages: list[StageSpec] = Field(
+        default_factory=lambda: [StageSpec(kind="pretrain")],
+        description="e.g. [pretrain, {kind: sft, data: ...}, {kind: dpo, data: ...}]",
+    )
     ewc: EwcConfig = Field(default_factory=EwcConfig)
 
     @property
@@ -227,8 +285,11 @@ class TrainConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _zero_stage_default(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("strategy", "deepspeed") == "deepspeed" \
-                and values.get("zero_stage") is None:
+        if (
+            isinstance(values, dict)
+            and values.get("strategy", "deepspeed") == "deepspeed"
+            and values.get("zero_stage") is None
+        ):
             values = {**values, "zero_stage": 2}
         return values
 
@@ -237,10 +298,15 @@ class TrainConfig(Section):
         if self.strategy != "deepspeed":
             for key in ("zero_stage", "deepspeed_config"):
                 if getattr(self, key) is not None:
-                    raise ValueError(f"{key} is a DeepSpeed setting but strategy={self.strategy}: "
-                                     + ("DDP keeps a whole replica on every worker and cannot shard it; use "
-                                        "strategy=deepspeed (ZeRO) or strategy=fsdp to shard"
-                                        if self.strategy == "ddp" else "FSDP shards like ZeRO-3 already; drop " + key))
+                    raise ValueError(
+                        f"{key} is a DeepSpeed setting but strategy={self.strategy}: "
+                        + (
+                            "DDP keeps a whole replica on every worker and cannot shard it; use "
+                            "strategy=deepspeed (ZeRO) or strategy=fsdp to shard"
+                            if self.strategy == "ddp"
+                            else "FSDP shards like ZeRO-3 already; drop " + key
+                        )
+                    )
             if self.offload_optimizer:
                 raise ValueError(f"offload_optimizer needs strategy=deepspeed (got {self.strategy})")
         if self.precision == "fp16" and not self.use_gpu:
@@ -248,8 +314,10 @@ class TrainConfig(Section):
         if self.precision == "fp16" and self.strategy == "fsdp":
             raise ValueError("precision fp16 with strategy=fsdp is not supported here: use bf16")
         if self.compile and self.zero_stage == 3:
-            raise ValueError("compile with zero_stage 3 is not supported (ZeRO-3 gathers parameters in hooks inside "
-                             "the compiled layers): use strategy=fsdp to shard, or zero_stage <= 2")
+            raise ValueError(
+                "compile with zero_stage 3 is not supported (ZeRO-3 gathers parameters in hooks inside "
+                "the compiled layers): use strategy=fsdp to shard, or zero_stage <= 2"
+            )
         if self.ewc.enabled and (self.strategy == "fsdp" or self.zero_stage == 3):
             raise ValueError("ewc needs whole parameters on every worker: use zero_stage <= 2 or strategy=ddp")
         names = [s.name for s in self.stages]
@@ -268,7 +336,8 @@ class QuantizeConfig(Section):
     calib_seq_len: int = Field(128, ge=16)
     eval_samples: int = Field(32, ge=1, description="held-out curated documents the quality gate scores")
     max_ppl_increase: float = Field(
-        0.02, description="quality gate: fail when 4-bit perplexity exceeds 16-bit by more than this fraction")
+        0.02, description="quality gate: fail when 4-bit perplexity exceeds 16-bit by more than this fraction"
+    )
 
 
 class DistillConfig(Section):
@@ -276,7 +345,8 @@ class DistillConfig(Section):
     teacher_path: str | None = Field(None, description="teacher HF dir; None = this run's merged 16-bit model")
     student_path: str | None = Field(None, description="student HF dir; it must use the teacher's tokenizer")
     student_preset: PRESET_NAMES = Field(
-        "tiny-dense", description="built on the teacher's tokenizer when student_path is None")
+        "tiny-dense", description="built on the teacher's tokenizer when student_path is None"
+    )
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-target KL; 1 - alpha weighs the CE")
     temperature: float = Field(2.0, gt=0, description="softens both distributions in the KL term")
     lr: float = Field(1e-3, gt=0, description="the student trains in full, from scratch or from student_path")
@@ -287,6 +357,7 @@ class DistillConfig(Section):
 class ReplicaSettings(Section):
     """What every serving replica is built from; declared once, validators included. `serve.*` in the YAML
     extends it with where to listen (ServeConfig); the replicas get it with the model to serve (ServeArgs)."""
+
     engine: Literal["auto", "transformers", "vllm"] = "auto"
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(2, ge=1)
@@ -346,13 +417,13 @@ def apply_override(raw: dict, item: str) -> None:
     key, _, text = item.partition("=")
     for short, full in ALIASES.items():
         if key.startswith(short):
-            key = full + key[len(short):]
+            key = full + key[len(short) :]
     parts = key.strip().split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+            raise ConfigError(f"override {key!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
         node = child
     node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
 

@@ -6,6 +6,7 @@ train     runs/<name>/train/metrics.json            "base_model" and "adapter": 
 quantize  runs/<name>/quantize/merged/              the 16-bit model (distillation's default teacher)
           runs/<name>/quantize/quant_report.json    "serve_model": the folder to serve, or null (gate failed)
 """
+
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ def curated_dir(cfg: PipelineConfig) -> Path:
 class TrainedModel:
     """The train stage's result: `model` is a LoRA adapter for `base_model`, or (after a full
     fine-tune) a whole model."""
+
     base_model: Path
     model: Path
 
@@ -66,6 +68,8 @@ def served_model_dir(cfg: PipelineConfig) -> Path:
         raise FileNotFoundError(f"no exported model in {path.parent}: run `pipeline quantize` first")
     report = json.loads(path.read_text())
     if report["serve_model"] is None:
-        raise QualityGateError(f"the 4-bit model in {path.parent} failed the quality gate "
-                               f"({report['gate']}); rerun `pipeline quantize --force` to serve it anyway")
+        raise QualityGateError(
+            f"the 4-bit model in {path.parent} failed the quality gate "
+            f"({report['gate']}); rerun `pipeline quantize --force` to serve it anyway"
+        )
     return path.parent / report["serve_model"]

@@ -4,6 +4,7 @@ Training evaluates on it, the tokenizer and AWQ calibrate on the rest, and the q
 distillation's KL are measured on it. It depends on the id alone, so it is stable across runs, block
 counts and cluster sizes.
 """
+
 from __future__ import annotations
 
 import zlib

@@ -1,6 +1,7 @@
 """Every model, adapter, tokenizer and model config the pipeline opens goes through here, so the rules
 hold everywhere: weights come from safetensors only (a pickled .bin can run code when it is read), and
 code shipped with a model (`auto_map`) runs only when `model.trust_remote_code` says so."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,9 +11,11 @@ from pipeline.config import ConfigError
 
 def _refuse_pickles(path: Path, what: str, names: tuple[str, ...]) -> None:
     if path.is_dir() and not any(path.glob("*.safetensors")) and any((path / n).exists() for n in names):
-        raise ConfigError(f"{path}: {what} weights are pickled ({', '.join(n for n in names if (path / n).exists())}); "
-                          "only safetensors are loaded, since unpickling can run code. Convert them with "
-                          "save_pretrained(..., safe_serialization=True) in a trusted environment")
+        raise ConfigError(
+            f"{path}: {what} weights are pickled ({', '.join(n for n in names if (path / n).exists())}); "
+            "only safetensors are loaded, since unpickling can run code. Convert them with "
+            "save_pretrained(..., safe_serialization=True) in a trusted environment"
+        )
 
 
 def _from_pretrained(load, path: str | Path, trust_remote_code: bool, **kwargs):
@@ -20,8 +23,10 @@ def _from_pretrained(load, path: str | Path, trust_remote_code: bool, **kwargs):
         return load(path, trust_remote_code=trust_remote_code, **kwargs)
     except ValueError as e:
         if "trust_remote_code" in str(e):
-            raise ConfigError(f"{path} needs the code it ships (auto_map) to load; set model.trust_remote_code=true "
-                              "only if you trust its source") from None
+            raise ConfigError(
+                f"{path} needs the code it ships (auto_map) to load; set model.trust_remote_code=true "
+                "only if you trust its source"
+            ) from None
         raise
 
 

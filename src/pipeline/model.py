@@ -1,5 +1,6 @@
 """Base models: a local HF directory (`model.path`), or a tiny preset built from a config with
 a BPE tokenizer trained on the curated text (no model hub is needed, or reachable)."""
+
 from __future__ import annotations
 
 import logging
@@ -26,29 +27,71 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 UNK, BOS, EOS, PAD = range(4)
 
 # Widths are multiples of 128 so that every Linear layer holds whole AWQ groups of 128.
-_COMMON = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-           "head_dim": 32, "max_position_embeddings": 2048, "rope_theta": 10000.0, "tie_word_embeddings": False,
-           "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}
+_COMMON = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 32,
+    "max_position_embeddings": 2048,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": BOS,
+    "eos_token_id": EOS,
+    "pad_token_id": PAD,
+}
 PRESETS = {
     "tiny-moe": lambda vocab: Qwen3MoeConfig(
-        vocab_size=vocab, intermediate_size=256, moe_intermediate_size=128, num_experts=4,
-        num_experts_per_tok=2, decoder_sparse_step=1, router_aux_loss_coef=0.01, **_COMMON),
+        vocab_size=vocab,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        router_aux_loss_coef=0.01,
+        **_COMMON,
+    ),
     "tiny-dense": lambda vocab: Qwen3Config(vocab_size=vocab, intermediate_size=256, **_COMMON),
     # The demo's model: big enough that its Linear layers, not the 16-bit embeddings, hold most
     # of the bytes, so 4-bit AWQ brings it under 0.3x its 16-bit size (~21M parameters).
     "small-moe": lambda vocab: Qwen3MoeConfig(
-        vocab_size=vocab, intermediate_size=512, moe_intermediate_size=768, num_experts=8,
-        num_experts_per_tok=2, decoder_sparse_step=1, router_aux_loss_coef=0.01,
-        **{**_COMMON, "hidden_size": 256, "num_hidden_layers": 4, "head_dim": 64}),
+        vocab_size=vocab,
+        intermediate_size=512,
+        moe_intermediate_size=768,
+        num_experts=8,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        router_aux_loss_coef=0.01,
+        **{**_COMMON, "hidden_size": 256, "num_hidden_layers": 4, "head_dim": 64},
+    ),
     # The scale targets (7B on one GPU, 66B on eight), random-init: shapes for capacity planning and GPU benchmarks.
     "7b-dense": lambda vocab: Qwen2Config(  # Qwen2-7B's shape
-        vocab_size=vocab, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False,
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD),
+        vocab_size=vocab,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    ),
     "66b-dense": lambda vocab: LlamaConfig(  # LLaMA-65B's shape
-        vocab_size=vocab, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
-        num_key_value_heads=64, max_position_embeddings=4096, tie_word_embeddings=False,
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD),
+        vocab_size=vocab,
+        hidden_size=8192,
+        intermediate_size=22016,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    ),
 }
 # What each preset needs to train (the configs named here hold the matching train settings).
 HARDWARE = {
@@ -74,11 +117,21 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>", model_max_length=2048)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=2048,
+    )
 
 
 def check_model_dir(path: str | Path, trust_remote_code: bool) -> Path:
@@ -114,6 +167,7 @@ def prepare_base_model(model_config: ModelConfig, corpus_kept: Path, out: Path) 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
-    log.info("built %s base model (%.2fM parameters, vocab %d) in %s", model_config.preset, n / 1e6,
-             len(tokenizer), out)
+    log.info(
+        "built %s base model (%.2fM parameters, vocab %d) in %s", model_config.preset, n / 1e6, len(tokenizer), out
+    )
     return out

@@ -1,4 +1,5 @@
 """Where the pipeline runs: the cluster in RAY_ADDRESS, or a local Ray started in process."""
+
 from __future__ import annotations
 
 import logging

@@ -4,6 +4,7 @@
 with many natural near-duplicates (the same licence pasted into hundreds of packages,
 with small edits), which is exactly what curation has to handle.
 """
+
 from __future__ import annotations
 
 import json
@@ -126,8 +127,13 @@ def preference_pairs(instructions: list[dict], seed: int = 0) -> list[dict]:
     for rec in instructions:
         wrong = [o for o in by_task[rec["task"]] if o != rec["output"]]
         if wrong:
-            pairs.append({"prompt": format_instruction(rec["task"], rec["input"]), "chosen": rec["output"],
-                          "rejected": rng.choice(wrong)})
+            pairs.append(
+                {
+                    "prompt": format_instruction(rec["task"], rec["input"]),
+                    "chosen": rec["output"],
+                    "rejected": rng.choice(wrong),
+                }
+            )
     return pairs
 
 

@@ -6,6 +6,7 @@ want paths), so with a URI the stages it reads are pulled into a local cache fir
 writes is pushed back when it succeeds. Ray Train checkpoints go to the URI directly, so a worker on
 any node can resume from them.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,7 @@
 """Curation with a Ray Data worker process SIGKILLed while it runs a task: Ray retries the task, and
 the output is identical to the undisturbed run's (same kept ids, same rejects and reasons), with every
 input record accounted for. Figure: records in = kept + rejected on the disturbed run."""
+
 import threading
 import time
 
@@ -42,7 +43,9 @@ def test_a_killed_curate_worker_changes_nothing(tiny_run, tmp_path):
         time.sleep(0.01)
     runner.join(timeout=600)
     assert killed, "the run ended before a task could be killed"
-    print(f"\nFIGURE curate worker SIGKILL during {killed[0]}: {result['docs_in']} in = {result['kept']} kept "
-          f"+ {result['rejected']} rejected; output identical to the undisturbed run")
+    print(
+        f"\nFIGURE curate worker SIGKILL during {killed[0]}: {result['docs_in']} in = {result['kept']} kept "
+        f"+ {result['rejected']} rejected; output identical to the undisturbed run"
+    )
     assert result["docs_in"] == result["kept"] + result["rejected"]
     assert outcome(out) == outcome(tiny_run.stage_dir("curate"))

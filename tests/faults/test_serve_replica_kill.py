@@ -1,6 +1,7 @@
 """A model replica SIGKILLed under steady concurrent load (500 requests, 8 clients) with 2 replicas:
 the ingress retries the calls that were on it on the live replica, so no request fails, and Serve
 starts a replacement. Figures: failed requests out of 500, the latency spike, time to recover."""
+
 import os
 import signal
 import statistics
@@ -23,8 +24,11 @@ APP, TOTAL, CLIENTS = "faulty", 500, 8
 def replica_pids() -> list[int]:
     """Ray titles a replica's process after it: ray::ServeReplica:<app>:<deployment>. (Ray's state API
     would say the same, but it needs the dashboard, which our local Ray runs without.)"""
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if " ".join(p.info["cmdline"] or []).startswith(f"ray::ServeReplica:{APP}:Generator")]
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if " ".join(p.info["cmdline"] or []).startswith(f"ray::ServeReplica:{APP}:Generator")
+    ]
 
 
 def running_replicas() -> int:
@@ -33,8 +37,14 @@ def running_replicas() -> int:
 
 @pytest.fixture()
 def two_replicas(tiny_run):
-    args = {**serve_args(tiny_run).model_dump(), "min_replicas": 2, "max_replicas": 2, "num_cpus": 0.25,
-            "max_batch_size": 8, "api_key_sha256": None}
+    args = {
+        **serve_args(tiny_run).model_dump(),
+        "min_replicas": 2,
+        "max_replicas": 2,
+        "num_cpus": 0.25,
+        "max_batch_size": 8,
+        "api_key_sha256": None,
+    }
     serve.start(http_options={"host": "127.0.0.1", "port": tiny_run.serve.port})
     try:
         serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
@@ -75,9 +85,11 @@ def test_killing_a_model_replica_under_load_fails_no_request(two_replicas):
     while running_replicas() < 2 and time.time() < deadline:
         time.sleep(1)
     recovered_s = time.time() - killed_at
-    print(f"\nFIGURE serve replica SIGKILL under load: {len(failed)} failed of {len(results)} requests; "
-          f"latency p50 before {statistics.median(before) * 1000:.0f} ms, max around the kill "
-          f"{max(around) * 1000:.0f} ms; 2 replicas running again {recovered_s:.0f} s after the kill")
+    print(
+        f"\nFIGURE serve replica SIGKILL under load: {len(failed)} failed of {len(results)} requests; "
+        f"latency p50 before {statistics.median(before) * 1000:.0f} ms, max around the kill "
+        f"{max(around) * 1000:.0f} ms; 2 replicas running again {recovered_s:.0f} s after the kill"
+    )
     assert len(results) == TOTAL and not failed, failed
     assert running_replicas() == 2, "the killed replica was not replaced"
     metrics = requests.get(f"{url}/metrics", timeout=10).text

@@ -7,6 +7,7 @@ actor, on a GPU when the cluster has them). Augmented rows are new kept document
 - Synonym perturbation: a fill-mask model from a local path proposes, for a share of the words,
   the most likely other word in that context.
 """
+
 from __future__ import annotations
 
 import random
@@ -45,9 +46,13 @@ def _augmented(batch: pd.DataFrame, texts: list[str], suffix: str) -> pd.DataFra
 
 class BackTranslator:
     def __init__(self, forward_model: str, backward_model: str, max_tokens: int, trust_remote_code: bool):
-        self.stages = [(load_tokenizer(p, trust_remote_code),
-                        load_model(AutoModelForSeq2SeqLM, p, trust_remote_code).to(_device()).eval())
-                       for p in (forward_model, backward_model)]
+        self.stages = [
+            (
+                load_tokenizer(p, trust_remote_code),
+                load_model(AutoModelForSeq2SeqLM, p, trust_remote_code).to(_device()).eval(),
+            )
+            for p in (forward_model, backward_model)
+        ]
         self.max_tokens = max_tokens
 
     @torch.no_grad()
@@ -56,8 +61,9 @@ class BackTranslator:
             todo = [i for i, t in enumerate(texts) if t.strip()]  # a pivot text can come back empty
             if not todo:
                 break
-            enc = tokenizer([texts[i] for i in todo], return_tensors="pt", padding=True, truncation=True,
-                            max_length=self.max_tokens).to(model.device)
+            enc = tokenizer(
+                [texts[i] for i in todo], return_tensors="pt", padding=True, truncation=True, max_length=self.max_tokens
+            ).to(model.device)
             ids = model.generate(**enc, max_new_tokens=self.max_tokens, num_beams=1, do_sample=False)
             out = [""] * len(texts)
             for i, text in zip(todo, tokenizer.batch_decode(ids, skip_special_tokens=True)):
@@ -80,7 +86,7 @@ class SynonymReplacer:
     @torch.no_grad()
     def best_other_word(self, words: list[str], i: int) -> str:
         lo, hi = max(0, i - self.window), i + self.window
-        context = " ".join(words[lo:i] + [self.tokenizer.mask_token] + words[i + 1:hi])
+        context = " ".join(words[lo:i] + [self.tokenizer.mask_token] + words[i + 1 : hi])
         enc = self.tokenizer(context, return_tensors="pt", truncation=True, max_length=256).to(self.model.device)
         where = (enc["input_ids"][0] == self.tokenizer.mask_token_id).nonzero()
         if not len(where):
@@ -117,15 +123,32 @@ def augment(ds: ray.data.Dataset, settings: AugmentConfig, trust_remote_code: bo
     parts = []
     if settings.back_translation_models:
         forward, backward = settings.back_translation_models
-        parts.append(ds.map_batches(pick, batch_format="pandas",
-                                    fn_kwargs={"share": settings.back_translation_share, "salt": "bt"})
-                     .map_batches(BackTranslator, **pool, fn_constructor_kwargs={
-                         "forward_model": forward, "backward_model": backward, "max_tokens": settings.max_tokens,
-                         "trust_remote_code": trust_remote_code}))
+        parts.append(
+            ds.map_batches(
+                pick, batch_format="pandas", fn_kwargs={"share": settings.back_translation_share, "salt": "bt"}
+            ).map_batches(
+                BackTranslator,
+                **pool,
+                fn_constructor_kwargs={
+                    "forward_model": forward,
+                    "backward_model": backward,
+                    "max_tokens": settings.max_tokens,
+                    "trust_remote_code": trust_remote_code,
+                },
+            )
+        )
     if settings.synonym_model:
-        parts.append(ds.map_batches(pick, batch_format="pandas", fn_kwargs={"share": settings.synonym_share,
-                                                                            "salt": "syn"})
-                     .map_batches(SynonymReplacer, **pool, fn_constructor_kwargs={
-                         "model_path": settings.synonym_model, "word_share": settings.synonym_word_share,
-                         "trust_remote_code": trust_remote_code}))
+        parts.append(
+            ds.map_batches(
+                pick, batch_format="pandas", fn_kwargs={"share": settings.synonym_share, "salt": "syn"}
+            ).map_batches(
+                SynonymReplacer,
+                **pool,
+                fn_constructor_kwargs={
+                    "model_path": settings.synonym_model,
+                    "word_share": settings.synonym_word_share,
+                    "trust_remote_code": trust_remote_code,
+                },
+            )
+        )
     return ds.union(*parts) if parts else ds

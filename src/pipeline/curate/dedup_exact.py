@@ -3,6 +3,7 @@
 Sorting on the digest puts every copy of a text in one block, which can decide alone;
 nothing is gathered in the driver.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +16,10 @@ from pipeline.runtime import rows_per_batch
 
 
 def add_digest(batch: pd.DataFrame) -> pd.DataFrame:
-    batch["digest"] = [hashlib.sha1(t.encode()).hexdigest() if r == "" else f"rejected:{i}"
-                       for t, r, i in zip(batch["text"], batch["reason"], batch["id"])]
+    batch["digest"] = [
+        hashlib.sha1(t.encode()).hexdigest() if r == "" else f"rejected:{i}"
+        for t, r, i in zip(batch["text"], batch["reason"], batch["id"])
+    ]
     return batch
 
 

@@ -17,6 +17,7 @@ dwarfs hashing a small block); the groupings are sorts with precomputed boundari
 hashes, so even splits need no sampling pass), run as tasks (see `init_ray`): hash shuffles
 start actors, which costs seconds on a small cluster.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,8 +46,8 @@ def lsh_params(threshold: float, num_perm: int, recall_weight: float) -> tuple[i
     best, choice = np.inf, (1, 1)
     for bands in range(1, num_perm + 1):
         rows = np.arange(1, num_perm // bands + 1)[:, None]
-        false_positive = np.trapezoid(1 - (1 - below ** rows) ** bands, below, axis=1)
-        false_negative = np.trapezoid((1 - above ** rows) ** bands, above, axis=1)
+        false_positive = np.trapezoid(1 - (1 - below**rows) ** bands, below, axis=1)
+        false_negative = np.trapezoid((1 - above**rows) ** bands, above, axis=1)
         error = (1 - recall_weight) * false_positive + recall_weight * false_negative
         if error.min() < best:
             best, choice = error.min(), (bands, int(error.argmin()) + 1)
@@ -56,7 +57,7 @@ def lsh_params(threshold: float, num_perm: int, recall_weight: float) -> tuple[i
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """(documents, bands) int64 bucket keys; the band index is mixed in so bands never share a bucket."""
     mult = np.random.default_rng(7).integers(1, 2**63, size=rows + 1, dtype=np.uint64) | np.uint64(1)
-    by_band = sigs[:, :bands * rows].astype(np.uint64).reshape(len(sigs), bands, rows)
+    by_band = sigs[:, : bands * rows].astype(np.uint64).reshape(len(sigs), bands, rows)
     keys = (by_band * mult[:rows]).sum(axis=2, dtype=np.uint64)
     keys += np.arange(bands, dtype=np.uint64) * mult[rows]
     return keys.view(np.int64)
@@ -64,8 +65,11 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 def doc_keys(ids) -> np.ndarray:
     """64-bit keys for ids: the sorts move 16-byte rows instead of id strings (collisions: 2^-64)."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little", signed=True)
-                        for i in ids), dtype=np.int64, count=len(ids))
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little", signed=True) for i in ids),
+        dtype=np.int64,
+        count=len(ids),
+    )
 
 
 def _kept(batch: pa.Table) -> pa.Table:
@@ -104,7 +108,7 @@ def bucket_pairs(block: pa.Table) -> pa.Table:
 def even_split(parts: int) -> list[int]:
     """Boundaries cutting uniformly spread int64 keys (hashes) into `parts` equal ranges: the sorts
     below take them instead of sampling the data for them first."""
-    return [int(x) for x in np.linspace(-2.0**63, 2.0**63, parts + 1)[1:-1]]
+    return [int(x) for x in np.linspace(-(2.0**63), 2.0**63, parts + 1)[1:-1]]
 
 
 def unique_rows(pairs: np.ndarray) -> np.ndarray:
@@ -143,10 +147,17 @@ def pair_sides(batch: pa.Table, pairs_ref, ngram: int) -> pa.Table:
     values, bounds = fingerprint_sets(kept["text"].take(wanted), ngram)
     # one bytes blob per set: sorting and copying blobs moves whole buffers, where a list<uint32>
     # column would be gathered value by value
-    sets = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(wanted), [None, pa.py_buffer(bounds * 4),
-                                                                             pa.py_buffer(values)])
-    return pa.table({"a": pair_a[side_pair], "b": pair_b[side_pair], "id": kept["id"].take(wanted[side_doc]),
-                     "shingles": sets.take(side_doc)})
+    sets = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(wanted), [None, pa.py_buffer(bounds * 4), pa.py_buffer(values)]
+    )
+    return pa.table(
+        {
+            "a": pair_a[side_pair],
+            "b": pair_b[side_pair],
+            "id": kept["id"].take(wanted[side_doc]),
+            "shingles": sets.take(side_doc),
+        }
+    )
 
 
 def verify_pairs(block: pa.Table, threshold: float) -> pa.Table:
@@ -156,17 +167,19 @@ def verify_pairs(block: pa.Table, threshold: float) -> pa.Table:
     first = np.flatnonzero((a[1:] == a[:-1]) & (b[1:] == b[:-1]))
     second = first + 1
     sets, ids = block["shingles"].combine_chunks(), block["id"].to_pylist()
-    offsets = np.frombuffer(sets.buffers()[1], dtype=np.int64)[sets.offset:sets.offset + len(sets) + 1] // 4
+    offsets = np.frombuffer(sets.buffers()[1], dtype=np.int64)[sets.offset : sets.offset + len(sets) + 1] // 4
     values = np.frombuffer(sets.buffers()[2], dtype=np.uint32) if len(sets) else np.zeros(0, dtype=np.uint32)
     edges = []
     for i, j in zip(first.tolist(), second.tolist()):
-        x, y = values[offsets[i]:offsets[i + 1]], values[offsets[j]:offsets[j + 1]]
+        x, y = values[offsets[i] : offsets[i + 1]], values[offsets[j] : offsets[j + 1]]
         at = np.minimum(np.searchsorted(x, y), len(x) - 1)
         inter = np.count_nonzero(x[at] == y)
         if inter >= threshold * (len(x) + len(y) - inter):
             edges.append((ids[i], ids[j]))
-    return pa.table({"a": [e[0] for e in edges], "b": [e[1] for e in edges]}, schema=pa.schema(
-        [("a", pa.string()), ("b", pa.string())]))
+    return pa.table(
+        {"a": [e[0] for e in edges], "b": [e[1] for e in edges]},
+        schema=pa.schema([("a", pa.string()), ("b", pa.string())]),
+    )
 
 
 class UnionFind:
@@ -207,9 +220,11 @@ def mark_near_duplicates(batch: pa.Table, duplicates: pa.Array, survivors: pa.Ar
     near, survivor = survivor_of(batch["id"].combine_chunks(), pc.equal(reason, ""))
     # an exact copy of a document that is itself a near duplicate points on to the final survivor
     onward, onward_survivor = survivor_of(target, pc.equal(reason, "exact duplicate"))
-    columns = {"duplicate_of": pc.if_else(onward, onward_survivor, pc.if_else(near, survivor, target)),
-               "reason": pc.if_else(near, pa.scalar("near duplicate", reason.type), reason),
-               "step": pc.if_else(near, pa.scalar("fuzzy_dedup", step.type), step)}
+    columns = {
+        "duplicate_of": pc.if_else(onward, onward_survivor, pc.if_else(near, survivor, target)),
+        "reason": pc.if_else(near, pa.scalar("near duplicate", reason.type), reason),
+        "step": pc.if_else(near, pa.scalar("fuzzy_dedup", step.type), step),
+    }
     for name, column in columns.items():
         batch = batch.set_column(batch.schema.get_field_index(name), name, column)
     return batch
@@ -227,27 +242,52 @@ def fuzzy_dedup(ds: ray.data.Dataset, dedup: DedupConfig) -> ray.data.Dataset:
     batch = rows_per_batch(ds)
     split = even_split(-(-ds.count() // batch))
     bands, rows = lsh_params(threshold, num_perm, dedup.recall_weight)
-    candidates = (ds.map_batches(band_rows, batch_format="pyarrow", batch_size=batch,
-                                 fn_kwargs={"num_perm": num_perm, "ngram": ngram, "bands": bands, "rows": rows})
-                  .sort(["band_key", "doc"], boundaries=split)
-                  .map_batches(bucket_pairs, batch_format="pyarrow", batch_size=None))
-    pairs = unique_rows(np.concatenate([np.zeros((0, 2), dtype=np.int64)] + [
-        np.stack([t["a"].to_numpy(), t["b"].to_numpy()], axis=1) for t in ray.get(candidates.to_arrow_refs())
-        if t.num_rows]))  # (an empty block may come back without columns)
-    log.info("fuzzy dedup: %d candidate pairs from %d bands x %d rows (%.1f s)", len(pairs), bands, rows,
-             time.perf_counter() - start)
+    candidates = (
+        ds.map_batches(
+            band_rows,
+            batch_format="pyarrow",
+            batch_size=batch,
+            fn_kwargs={"num_perm": num_perm, "ngram": ngram, "bands": bands, "rows": rows},
+        )
+        .sort(["band_key", "doc"], boundaries=split)
+        .map_batches(bucket_pairs, batch_format="pyarrow", batch_size=None)
+    )
+    pairs = unique_rows(
+        np.concatenate(
+            [np.zeros((0, 2), dtype=np.int64)]
+            + [
+                np.stack([t["a"].to_numpy(), t["b"].to_numpy()], axis=1)
+                for t in ray.get(candidates.to_arrow_refs())
+                if t.num_rows
+            ]
+        )
+    )  # (an empty block may come back without columns)
+    log.info(
+        "fuzzy dedup: %d candidate pairs from %d bands x %d rows (%.1f s)",
+        len(pairs),
+        bands,
+        rows,
+        time.perf_counter() - start,
+    )
     uf = UnionFind()
     if len(pairs):
         sides = {"pairs_ref": ray.put((pairs[:, 0].copy(), pairs[:, 1].copy())), "ngram": ngram}
-        edges = (ds.map_batches(pair_sides, batch_format="pyarrow", batch_size=batch, fn_kwargs=sides)
-                 .sort(["a", "b"], boundaries=split)
-                 .map_batches(verify_pairs, batch_format="pyarrow", batch_size=None, fn_kwargs={"threshold": threshold}))
+        edges = (
+            ds.map_batches(pair_sides, batch_format="pyarrow", batch_size=batch, fn_kwargs=sides)
+            .sort(["a", "b"], boundaries=split)
+            .map_batches(verify_pairs, batch_format="pyarrow", batch_size=None, fn_kwargs={"threshold": threshold})
+        )
         for table in filter(lambda t: t.num_rows, ray.get(edges.to_arrow_refs())):
             for a, b in zip(table["a"].to_pylist(), table["b"].to_pylist()):
                 uf.union(a, b)
     duplicate_of = {x: root for x, root in uf.roots().items() if x != root}
-    log.info("fuzzy dedup: %d near duplicates in %d clusters (%.1f s)", len(duplicate_of),
-             len(set(duplicate_of.values())), time.perf_counter() - start)
+    log.info(
+        "fuzzy dedup: %d near duplicates in %d clusters (%.1f s)",
+        len(duplicate_of),
+        len(set(duplicate_of.values())),
+        time.perf_counter() - start,
+    )
     ref = ray.put((pa.array(list(duplicate_of), pa.string()), pa.array(list(duplicate_of.values()), pa.string())))
-    return ds.map_batches(_mark_near_duplicates, batch_format="pyarrow", batch_size=batch,
-                          fn_kwargs={"duplicate_of_ref": ref})
+    return ds.map_batches(
+        _mark_near_duplicates, batch_format="pyarrow", batch_size=batch, fn_kwargs={"duplicate_of_ref": ref}
+    )

@@ -3,6 +3,7 @@
 Thresholds follow the heuristics of Gopher (Rae et al. 2021) and datatrove's filters; every one is
 a config key under `data.filters`, and 0 / an empty list turns a filter off.
 """
+
 from __future__ import annotations
 
 import unicodedata
@@ -39,6 +40,7 @@ class Length:
 class Repetition:
     """Boilerplate and spam repeat themselves: the share of characters in lines that occur more
     than once, and the share of words covered by the most frequent word n-gram."""
+
     max_duplicate_line_chars: float = 0.3
     max_top_ngram_share: float = 0.2
     ngram: int = 3
@@ -52,7 +54,7 @@ class Repetition:
                 return f"repetitive (> {self.max_duplicate_line_chars:.0%} of characters in repeated lines)"
         if self.max_top_ngram_share:
             words = text.split()
-            grams = Counter(tuple(words[i:i + self.ngram]) for i in range(len(words) - self.ngram + 1))
+            grams = Counter(tuple(words[i : i + self.ngram]) for i in range(len(words) - self.ngram + 1))
             gram, n = grams.most_common(1)[0] if grams else ((), 0)
             if n > 1 and n * len(" ".join(gram)) / len(text) > self.max_top_ngram_share:
                 return f"repetitive (top {self.ngram}-gram covers > {self.max_top_ngram_share:.0%} of the text)"
@@ -62,6 +64,7 @@ class Repetition:
 @dataclass(frozen=True)
 class SymbolRatio:
     """Markup, code dumps and link lists: too many symbol-only words or too few words with a letter."""
+
     max_symbol_words: float = 0.1
     min_alpha_words: float = 0.5
 
@@ -82,6 +85,7 @@ class SymbolRatio:
 class Script:
     """Keep text mostly written in the allowed scripts (Unicode name prefixes such as LATIN, CJK,
     CYRILLIC): a cheap language-family check that needs no model."""
+
     allowed: tuple[str, ...] = ()
     min_share: float = 0.5
 
@@ -98,10 +102,12 @@ class Script:
 
 
 def build_filters(settings: FiltersConfig) -> list:
-    return [Length(settings.min_words, settings.max_words, settings.min_chars, settings.max_chars),
-            Repetition(settings.max_duplicate_line_chars, settings.max_top_ngram_share),
-            SymbolRatio(settings.max_symbol_words, settings.min_alpha_words),
-            Script(tuple(s.upper() for s in settings.scripts), settings.min_script_share)]
+    return [
+        Length(settings.min_words, settings.max_words, settings.min_chars, settings.max_chars),
+        Repetition(settings.max_duplicate_line_chars, settings.max_top_ngram_share),
+        SymbolRatio(settings.max_symbol_words, settings.min_alpha_words),
+        Script(tuple(s.upper() for s in settings.scripts), settings.min_script_share),
+    ]
 
 
 def first_reason(text: str, filters: list) -> str:
@@ -111,6 +117,8 @@ def first_reason(text: str, filters: list) -> str:
 
 def apply_filters(batch: pd.DataFrame, filters: list) -> pd.DataFrame:
     """Rows rejected before are not looked at again."""
-    reasons = [first_reason(text, filters) if not old else "" for text, old in
-               zip(batch["text"].tolist(), batch["reason"].tolist())]
+    reasons = [
+        first_reason(text, filters) if not old else ""
+        for text, old in zip(batch["text"].tolist(), batch["reason"].tolist())
+    ]
     return reject(batch, reasons, "filters")

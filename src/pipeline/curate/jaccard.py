@@ -5,6 +5,7 @@ filtering (Chaudhuri et al. 2006): order each set's shingles rarest first; two s
 Jaccard >= t must share one of the first |S| - ceil(t*|S|) + 1 of them. Shingles are the 64-bit
 hashes of curate/minhash.py (a collision is a 2^-64 event). Single process: for evaluation.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,5 +58,9 @@ def dedup_quality(truth: set[tuple[str, str]], removed: set[str]) -> dict:
     precision = len(removed & has_twin) / len(removed) if removed else 1.0
     caught = sum(1 for a, b in truth if a in removed or b in removed)
     recall = caught / len(truth) if truth else 1.0
-    return {"precision": round(precision, 4), "recall": round(recall, 4), "true_pairs": len(truth),
-            "removed": len(removed)}
+    return {
+        "precision": round(precision, 4),
+        "recall": round(recall, 4),
+        "true_pairs": len(truth),
+        "removed": len(removed),
+    }

@@ -18,6 +18,7 @@ Everything is a fixed function of the text: signatures agree across workers, run
 boundaries. Polynomial hashes mod 2^64 are not collision-proof against crafted input (e.g.
 Thue-Morse strings); a collision can only merge two shingles, and candidates are verified.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -74,10 +75,10 @@ def _utf8(texts) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(arr, pa.Array):
         arr = pa.array(arr, type=pa.large_string())
     width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-    offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset:arr.offset + len(arr) + 1].astype(np.int64)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset : arr.offset + len(arr) + 1].astype(np.int64)
     data = arr.buffers()[2]
     data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
-    return data[offsets[0]:offsets[-1]], offsets - offsets[0]
+    return data[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
 def _chunks(texts):
@@ -89,7 +90,7 @@ def _chunks(texts):
     while lo < n:
         hi = int(np.searchsorted(offsets, offsets[lo] + CHUNK_BYTES, side="right")) - 1
         hi = min(max(hi, lo + 1), n)
-        yield lo, data[offsets[lo]:offsets[hi]], offsets[lo:hi + 1] - offsets[lo]
+        yield lo, data[offsets[lo] : offsets[hi]], offsets[lo : hi + 1] - offsets[lo]
         lo = hi
 
 
@@ -121,7 +122,7 @@ def _word_hashes(data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.
     is_start = in_word[edges[:-1]]
     starts, ends = edges[:-1][is_start], edges[1:][is_start]
     np.multiply(data, buf.power[:n], out=buf.product[:n])
-    prefix = buf.prefix[:n + 1]
+    prefix = buf.prefix[: n + 1]
     prefix[0] = 0
     np.cumsum(buf.product[:n], out=prefix[1:])
     hashes = (prefix[ends] - prefix[starts]) * buf.inverse[starts]  # sum of byte * P^(i - start)
@@ -136,8 +137,9 @@ def _word_multipliers(ngram: int) -> np.ndarray:
 def shingle_hashes(texts, ngram: int) -> tuple[np.ndarray, np.ndarray]:
     """All word n-gram hashes of the batch, concatenated, and each document's start offset.
     A document shorter than n words is padded with words that hash to 0: one shingle of all its words."""
-    hashes, counts = _concat([_shingle_hashes(data, offsets, ngram) for _, data, offsets in _chunks(texts)],
-                             np.uint64, np.int64)
+    hashes, counts = _concat(
+        [_shingle_hashes(data, offsets, ngram) for _, data, offsets in _chunks(texts)], np.uint64, np.int64
+    )
     return hashes, np.cumsum(counts) - counts
 
 
@@ -151,7 +153,7 @@ def _shingle_hashes(data: np.ndarray, offsets: np.ndarray, ngram: int) -> tuple[
     n_starts = len(words) - ngram + 1
     combined = np.zeros(max(n_starts, 0), dtype=np.uint64)
     for j, m in enumerate(_word_multipliers(ngram)):  # position-dependent: "a b" differs from "b a"
-        combined += words[j:j + n_starts] * m
+        combined += words[j : j + n_starts] * m
     doc_start = np.cumsum(lengths) - lengths
     pos_in_doc = np.arange(len(words)) - np.repeat(doc_start, lengths)
     valid = (pos_in_doc <= np.repeat(lengths - ngram, lengths))[:n_starts]

@@ -1,4 +1,5 @@
 """Text normalization: Unicode NFKC, tidy whitespace, optional lowercase."""
+
 from __future__ import annotations
 
 import re

@@ -1,6 +1,7 @@
 """Perplexity filter: a reference causal LM (any local HF directory) scores each document and keeps
 those under data.perplexity.max_perplexity (20 by default). Runs as a Ray Data actor pool, so each actor loads the model
 once (on a GPU when the cluster has them) and scores batch after batch."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ class PerplexityScorer:
 
     @torch.no_grad()
     def perplexities(self, texts: list[str]) -> np.ndarray:
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                             max_length=self.max_tokens).to(self.device)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_tokens).to(
+            self.device
+        )
         logits = self.model(**enc).logits[:, :-1].float()
         labels, mask = enc["input_ids"][:, 1:], enc["attention_mask"][:, 1:].float()
         nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none") * mask

@@ -3,6 +3,7 @@
 Nothing here raises on bad data: a malformed line, invalid UTF-8 or a missing text field
 becomes a record with a `reason` and the raw input, so it ends up in `rejected/`.
 """
+
 from __future__ import annotations
 
 import glob
@@ -25,7 +26,7 @@ STEP = "read"
 class ReadOptions:
     text_field: str = "text"
     id_field: str = "id"
-    keep_fields: tuple[str, ...] = ()        # carried into `meta`; every other field is dropped
+    keep_fields: tuple[str, ...] = ()  # carried into `meta`; every other field is dropped
     rename: dict = field(default_factory=dict)  # keep_fields' names inside `meta`
 
 

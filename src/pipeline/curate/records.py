@@ -4,17 +4,28 @@ A row is kept while its `reason` is "" (strings rather than nulls keep Arrow sch
 across blocks). A step never removes a row: it sets `reason` (a sentence for people) and `step`
 (its own name, for counting) and passes the row on, so the end of the run writes it to rejected/.
 """
+
 from __future__ import annotations
 
 import pandas as pd
 
 
-def record(id: str, text: str = "", source: str = "", meta: str = "", raw: str = "", reason: str = "",
-           step: str = "") -> dict:
+def record(
+    id: str, text: str = "", source: str = "", meta: str = "", raw: str = "", reason: str = "", step: str = ""
+) -> dict:
     """`meta`: the input fields kept by data.keep_fields, as JSON ("" when none).
     `augmented_from`: set only on rows that augmentation made (curate/augment.py)."""
-    return {"id": id, "text": text, "source": source, "meta": meta, "raw": raw, "reason": reason, "step": step,
-            "duplicate_of": "", "augmented_from": ""}
+    return {
+        "id": id,
+        "text": text,
+        "source": source,
+        "meta": meta,
+        "raw": raw,
+        "reason": reason,
+        "step": step,
+        "duplicate_of": "",
+        "augmented_from": "",
+    }
 
 
 def is_kept(batch) -> pd.Series:

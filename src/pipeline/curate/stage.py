@@ -5,6 +5,7 @@ read -> normalize -> filters -> [perplexity] -> [exact_dedup] -> [fuzzy_dedup] -
 Every step only marks rows (`reason` and `step` for the ones it drops, records.reject); nothing is
 removed until the end, where input = kept (less augmented rows) + rejected is checked.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,6 +43,7 @@ class ConservationError(RuntimeError):
 @dataclass(frozen=True)
 class Step:
     """One link of the chain: takes the dataset, marks rows, passes every row on."""
+
     name: str
     apply: Callable[[ray.data.Dataset], ray.data.Dataset]
     fused: bool = False  # a cheap per-row map that runs in the next step's tasks instead of materializing alone
@@ -53,29 +55,48 @@ def map_step(name: str, fn: Callable, **kwargs) -> Step:
 
 def score_perplexity(ds: ray.data.Dataset, settings: PerplexityConfig, trust_remote_code: bool) -> ray.data.Dataset:
     gpu = ray.cluster_resources().get("GPU", 0) > 0
-    return ds.map_batches(PerplexityScorer, batch_format="pandas", batch_size=settings.batch_size,
-                          concurrency=settings.concurrency, num_gpus=1 if gpu else 0,
-                          fn_constructor_kwargs={"model_path": settings.model_path, "trust_remote_code": trust_remote_code,
-                                                 "max_tokens": settings.max_tokens,
-                                                 "max_perplexity": settings.max_perplexity})
+    return ds.map_batches(
+        PerplexityScorer,
+        batch_format="pandas",
+        batch_size=settings.batch_size,
+        concurrency=settings.concurrency,
+        num_gpus=1 if gpu else 0,
+        fn_constructor_kwargs={
+            "model_path": settings.model_path,
+            "trust_remote_code": trust_remote_code,
+            "max_tokens": settings.max_tokens,
+            "max_perplexity": settings.max_perplexity,
+        },
+    )
 
 
 def curate_steps(cfg: PipelineConfig) -> list[Step]:
     """The chain this config asks for, in order."""
     data = cfg.data
-    steps = [map_step("normalize", normalize_batch, lowercase=data.lowercase),
-             Step("filters", lambda ds: ds.map_batches(apply_filters, batch_format="pandas",
-                                                       fn_kwargs={"filters": build_filters(data.filters)}))]
+    steps = [
+        map_step("normalize", normalize_batch, lowercase=data.lowercase),
+        Step(
+            "filters",
+            lambda ds: ds.map_batches(
+                apply_filters, batch_format="pandas", fn_kwargs={"filters": build_filters(data.filters)}
+            ),
+        ),
+    ]
     if data.perplexity.model_path:
-        steps.append(Step("perplexity", partial(score_perplexity, settings=data.perplexity,
-                                                trust_remote_code=cfg.model.trust_remote_code)))
+        steps.append(
+            Step(
+                "perplexity",
+                partial(score_perplexity, settings=data.perplexity, trust_remote_code=cfg.model.trust_remote_code),
+            )
+        )
     if data.dedup.exact:
         steps.append(Step("exact_dedup", exact_dedup))
     if data.dedup.fuzzy:
         steps.append(Step("fuzzy_dedup", partial(fuzzy_dedup, dedup=data.dedup)))
     if data.augment.back_translation_models or data.augment.synonym_model:
-        steps.append(Step("augment", partial(augment, settings=data.augment,
-                                             trust_remote_code=cfg.model.trust_remote_code)))
+        steps.append(
+            Step("augment", partial(augment, settings=data.augment, trust_remote_code=cfg.model.trust_remote_code))
+        )
     return steps
 
 
@@ -106,17 +127,21 @@ def _counts(ds: ray.data.Dataset) -> dict[tuple[str, str], int]:
 def _kept_profile(batch: pd.DataFrame) -> pd.DataFrame:
     """One small row per kept document: its length, perplexity and whether augmentation made it."""
     kept = batch[batch["reason"] == ""]
-    out = pd.DataFrame({"words": [len(t.split()) for t in kept["text"]],
-                        "augmented": (kept["augmented_from"] != "").tolist()}, index=kept.index)
+    out = pd.DataFrame(
+        {"words": [len(t.split()) for t in kept["text"]], "augmented": (kept["augmented_from"] != "").tolist()},
+        index=kept.index,
+    )
     out["perplexity"] = kept["perplexity"] if "perplexity" in kept else float("nan")
     return out
 
 
 def write_outputs(ds: ray.data.Dataset, tmp: Path, rows_per_shard: int) -> None:
-    ds.map_batches(_select, batch_format="pandas", fn_kwargs={"kept": True, "columns": KEPT_COLUMNS}) \
-      .write_parquet(str(tmp / "kept"), min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard)
-    ds.map_batches(_select, batch_format="pandas", fn_kwargs={"kept": False, "columns": REJECTED_COLUMNS}) \
-      .write_parquet(str(tmp / "rejected"))
+    ds.map_batches(_select, batch_format="pandas", fn_kwargs={"kept": True, "columns": KEPT_COLUMNS}).write_parquet(
+        str(tmp / "kept"), min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard
+    )
+    ds.map_batches(
+        _select, batch_format="pandas", fn_kwargs={"kept": False, "columns": REJECTED_COLUMNS}
+    ).write_parquet(str(tmp / "rejected"))
     (tmp / "rejected").mkdir(exist_ok=True)  # an all-kept run still has the folder
     (tmp / "kept").mkdir(exist_ok=True)
 
@@ -142,11 +167,17 @@ def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: st
         kept = counts.pop(("", ""), 0)
         rejected = sum(counts.values())
         if kept - augmented + rejected != n_in:
-            raise ConservationError(f"{n_in} records in, but {kept - augmented} kept (+{augmented} augmented) "
-                                    f"+ {rejected} rejected")
-        plot_histograms({"words per kept document": profile["words"].tolist(),
-                         "perplexity (reference LM)": profile["perplexity"].dropna().tolist()},
-                        tmp / "histograms.png", title=f"{kept} kept of {n_in} documents")
+            raise ConservationError(
+                f"{n_in} records in, but {kept - augmented} kept (+{augmented} augmented) + {rejected} rejected"
+            )
+        plot_histograms(
+            {
+                "words per kept document": profile["words"].tolist(),
+                "perplexity (reference LM)": profile["perplexity"].dropna().tolist(),
+            },
+            tmp / "histograms.png",
+            title=f"{kept} kept of {n_in} documents",
+        )
         timings["write"] = round(time.perf_counter() - start, 2)
         stats = summarize(data, n_in, in_bytes, kept, counts, timings)
         stats.update(augmented=augmented, shards=len(list((tmp / "kept").glob("*.parquet"))))
@@ -155,8 +186,9 @@ def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: st
     return stats
 
 
-def summarize(data: DataConfig, n_in: int, in_bytes: int, kept: int, rejected: dict[tuple[str, str], int],
-              timings: dict) -> dict:
+def summarize(
+    data: DataConfig, n_in: int, in_bytes: int, kept: int, rejected: dict[tuple[str, str], int], timings: dict
+) -> dict:
     """`rejected`: rows per (step, reason)."""
     by_reason, by_step = {"kept": kept}, {}
     for (step, reason), n in sorted(rejected.items()):
@@ -164,10 +196,16 @@ def summarize(data: DataConfig, n_in: int, in_bytes: int, kept: int, rejected: d
         by_step.setdefault(step, {})[reason] = n
     total = sum(timings.values())
     return {
-        "docs_in": n_in, "kept": kept, "rejected": sum(rejected.values()),
-        "by_reason": dict(sorted(by_reason.items())), "by_step": by_step,
+        "docs_in": n_in,
+        "kept": kept,
+        "rejected": sum(rejected.values()),
+        "by_reason": dict(sorted(by_reason.items())),
+        "by_step": by_step,
         "near_duplicates": by_reason.get("near duplicate", 0),
-        "input_mb": round(in_bytes / 1e6, 3), "seconds": timings,
-        "docs_per_s": round(n_in / total, 1), "mb_per_s": round(in_bytes / 1e6 / total, 3),
-        "dedup": data.dedup.model_dump(), "filters": data.filters.model_dump(),
+        "input_mb": round(in_bytes / 1e6, 3),
+        "seconds": timings,
+        "docs_per_s": round(n_in / total, 1),
+        "mb_per_s": round(in_bytes / 1e6 / total, 3),
+        "dedup": data.dedup.model_dump(),
+        "filters": data.filters.model_dump(),
     }

@@ -2,6 +2,7 @@
 
 It runs as one Ray task, so on a cluster it lands on a GPU node when `train.use_gpu` is set.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,15 @@ def gate(report: dict, max_increase: float, force: bool) -> dict:
     """Decide whether the quantized model may be served; records the decision in the report."""
     change = report["perplexity_change"]
     passed = change <= max_increase
-    report.update(gate={"max_ppl_increase": max_increase, "perplexity_change": change,
-                        "passed": passed, "forced": force and not passed},
-                  serve_model="awq" if passed or force else None)
+    report.update(
+        gate={
+            "max_ppl_increase": max_increase,
+            "perplexity_change": change,
+            "passed": passed,
+            "forced": force and not passed,
+        },
+        serve_model="awq" if passed or force else None,
+    )
     return report
 
 
@@ -42,12 +49,17 @@ def _quantize(cfg: PipelineConfig, force: bool) -> dict:
     with atomic_dir(cfg.stage_dir("quantize")) as out:
         merged = merge_adapter(trained.base_model, trained.model, out / "merged", torch.bfloat16, trust)
         # paths in the report are relative to the stage folder, which is renamed at the end
-        report = {"merged": "merged", "eval_documents": len(held_out),
-                  "device": "cuda" if torch.cuda.is_available() else "cpu", "serve_model": "merged",
-                  **{f"merged_{k}": v for k, v in measure(merged, held_out, settings.calib_seq_len, trust).items()}}
+        report = {
+            "merged": "merged",
+            "eval_documents": len(held_out),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "serve_model": "merged",
+            **{f"merged_{k}": v for k, v in measure(merged, held_out, settings.calib_seq_len, trust).items()},
+        }
         if settings.enabled:
-            awq = quantize_awq(merged, out / "awq", calib, settings.group_size, settings.symmetric,
-                               settings.calib_seq_len, trust)
+            awq = quantize_awq(
+                merged, out / "awq", calib, settings.group_size, settings.symmetric, settings.calib_seq_len, trust
+            )
             quantized = measure(awq, held_out, settings.calib_seq_len, trust)
             report.update(quantized="awq", **{f"quantized_{k}": v for k, v in quantized.items()})
             report["size_ratio"] = round(report["quantized_bytes"] / report["merged_bytes"], 4)
@@ -65,9 +77,11 @@ def run_quantize(cfg: PipelineConfig, force: bool = False) -> dict:
     report = ray.get(task.remote(cfg, force))
     decision = report.get("gate")
     if decision and not decision["passed"]:
-        message = (f"4-bit perplexity rose {decision['perplexity_change']:+.2%} "
-                   f"({report['merged_perplexity']:.3f} -> {report['quantized_perplexity']:.3f}), over the "
-                   f"{decision['max_ppl_increase']:.2%} limit (quantize.max_ppl_increase)")
+        message = (
+            f"4-bit perplexity rose {decision['perplexity_change']:+.2%} "
+            f"({report['merged_perplexity']:.3f} -> {report['quantized_perplexity']:.3f}), over the "
+            f"{decision['max_ppl_increase']:.2%} limit (quantize.max_ppl_increase)"
+        )
         if not force:
             raise QualityGateError(message + "; not deploying. --force deploys it anyway.")
         log.warning("!" * 80 + "\n--force: DEPLOYING A MODEL THAT FAILED THE QUALITY GATE: %s\n" + "!" * 80, message)

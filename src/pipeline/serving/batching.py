@@ -6,6 +6,7 @@ up to max_batch_size, into that one call: the batch size follows the load. (Ray 
 closes a batch when its wait window ends, even while the previous batch is still generating, so under
 load it queues many small batches; it was used in front of this merger before, which made it redundant.)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,8 +16,13 @@ from pipeline.serving.types import Completion, Sampling
 
 
 class BatchMerger:
-    def __init__(self, generate_batch: Callable[[list[str], list[Sampling]], list[Completion]],
-                 max_batch_size: int, fill_wait_s: float = 0.0, on_batch: Callable[[int], None] = lambda n: None):
+    def __init__(
+        self,
+        generate_batch: Callable[[list[str], list[Sampling]], list[Completion]],
+        max_batch_size: int,
+        fill_wait_s: float = 0.0,
+        on_batch: Callable[[int], None] = lambda n: None,
+    ):
         """`generate_batch` runs in a thread; `on_batch` hears each call's batch size (for metrics)."""
         self.generate_batch, self.max_batch_size, self.on_batch = generate_batch, max_batch_size, on_batch
         self.fill_wait_s = fill_wait_s
@@ -36,7 +42,7 @@ class BatchMerger:
         deadline = loop.time() + self.fill_wait_s
         while len(self.pending) < self.max_batch_size and loop.time() < deadline:
             await asyncio.sleep(0.002)
-        taken, self.pending = self.pending[:self.max_batch_size], self.pending[self.max_batch_size:]
+        taken, self.pending = self.pending[: self.max_batch_size], self.pending[self.max_batch_size :]
         self.on_batch(len(taken))
         try:
             results = await asyncio.to_thread(self.generate_batch, [p for p, _, _ in taken], [s for _, s, _ in taken])

@@ -1,4 +1,5 @@
 """Deploy the serve/ app on Ray Serve from our config, and talk to it over HTTP."""
+
 from __future__ import annotations
 
 import hashlib
@@ -53,7 +54,8 @@ def wait_healthy(url: str, timeout_s: float = 120) -> None:
 
 def generate(url: str, prompt: str, max_new_tokens: int, api_key: str | None = None) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    r = requests.post(f"{url}/generate", json={"prompt": prompt, "max_new_tokens": max_new_tokens},
-                      headers=headers, timeout=120)
+    r = requests.post(
+        f"{url}/generate", json={"prompt": prompt, "max_new_tokens": max_new_tokens}, headers=headers, timeout=120
+    )
     r.raise_for_status()
     return r.json()

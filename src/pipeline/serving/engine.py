@@ -1,6 +1,7 @@
 """The interface every generation engine gives a model replica: two async calls, `complete` and
 `stream`, plus the tokenizer's token counting and chat template. Engines: transformers_engine.py
 (CPU, or GPU without vLLM) and vllm_engine.py (GPU); engines.py picks one."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -12,7 +13,8 @@ from pipeline.serving.types import Completion, Sampling
 # Used when a tokenizer ships no chat template (the demo's freshly trained BPE has none).
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}[ASSISTANT] {% endif %}")
+    "{% if add_generation_prompt %}[ASSISTANT] {% endif %}"
+)
 
 
 class TokenizerOps:
@@ -23,8 +25,9 @@ class TokenizerOps:
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         template = None if self.tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
-        return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                  add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
 
 
 class Tokenizer(TokenizerOps):

@@ -1,5 +1,6 @@
 """Which engine a model replica runs: vLLM on a GPU where it is installed (its own environment, see
 requirements-vllm.txt), transformers everywhere else."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,17 +24,25 @@ def choose_engine(requested: str, vllm_present: bool | None = None) -> str:
     if requested == "auto":
         return "vllm" if vllm_present else "transformers"
     if requested == "vllm" and not vllm_present:
-        raise RuntimeError("serve.engine=vllm needs the vllm package and a GPU on the replica "
-                           "(see requirements-vllm.txt); use serve.engine=transformers or auto")
+        raise RuntimeError(
+            "serve.engine=vllm needs the vllm package and a GPU on the replica "
+            "(see requirements-vllm.txt); use serve.engine=transformers or auto"
+        )
     return requested
 
 
 def vllm_engine_args(model_dir: str, max_model_len: int, max_num_seqs: int, trust_remote_code: bool) -> dict:
     """AsyncEngineArgs for vLLM. Our AWQ output is compressed-tensors, which vLLM detects from the
     model's config.json; vLLM batches continuously, so the transformers engine's batcher is not used."""
-    return {"model": model_dir, "tokenizer": model_dir, "max_model_len": max_model_len,
-            "max_num_seqs": max_num_seqs, "dtype": "auto", "gpu_memory_utilization": 0.85,
-            "trust_remote_code": trust_remote_code}
+    return {
+        "model": model_dir,
+        "tokenizer": model_dir,
+        "max_model_len": max_model_len,
+        "max_num_seqs": max_num_seqs,
+        "dtype": "auto",
+        "gpu_memory_utilization": 0.85,
+        "trust_remote_code": trust_remote_code,
+    }
 
 
 def load_engine(args: ServeArgs, on_batch: Callable[[int], None], max_model_len: int = 2048) -> Engine:
@@ -45,5 +54,6 @@ def load_engine(args: ServeArgs, on_batch: Callable[[int], None], max_model_len:
         return VLLMEngine(vllm_engine_args(args.model_dir, max_model_len, args.max_queue, args.trust_remote_code))
     from pipeline.serving.transformers_engine import TransformersEngine
 
-    return TransformersEngine(args.model_dir, args.trust_remote_code, args.max_batch_size,
-                              args.batch_wait_timeout_s, on_batch)
+    return TransformersEngine(
+        args.model_dir, args.trust_remote_code, args.max_batch_size, args.batch_wait_timeout_s, on_batch
+    )

@@ -2,6 +2,7 @@
 DeploymentHandle and retries a call whose replica died on a live one. This is the deployment that
 autoscales; the transformers engine batches concurrent requests itself, vLLM batches continuously.
 """
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -18,8 +19,12 @@ from pipeline.serving.types import Completion, Sampling
 class Generator:
     def __init__(self, args: ServeArgs):
         self.registry = CollectorRegistry()
-        batch = Histogram("llm_batch_size", "requests per model.generate call (one model replica)",
-                          registry=self.registry, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64))
+        batch = Histogram(
+            "llm_batch_size",
+            "requests per model.generate call (one model replica)",
+            registry=self.registry,
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+        )
         self.engine = load_engine(args, on_batch=batch.observe)
 
     async def complete(self, prompt: str, sampling: Sampling) -> Completion:

@@ -1,4 +1,5 @@
 """OpenAI wire format: errors, completion bodies and server-sent-event chunks."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,14 @@ from pipeline.serving.types import Completion
 class APIError(Exception):
     """An error the client caused (or may retry): always a 4xx with an OpenAI-style body."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
@@ -22,15 +29,20 @@ class APIError(Exception):
         return error_response(self.status, self.message, self.type, self.code, self.param)
 
 
-def error_response(status: int, message: str, type_: str, code: str | None = None,
-                   param: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": type_, "param": param, "code": code}})
+def error_response(
+    status: int, message: str, type_: str, code: str | None = None, param: str | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        status_code=status, content={"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def new_id(prefix: str) -> str:
@@ -40,9 +52,14 @@ def new_id(prefix: str) -> str:
 def completion_body(model: str, c: Completion, chat: bool) -> dict:
     choice = {"index": 0, "finish_reason": c.finish_reason, "logprobs": None}
     choice.update({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})
-    return {"id": new_id("chatcmpl" if chat else "cmpl"), "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": usage(c.prompt_tokens, c.completion_tokens)}
+    return {
+        "id": new_id("chatcmpl" if chat else "cmpl"),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(c.prompt_tokens, c.completion_tokens),
+    }
 
 
 class ChunkWriter:
@@ -54,8 +71,14 @@ class ChunkWriter:
         self.created = int(time.time())
 
     def _event(self, choices: list, **extra) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": choices, **extra}
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
         return f"data: {json.dumps(body)}\n\n"
 
     def piece(self, text: str, first: bool = False, finish_reason: str | None = None) -> str:

@@ -1,5 +1,6 @@
 """HTTP request bodies (ours and the OpenAI-compatible subset) and the settings a replica is
 built from. OpenAI bodies ignore fields we do not implement (clients send `n`, `user`, ...)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,6 +67,7 @@ class ChatRequest(_OpenAIRequest):
 class ServeArgs(ReplicaSettings):
     """Everything one replica needs: the serve section's replica settings (validated as there) and the
     model to serve. Also the `args` of the app in a RayService serveConfigV2."""
+
     model_dir: str
     model_name: str = "llm-pipeline"
     trust_remote_code: bool = False
@@ -73,5 +75,10 @@ class ServeArgs(ReplicaSettings):
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig, model_dir: str | Path, api_key_sha256: str | None = None) -> ServeArgs:
-        return cls(model_dir=str(model_dir), model_name=cfg.name, trust_remote_code=cfg.model.trust_remote_code,
-                   api_key_sha256=api_key_sha256, **cfg.serve.replica_settings())
+        return cls(
+            model_dir=str(model_dir),
+            model_name=cfg.name,
+            trust_remote_code=cfg.model.trust_remote_code,
+            api_key_sha256=api_key_sha256,
+            **cfg.serve.replica_settings(),
+        )

@@ -1,6 +1,7 @@
 """The transformers engine (CPU, or a GPU without vLLM): concurrent requests are merged into one
 `model.generate` call over the whole batch (left padding, batching.py); a stream generates alone,
 token by token, in a thread."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,14 @@ from pipeline.serving.types import Completion, Sampling, truncate_at_stop
 
 
 class TransformersEngine(Engine):
-    def __init__(self, model_dir: str, trust_remote_code: bool, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.02, on_batch: Callable[[int], None] = lambda n: None):
+    def __init__(
+        self,
+        model_dir: str,
+        trust_remote_code: bool,
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.02,
+        on_batch: Callable[[int], None] = lambda n: None,
+    ):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code, padding_side="left")
         if self.tokenizer.pad_token is None:
@@ -35,8 +42,11 @@ class TransformersEngine(Engine):
             yield piece
 
     def _generate_kwargs(self, s: Sampling) -> dict:
-        sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p} if s.temperature > 0 \
+        sampling = (
+            {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
+            if s.temperature > 0
             else {"do_sample": False}
+        )
         return {"pad_token_id": self.tokenizer.pad_token_id, **sampling}
 
     @torch.no_grad()
@@ -54,18 +64,20 @@ class TransformersEngine(Engine):
 
     def _generate_group(self, prompts: list[str], sampling: list[Sampling]) -> list[Completion]:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
-        out = self.model.generate(**enc, max_new_tokens=max(s.max_new_tokens for s in sampling),
-                                  **self._generate_kwargs(sampling[0]))
+        out = self.model.generate(
+            **enc, max_new_tokens=max(s.max_new_tokens for s in sampling), **self._generate_kwargs(sampling[0])
+        )
         width = enc["input_ids"].shape[1]
         completions = []
         for row, mask, s in zip(out, enc["attention_mask"], sampling):
-            new = row[width:width + s.max_new_tokens].tolist()
+            new = row[width : width + s.max_new_tokens].tolist()
             eos = self.tokenizer.eos_token_id
             hit_eos = eos in new
-            new = new[:new.index(eos)] if hit_eos else new
+            new = new[: new.index(eos)] if hit_eos else new
             text, stopped = truncate_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), s.stop)
-            completions.append(Completion(text, int(mask.sum()), len(new) + hit_eos,
-                                          "stop" if hit_eos or stopped else "length"))
+            completions.append(
+                Completion(text, int(mask.sum()), len(new) + hit_eos, "stop" if hit_eos or stopped else "length")
+            )
         return completions
 
     def _stream_in_thread(self, prompt: str, sampling: Sampling) -> Iterator[str]:
@@ -74,8 +86,9 @@ class TransformersEngine(Engine):
 
         enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(**enc, max_new_tokens=sampling.max_new_tokens, streamer=streamer,
-                      **self._generate_kwargs(sampling))
+        kwargs = dict(
+            **enc, max_new_tokens=sampling.max_new_tokens, streamer=streamer, **self._generate_kwargs(sampling)
+        )
         thread = threading.Thread(target=torch.no_grad()(self.model.generate), kwargs=kwargs, daemon=True)
         thread.start()
         yield from streamer

@@ -1,5 +1,6 @@
 """What a request asks of an engine and what comes back; shared by the engines, the batcher and the
 HTTP layer, so none of them imports another for its types."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ class Completion:
 def truncate_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     """`text` up to the first stop string in it, and whether one was found."""
     cuts = [text.index(s) for s in stop if s and s in text]
-    return (text[:min(cuts)], True) if cuts else (text, False)
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 class StopCutter:
@@ -41,13 +42,13 @@ class StopCutter:
         """Add a piece; return the text that can be sent now."""
         self.text, self.stopped = truncate_at_stop(self.text + piece, self.stop)
         ready = len(self.text) if self.stopped else len(self.text) - self._may_start_stop()
-        out = self.text[self.sent:ready]
+        out = self.text[self.sent : ready]
         self.sent = max(self.sent, ready)
         return out
 
     def flush(self) -> str:
         """At the end of the stream: the held-back tail, which started no stop string after all."""
-        out, self.sent = self.text[self.sent:], len(self.text)
+        out, self.sent = self.text[self.sent :], len(self.text)
         return out
 
     def _may_start_stop(self) -> int:

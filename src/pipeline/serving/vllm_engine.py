@@ -1,6 +1,7 @@
 """vLLM engine for GPU replicas: AsyncLLMEngine with continuous batching. vLLM cannot be installed
 beside llm-compressor, so this module is only imported where `choose_engine` found vLLM and a GPU
 (requirements-vllm.txt); its arguments come from `engines.vllm_engine_args`, which is tested."""
+
 from __future__ import annotations
 
 import uuid
@@ -22,8 +23,9 @@ class VLLMEngine(Engine):
     def _params(s: Sampling):
         from vllm import SamplingParams
 
-        return SamplingParams(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                              stop=list(s.stop) or None)
+        return SamplingParams(
+            max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop) or None
+        )
 
     async def _outputs(self, prompt: str, s: Sampling):
         async for out in self.engine.generate(prompt, self._params(s), request_id=uuid.uuid4().hex):

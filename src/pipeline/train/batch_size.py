@@ -1,4 +1,5 @@
 """train.batch_size=auto: a memory rule as a first guess, then halved until a step fits."""
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,10 @@ def halve_until_fits(try_step: Callable[[int], None], start: int) -> int:
             return batch
         except torch.OutOfMemoryError:
             if batch == 1:
-                raise RuntimeError("a micro-batch of 1 runs out of GPU memory: turn on train.gradient_checkpointing, "
-                                   "use zero_stage 3 or strategy fsdp, or train.offload_optimizer") from None
+                raise RuntimeError(
+                    "a micro-batch of 1 runs out of GPU memory: turn on train.gradient_checkpointing, "
+                    "use zero_stage 3 or strategy fsdp, or train.offload_optimizer"
+                ) from None
             log.warning("micro-batch %d ran out of GPU memory; trying %d", batch, batch // 2)
             batch //= 2
             torch.cuda.empty_cache()
@@ -41,11 +44,13 @@ def halve_until_fits(try_step: Callable[[int], None], start: int) -> int:
 
 def probe(model: torch.nn.Module, seq_len: int, device: torch.device, dtype) -> Callable[[int], None]:
     """One forward and backward of random tokens at a given micro-batch."""
+
     def try_step(batch: int) -> None:
         ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         model.zero_grad(set_to_none=True)
+
     return try_step
 
 

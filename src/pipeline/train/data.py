@@ -4,6 +4,7 @@ pretrain  curated Parquet -> documents packed into seq_len rows          {input_
 sft       instruction jsonl -> examples packed whole, loss on responses  {input_ids, labels, position_ids}
 dpo       preference jsonl -> one chosen and one rejected row per pair   {chosen_*, rejected_*}
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,15 @@ def record_key(rec: dict) -> str:
 
 # --- pretrain -----------------------------------------------------------------------------------
 
-def pack_documents(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: bool,
-                   trust_remote_code: bool, padding_free: bool = False) -> pa.Table:
+
+def pack_documents(
+    batch: pd.DataFrame,
+    tokenizer_dir: str,
+    seq_len: int,
+    held_out: bool,
+    trust_remote_code: bool,
+    padding_free: bool = False,
+) -> pa.Table:
     """Concatenate the split's documents (each ended by EOS) and cut the stream into seq_len rows; the tail
     shorter than a row is dropped, so no row carries padding. `padding_free`: position_ids restart after
     each EOS (and at each row start), which keeps documents from attending to each other."""
@@ -69,6 +77,7 @@ def document_positions(ids: np.ndarray, eos: int) -> np.ndarray:
 
 # --- sft ----------------------------------------------------------------------------------------
 
+
 def format_instruction(task: str, input_text: str, output: str | None = None) -> str:
     """The multi-task template ([TASK] / [INPUT] / [OUTPUT]); `output=None` gives the prompt the model completes."""
     prompt = f"[TASK] {task}\n[INPUT] {input_text}\n[OUTPUT] "
@@ -79,8 +88,10 @@ def prompt_and_response(rec: dict, tok) -> tuple[str, str]:
     """{messages: [...]} goes through the tokenizer's chat template; {task, input, output} through ours."""
     if rec.get("messages"):
         if not tok.chat_template:
-            raise ValueError("a record has `messages` but the tokenizer has no chat template; "
-                             "use {task, input, output} records or a tokenizer with one")
+            raise ValueError(
+                "a record has `messages` but the tokenizer has no chat template; "
+                "use {task, input, output} records or a tokenizer with one"
+            )
         messages = list(rec["messages"])
         prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         return prompt, messages[-1]["content"]
@@ -97,12 +108,13 @@ def tokenize_example(prompt: str, response: str, tok, seq_len: int) -> tuple[lis
     r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     if len(p) + len(r) > seq_len:
         r = r[: max(seq_len // 2, seq_len - len(p))]
-        p = p[len(p) - (seq_len - len(r)):]
+        p = p[len(p) - (seq_len - len(r)) :]
     return p + r, [IGNORE] * len(p) + r
 
 
-def pack_examples(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: bool,
-                  trust_remote_code: bool) -> pa.Table:
+def pack_examples(
+    batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: bool, trust_remote_code: bool
+) -> pa.Table:
     """Whole examples packed greedily into rows. position_ids restart at each example, which tells
     transformers to keep the examples of one row from attending to each other."""
     tok = _tokenizer(tokenizer_dir, trust_remote_code)
@@ -119,16 +131,21 @@ def pack_examples(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_ou
     if ids:
         rows.append((ids, labels, positions))
     pad = lambda seq, value: seq + [value] * (seq_len - len(seq))  # noqa: E731
-    return tensor_table({
-        "input_ids": np.array([pad(r[0], tok.pad_token_id) for r in rows], dtype=np.int64).reshape(-1, seq_len),
-        "labels": np.array([pad(r[1], IGNORE) for r in rows], dtype=np.int64).reshape(-1, seq_len),
-        "position_ids": np.array([pad(r[2], 0) for r in rows], dtype=np.int64).reshape(-1, seq_len)})
+    return tensor_table(
+        {
+            "input_ids": np.array([pad(r[0], tok.pad_token_id) for r in rows], dtype=np.int64).reshape(-1, seq_len),
+            "labels": np.array([pad(r[1], IGNORE) for r in rows], dtype=np.int64).reshape(-1, seq_len),
+            "position_ids": np.array([pad(r[2], 0) for r in rows], dtype=np.int64).reshape(-1, seq_len),
+        }
+    )
 
 
 # --- dpo ----------------------------------------------------------------------------------------
 
-def pair_rows(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: bool,
-              trust_remote_code: bool) -> pa.Table:
+
+def pair_rows(
+    batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: bool, trust_remote_code: bool
+) -> pa.Table:
     """One padded row per side of each {prompt, chosen, rejected} pair; labels mark the response."""
     tok = _tokenizer(tokenizer_dir, trust_remote_code)
     out: dict[str, list] = {f"{side}_{k}": [] for side in ("chosen", "rejected") for k in ("ids", "labels")}
@@ -148,15 +165,23 @@ def pair_rows(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int, held_out: b
 BUILDERS = {"pretrain": pack_documents, "sft": pack_examples, "dpo": pair_rows}
 
 
-def stage_datasets(kind: str, source: str, tokenizer_dir: str, trust_remote_code: bool, seq_len: int,
-                   padding_free: bool = False) -> dict[str, ray.data.Dataset]:
+def stage_datasets(
+    kind: str, source: str, tokenizer_dir: str, trust_remote_code: bool, seq_len: int, padding_free: bool = False
+) -> dict[str, ray.data.Dataset]:
     """{"train": ..., "eval": ...} for one stage: `source` is the curated kept/ folder (pretrain) or a jsonl.
     `padding_free` is pretraining's (SFT rows always restart positions per example)."""
     if not Path(source).exists():
         raise FileNotFoundError(f"{kind} data not found: {source}")
     read = ray.data.read_parquet(source, columns=["id", "text"]) if kind == "pretrain" else ray.data.read_json(source)
-    settings = {"tokenizer_dir": tokenizer_dir, "trust_remote_code": trust_remote_code, "seq_len": seq_len,
-                **({"padding_free": padding_free} if kind == "pretrain" else {})}
-    return {split: read.map_batches(BUILDERS[kind], batch_format="pandas", batch_size=64,
-                                    fn_kwargs={**settings, "held_out": split == "eval"})
-            for split in ("train", "eval")}
+    settings = {
+        "tokenizer_dir": tokenizer_dir,
+        "trust_remote_code": trust_remote_code,
+        "seq_len": seq_len,
+        **({"padding_free": padding_free} if kind == "pretrain" else {}),
+    }
+    return {
+        split: read.map_batches(
+            BUILDERS[kind], batch_format="pandas", batch_size=64, fn_kwargs={**settings, "held_out": split == "eval"}
+        )
+        for split in ("train", "eval")
+    }

@@ -5,6 +5,7 @@ teacher's tokenizer, or distill.student_path) -> the training recipe with the di
 objective -> runs/<name>/distill/final/model, with the student's KL to the teacher on held-out
 curated text measured before and after.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,10 @@ def check_same_tokenizer(teacher: Path, student: Path, trust_remote_code: bool) 
     teacher_vocab, student_vocab = (load_tokenizer(p, trust_remote_code).get_vocab() for p in (teacher, student))
     if teacher_vocab != student_vocab:
         differing = len(set(teacher_vocab.items()) ^ set(student_vocab.items()))
-        raise ConfigError(f"distill: the student in {student} does not share the teacher's tokenizer ({teacher}): "
-                          f"vocab sizes {len(student_vocab)} vs {len(teacher_vocab)}, {differing} token ids differ")
+        raise ConfigError(
+            f"distill: the student in {student} does not share the teacher's tokenizer ({teacher}): "
+            f"vocab sizes {len(student_vocab)} vs {len(teacher_vocab)}, {differing} token ids differ"
+        )
     teacher_logits, student_logits = (load_model_config(p, trust_remote_code).vocab_size for p in (teacher, student))
     if teacher_logits != student_logits:
         raise ConfigError(f"distill: student logits have {student_logits} entries, the teacher's {teacher_logits}")
@@ -59,8 +62,11 @@ def build_student(cfg: PipelineConfig, teacher: Path, out: Path) -> Path:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         student = out
-        log.info("student: %s preset, %.2fM parameters, on the teacher's tokenizer", settings.student_preset,
-                 sum(p.numel() for p in model.parameters()) / 1e6)
+        log.info(
+            "student: %s preset, %.2fM parameters, on the teacher's tokenizer",
+            settings.student_preset,
+            sum(p.numel() for p in model.parameters()) / 1e6,
+        )
     check_same_tokenizer(teacher, student, trust)
     return student
 
@@ -69,8 +75,9 @@ def build_student(cfg: PipelineConfig, teacher: Path, out: Path) -> Path:
 def kl_to_teacher(student: Path, teacher: Path, texts: list[str], seq_len: int, trust_remote_code: bool) -> float:
     """Mean per-token KL(teacher || student) at temperature 1 over the texts."""
     tokenizer = load_tokenizer(teacher, trust_remote_code)
-    models = [load_model(AutoModelForCausalLM, p, trust_remote_code, dtype=torch.float32).eval()
-              for p in (teacher, student)]
+    models = [
+        load_model(AutoModelForCausalLM, p, trust_remote_code, dtype=torch.float32).eval() for p in (teacher, student)
+    ]
     total, tokens = 0.0, 0
     for text in texts:
         ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=seq_len)["input_ids"]
@@ -88,8 +95,9 @@ def run_distill(cfg: PipelineConfig) -> dict:
     settings, trust, seq_len = cfg.distill, cfg.model.trust_remote_code, cfg.model.seq_len
     # the student trains in full, with distillation's own lr and steps
     train = cfg.train.model_copy(update={"lr": settings.lr, "max_steps": settings.max_steps, "full_finetune": True})
-    recipe = recipe_config(cfg, student, out).model_copy(update={
-        "train": train, "objective": "distill", "distill": settings, "teacher": str(teacher)})
+    recipe = recipe_config(cfg, student, out).model_copy(
+        update={"train": train, "objective": "distill", "distill": settings, "teacher": str(teacher)}
+    )
     held_out = split_texts(kept, settings.eval_samples, held_out=True)
     measure = ray.remote(num_cpus=1)(kl_to_teacher)
     kl_before = ray.get(measure.remote(student, teacher, held_out, seq_len, trust))
@@ -97,10 +105,22 @@ def run_distill(cfg: PipelineConfig) -> dict:
     final, history = fit(cfg, recipe, out, data)
     kl_after = ray.get(measure.remote(final / "model", teacher, held_out, seq_len, trust))
     load_tokenizer(teacher, trust).save_pretrained(final / "model")
-    summary = {"teacher": str(teacher), "student": str(final / "model"), "alpha": settings.alpha,
-               "temperature": settings.temperature, "eval_documents": len(held_out),
-               "kl_to_teacher_before": kl_before, "kl_to_teacher_after": kl_after, **history_summary(history)}
+    summary = {
+        "teacher": str(teacher),
+        "student": str(final / "model"),
+        "alpha": settings.alpha,
+        "temperature": settings.temperature,
+        "eval_documents": len(held_out),
+        "kl_to_teacher_before": kl_before,
+        "kl_to_teacher_after": kl_after,
+        **history_summary(history),
+    }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    log.info("distill: KL(teacher || student) on %d held-out documents %.4f -> %.4f; student in %s",
-             len(held_out), kl_before, kl_after, summary["student"])
+    log.info(
+        "distill: KL(teacher || student) on %d held-out documents %.4f -> %.4f; student in %s",
+        len(held_out),
+        kl_before,
+        kl_after,
+        summary["student"],
+    )
     return summary

@@ -11,6 +11,7 @@ learning rate whatever the gradient's size, so a huge penalty does not hold weig
 them oscillate around the anchor. Measured on the tiny model (tests/test_train.py): weight 10 cut
 forgetting 6x, weight 100 less, with a spike on the way.
 """
+
 from __future__ import annotations
 
 import torch

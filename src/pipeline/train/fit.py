@@ -1,5 +1,6 @@
 """Running the recipe on Ray Train, for the train stage and the distill stage alike: worker group,
 run name (what makes a resubmitted job resume), checkpoint storage, and the history it leaves."""
+
 from __future__ import annotations
 
 import functools
@@ -19,7 +20,9 @@ from pipeline.train.recipe_config import RecipeConfig
 def checkpoint_storage(cfg: PipelineConfig, out: Path) -> str:
     uri = cfg.train.checkpoint_uri
     # beside the stage folders, not in them: a stage folder pushed to a URI replaces what was there
-    return f"{uri.rstrip('/')}/checkpoints/{out.relative_to(cfg.stage_dir('train').parent)}" if uri else str(out / "ray")
+    return (
+        f"{uri.rstrip('/')}/checkpoints/{out.relative_to(cfg.stage_dir('train').parent)}" if uri else str(out / "ray")
+    )
 
 
 def run_name(cfg: PipelineConfig, recipe: RecipeConfig, out: Path) -> str:
@@ -37,13 +40,17 @@ def fit(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, datasets: dict) ->
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
     trainer = TorchTrainer(
         functools.partial(train_loop, recipe),
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
+        ),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         datasets=datasets,
-        run_config=RunConfig(name=run_name(cfg, recipe, out), storage_path=checkpoint_storage(cfg, out),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=2)),
+        run_config=RunConfig(
+            name=run_name(cfg, recipe, out),
+            storage_path=checkpoint_storage(cfg, out),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=2),
+        ),
     )
     result = trainer.fit()
     final = out / "final"
@@ -57,8 +64,13 @@ def fit(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, datasets: dict) ->
 def history_summary(history: list[dict]) -> dict:
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     previous = [h["previous_eval_loss"] for h in history if "previous_eval_loss" in h]
-    return {"steps": history[-1]["step"], "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"],
-            **({"eval_loss_best": min(evals), "eval_loss_last": evals[-1]} if evals else {}),
-            **({"previous_eval_loss_last": previous[-1]} if previous else {}),
-            "stopped_early": any(h.get("stopped_early") for h in history),
-            "tokens_per_s": round(sum(h["tokens_per_s"] for h in history) / len(history), 1), "history": history}
+    return {
+        "steps": history[-1]["step"],
+        "loss_first": history[0]["loss"],
+        "loss_last": history[-1]["loss"],
+        **({"eval_loss_best": min(evals), "eval_loss_last": evals[-1]} if evals else {}),
+        **({"previous_eval_loss_last": previous[-1]} if previous else {}),
+        "stopped_early": any(h.get("stopped_early") for h in history),
+        "tokens_per_s": round(sum(h["tokens_per_s"] for h in history) / len(history), 1),
+        "history": history,
+    }

@@ -8,6 +8,7 @@ on CUDA when it is installed, elsewhere in chunks of tokens whose logits are rec
 only one chunk's logits exist at a time. The MoE router's load-balancing loss is added as the model's
 own forward would.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,8 +27,9 @@ def _summed_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: Call
     return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: Callable,
-                          chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor, labels: torch.Tensor, head: Callable, chunk_tokens: int = CHUNK_TOKENS
+) -> torch.Tensor:
     """Mean cross-entropy of head(hidden) against labels over the tokens labelled other than IGNORE;
     hidden (tokens, width), labels (tokens,). Calls `head` itself (not its weight), so a head that is
     sharded, or wrapped by peft, works as in the model's forward."""
@@ -35,8 +37,12 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: Call
     hidden, labels = hidden[keep], labels[keep]
     if not len(labels):
         return hidden.sum() * 0.0
-    total = sum(checkpoint(_summed_cross_entropy, hidden[i:i + chunk_tokens], labels[i:i + chunk_tokens], head,
-                           use_reentrant=False) for i in range(0, len(labels), chunk_tokens))
+    total = sum(
+        checkpoint(
+            _summed_cross_entropy, hidden[i : i + chunk_tokens], labels[i : i + chunk_tokens], head, use_reentrant=False
+        )
+        for i in range(0, len(labels), chunk_tokens)
+    )
     return total / len(labels)
 
 

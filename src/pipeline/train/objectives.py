@@ -1,6 +1,7 @@
 """What a training step minimizes. The recipe calls `objective(engine, batch)` and backprops the loss
 it returns (the dict beside it holds scalars worth logging), so a new objective is one small class
 here, not a new training loop."""
+
 from __future__ import annotations
 
 import torch
@@ -15,9 +16,12 @@ from pipeline.train.recipe_config import RecipeConfig
 def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Mean per-token KL(teacher || student) of the temperature-softened distributions."""
     vocab = student_logits.shape[-1]
-    return F.kl_div(F.log_softmax(student_logits.reshape(-1, vocab) / temperature, dim=-1),
-                    F.log_softmax(teacher_logits.reshape(-1, vocab) / temperature, dim=-1),
-                    log_target=True, reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(student_logits.reshape(-1, vocab) / temperature, dim=-1),
+        F.log_softmax(teacher_logits.reshape(-1, vocab) / temperature, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
 def moe_stats(out, top_k: int | None) -> dict:
@@ -38,8 +42,9 @@ def causal_lm(engine, batch: dict) -> tuple[torch.Tensor, dict]:
     transformers (5.17) builds that mask only when no KV cache is passed, and a forward makes one unless
     told use_cache=False, in training mode too: every training forward here says it."""
     ids = batch["input_ids"]
-    out = engine(input_ids=ids, labels=batch.get("labels", ids), position_ids=batch.get("position_ids"),
-                 use_cache=False)
+    out = engine(
+        input_ids=ids, labels=batch.get("labels", ids), position_ids=batch.get("position_ids"), use_cache=False
+    )
     model = getattr(engine, "module", engine)  # an engine, or a bare model (EWC measures on one)
     return out.loss, moe_stats(out, getattr(model.config, "num_experts_per_tok", None))
 
@@ -60,8 +65,9 @@ class DPO:
 
     def __init__(self, beta: float, reference_dir: str | None, trust_remote_code: bool, device: torch.device):
         self.beta = beta
-        self.reference = reference_dir and load_model(
-            AutoModelForCausalLM, reference_dir, trust_remote_code).to(device).eval()
+        self.reference = (
+            reference_dir and load_model(AutoModelForCausalLM, reference_dir, trust_remote_code).to(device).eval()
+        )
 
     @torch.no_grad()
     def reference_logps(self, engine, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -80,8 +86,10 @@ class DPO:
         loss = -F.logsigmoid(self.beta * margin).mean()
         if getattr(out, "aux_loss", None) is not None:  # keep the experts balanced here too
             loss = loss + engine.module.config.router_aux_loss_coef * out.aux_loss
-        return loss, {"reward_margin": self.beta * margin.detach().mean(),
-                      "reward_accuracy": (margin.detach() > 0).float().mean()}
+        return loss, {
+            "reward_margin": self.beta * margin.detach().mean(),
+            "reward_accuracy": (margin.detach() > 0).float().mean(),
+        }
 
 
 class Distillation:
@@ -89,8 +97,9 @@ class Distillation:
     T^2 keeps the soft targets' gradient on the CE's scale whatever T is. The teacher is frozen and
     runs without autograd on every worker, beside its student."""
 
-    def __init__(self, teacher_dir: str, alpha: float, temperature: float, trust_remote_code: bool,
-                 device: torch.device):
+    def __init__(
+        self, teacher_dir: str, alpha: float, temperature: float, trust_remote_code: bool, device: torch.device
+    ):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.teacher = load_model(AutoModelForCausalLM, teacher_dir, trust_remote_code, dtype=dtype).to(device).eval()
         self.teacher.requires_grad_(False)
@@ -102,7 +111,7 @@ class Distillation:
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits.float()
         kl = token_kl(teacher_logits, out.logits.float(), self.temperature)
-        return self.alpha * kl * self.temperature ** 2 + (1 - self.alpha) * out.loss, {"kl": kl.detach()}
+        return self.alpha * kl * self.temperature**2 + (1 - self.alpha) * out.loss, {"kl": kl.detach()}
 
 
 def make_objective(config: RecipeConfig, device: torch.device):

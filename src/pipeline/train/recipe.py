@@ -6,6 +6,7 @@ stage's data minimizing the objective (+ EWC) -> eval loss every N steps with ea
 report metrics, checkpoint every N steps. A restarted worker resumes model, optimizer, scheduler,
 step and data position from the latest checkpoint.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -54,16 +55,30 @@ def build_model(config: RecipeConfig) -> torch.nn.Module:
         architecture.output_router_logits = True  # adds the router's load-balancing loss to `loss`
         if train.router_aux_loss_coef is not None:
             architecture.router_aux_loss_coef = train.router_aux_loss_coef
-    model = load_model(AutoModelForCausalLM, config.base_model, trust, config=architecture, dtype=torch.float32,
-                       attn_implementation=attention_kernel(train))
+    model = load_model(
+        AutoModelForCausalLM,
+        config.base_model,
+        trust,
+        config=architecture,
+        dtype=torch.float32,
+        attn_implementation=attention_kernel(train),
+    )
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = config.lora
     if lora is not None:
-        model = get_peft_model(model, LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules or None,
-            target_parameters=lora.target_parameters or None, modules_to_save=lora.modules_to_save or None,
-            task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules or None,
+                target_parameters=lora.target_parameters or None,
+                modules_to_save=lora.modules_to_save or None,
+                task_type="CAUSAL_LM",
+            ),
+        )
     if train.compile:  # layer by layer, as torchtitan does: small graphs, and the shards stay outside them
         for layer in decoder_layers(model):
             layer.compile()
@@ -79,13 +94,17 @@ def speed_switches(model: torch.nn.Module, config: RecipeConfig, device: torch.d
     """Installs the fused cross-entropy where asked (and where the objective reads no logits); returns
     what this run uses, for the log and the first step's metrics."""
     fused = config.train.fused_cross_entropy and config.objective == "causal_lm"
-    return {"attention": model.config._attn_implementation, "compile": config.train.compile,
-            "cross_entropy": fused_loss.install(model, device) if fused else "full_logits"}
+    return {
+        "attention": model.config._attn_implementation,
+        "compile": config.train.compile,
+        "cross_entropy": fused_loss.install(model, device) if fused else "full_logits",
+    }
 
 
 @dataclass
 class State:
     """What a checkpoint restores besides the engine's own state."""
+
     step: int = 0
     micro_batches: int = 0  # this worker's position in its data stream
     history: list = field(default_factory=list)
@@ -135,8 +154,10 @@ def batches(shard, batch_size: int, device: torch.device, skip: int = 0):
                 continue
             yield {k: v.to(device) for k, v in batch.items()}
         if empty:
-            raise ValueError(f"an epoch of the training data gave this worker no micro-batch of {batch_size} rows: "
-                             "the stage's data is too small for batch_size x num_workers")
+            raise ValueError(
+                f"an epoch of the training data gave this worker no micro-batch of {batch_size} rows: "
+                "the stage's data is too small for batch_size x num_workers"
+            )
 
 
 def first_batches(shard, n: int, batch_size: int, device: torch.device) -> list[dict]:
@@ -187,9 +208,15 @@ class Meter:
         dist.all_reduce(means)  # gloo has no AVG
         means /= dist.get_world_size()
         micro_batches, elapsed = len(self.values["loss"]), time.time() - self.t0
-        metrics = {"step": step, **{n: round(m.item(), 5) for n, m in zip(names, means)}, "lr": engine.lr,
-                   "grad_norm": round(engine.grad_norm, 5), "tokens_per_s": round(self.tokens * micro_batches / elapsed, 1),
-                   **peak_memory(), **extra}
+        metrics = {
+            "step": step,
+            **{n: round(m.item(), 5) for n, m in zip(names, means)},
+            "lr": engine.lr,
+            "grad_norm": round(engine.grad_norm, 5),
+            "tokens_per_s": round(self.tokens * micro_batches / elapsed, 1),
+            **peak_memory(),
+            **extra,
+        }
         if self.writer:
             for name, value in metrics.items():
                 if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -211,8 +238,10 @@ def profiler(config: RecipeConfig, rank: int):
     if config.train.use_gpu:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     return torch.profiler.profile(
-        activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
-        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(Path(config.output_dir) / "profile")))
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(Path(config.output_dir) / "profile")),
+    )
 
 
 def train_loop(config: RecipeConfig) -> None:
@@ -232,14 +261,19 @@ def train_loop(config: RecipeConfig) -> None:
         log.info("training with %s", ", ".join(f"{k}={v}" for k, v in switches.items()))
     micro = choose_batch_size(model, train, config.model.seq_len, device)
     objective = make_objective(config, device)
-    ewc = config.ewc and EWC(model, causal_lm, first_batches(
-        ray.train.get_dataset_shard("previous"), train.ewc.fisher_batches, micro, device), train.ewc.weight)
+    ewc = config.ewc and EWC(
+        model,
+        causal_lm,
+        first_batches(ray.train.get_dataset_shard("previous"), train.ewc.fisher_batches, micro, device),
+        train.ewc.weight,
+    )
     engine = build_engine(model, train, micro, device)
     state = resume(engine)
     data = batches(ray.train.get_dataset_shard("train"), micro, device, skip=state.micro_batches)
     held_out = first_batches(ray.train.get_dataset_shard("eval"), train.eval_batches, micro, device)
     previous_held_out = config.track_previous and first_batches(
-        ray.train.get_dataset_shard("previous_eval"), train.eval_batches, micro, device)
+        ray.train.get_dataset_shard("previous_eval"), train.eval_batches, micro, device
+    )
     meter = Meter(config.output_dir, rank, micro * config.model.seq_len)
 
     with profiler(config, rank) as prof:

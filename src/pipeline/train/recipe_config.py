@@ -4,6 +4,7 @@ Built in one place (`recipe_config`) from the typed PipelineConfig. A stage, or 
 it only through `model_copy(update=...)` of named fields. Workers read the names the YAML uses:
 `config.train.lr` is `train.lr` (with the stage's own `lr` already applied).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,11 +47,19 @@ def recipe_config(cfg: PipelineConfig, base_model: Path, output_dir: Path) -> Re
     return RecipeConfig(base_model=str(base_model), train=cfg.train, model=cfg.model, output_dir=str(output_dir))
 
 
-def stage_recipe(cfg: PipelineConfig, spec: StageSpec, base_model: Path, output_dir: Path, first: bool,
-                 track_previous: bool) -> RecipeConfig:
+def stage_recipe(
+    cfg: PipelineConfig, spec: StageSpec, base_model: Path, output_dir: Path, first: bool, track_previous: bool
+) -> RecipeConfig:
     """One stage of train.stages: its objective, and its own lr and max_steps where it sets them."""
-    train = cfg.train.model_copy(update={"lr": spec.lr or cfg.train.lr,
-                                         "max_steps": spec.max_steps or cfg.train.max_steps})
-    return recipe_config(cfg, base_model, output_dir).model_copy(update={
-        "train": train, "objective": "dpo" if spec.kind == "dpo" else "causal_lm", "dpo_beta": spec.beta,
-        "ewc": cfg.train.ewc.enabled and not first, "track_previous": track_previous})
+    train = cfg.train.model_copy(
+        update={"lr": spec.lr or cfg.train.lr, "max_steps": spec.max_steps or cfg.train.max_steps}
+    )
+    return recipe_config(cfg, base_model, output_dir).model_copy(
+        update={
+            "train": train,
+            "objective": "dpo" if spec.kind == "dpo" else "causal_lm",
+            "dpo_beta": spec.beta,
+            "ewc": cfg.train.ewc.enabled and not first,
+            "track_previous": track_previous,
+        }
+    )

@@ -6,6 +6,7 @@ accumulation window), `lr`, `grad_norm`, `module` (the model itself), `train(mod
 `load(dir)` (the whole training state, each rank its own shard) and `save_model(dir)` (the
 adapter or the whole model in Hugging Face format, written by rank 0).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,13 @@ def deepspeed_config(train: TrainConfig, micro_batch: int) -> dict:
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
-    return {**base, **{k: _deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                       for k, v in over.items()}}
+    return {
+        **base,
+        **{
+            k: _deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+            for k, v in over.items()
+        },
+    }
 
 
 def mark_moe_leaves(model: torch.nn.Module) -> None:
@@ -70,9 +76,11 @@ class DeepSpeedEngine:
         if train.zero_stage == 3:
             mark_moe_leaves(model)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(train, micro_batch),
-            lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, train.warmup_steps, train.max_steps))
+            lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, train.warmup_steps, train.max_steps),
+        )
         self.module = self.engine.module
 
     def __call__(self, **batch):
@@ -179,8 +187,14 @@ class TorchEngine:
 
         dcp.save(self._state(), checkpoint_id=str(Path(directory) / "dcp"))  # each rank writes its shard
         if dist.get_rank() == 0:
-            torch.save({"scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
-                        "scaler": self.scaler and self.scaler.state_dict()}, Path(directory) / "engine.pt")
+            torch.save(
+                {
+                    "scheduler": self.scheduler.state_dict(),
+                    "micro_steps": self.micro_steps,
+                    "scaler": self.scaler and self.scaler.state_dict(),
+                },
+                Path(directory) / "engine.pt",
+            )
 
     def load(self, directory: str) -> None:
         import torch.distributed.checkpoint as dcp
@@ -188,8 +202,13 @@ class TorchEngine:
 
         state = self._state()
         dcp.load(state, checkpoint_id=str(Path(directory) / "dcp"))
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(strict=False))
+        set_state_dict(
+            self.module,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(strict=False),
+        )
         extra = torch.load(Path(directory) / "engine.pt", weights_only=True)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.micro_steps = extra["micro_steps"]
@@ -200,8 +219,9 @@ class TorchEngine:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         # collective under FSDP: every rank takes part, rank 0 receives whole tensors (trainable ones only)
-        whole = get_model_state_dict(self.module, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        whole = get_model_state_dict(
+            self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        )
         if dist.get_rank() == 0:
             self.module.save_pretrained(directory, state_dict=whole)
 
