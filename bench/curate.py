@@ -8,7 +8,9 @@ standard library) cut into ~1.5 KB documents, plus edited copies of 10% of them 
 1 in 100, and 1 in 10 replaced) so there are near-duplicates on both sides of the threshold.
 Ground truth: every pair with exact 5-gram shingle Jaccard >= threshold (prefix-filtered join).
 precision = removed documents that truly have such a twin / removed documents;
-recall = true pairs of which at most one document survives / true pairs.
+recall = true pairs of which at most one document survives / true pairs;
+removed_without_kept_neighbour = removed documents that no kept document resembles (content lost).
+--survivors component measures the rule before greedy survivors, for comparison.
 Prints one JSON object.
 """
 
@@ -96,6 +98,7 @@ def main() -> None:
     p.add_argument("--mb", type=float, default=200, help="corpus size in MB (default: %(default)s)")
     p.add_argument("--workdir", default=None, help="where the corpus and outputs go (default: a temp dir)")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--survivors", default="greedy", choices=["greedy", "component"], help="data.dedup.survivors")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-curate-"))
@@ -118,6 +121,7 @@ def main() -> None:
             "data.filters.max_top_ngram_share=0",
             "data.filters.max_symbol_words=0",
             "data.filters.min_alpha_words=0",
+            f"data.dedup.survivors={args.survivors}",
         ],
     )
     d = cfg.data.dedup
@@ -148,6 +152,7 @@ def main() -> None:
             "num_perm": d.num_perm,
             "ngram": d.ngram,
             "recall_weight": d.recall_weight,
+            "survivors": d.survivors,
             "bands_x_rows": list(lsh_params(d.threshold, d.num_perm, d.recall_weight)),
         },
         "curate": {
@@ -163,6 +168,7 @@ def main() -> None:
             "docs_per_s": round(len(ids) / ours_s, 1),
             "mb_per_s": round(fuzzy_mb / ours_s, 2),
             **dedup_quality(truth, set(near["id"])),
+            **{k: v for k, v in stats["fuzzy_dedup"].items() if k.startswith(("component", "candidate"))},
         },
         "datasketch_loop": {
             "seconds": round(base_s, 1),

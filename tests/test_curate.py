@@ -54,6 +54,8 @@ def test_exact_and_near_duplicates_point_to_a_kept_survivor(curated):
     assert len(dups) > 10  # licence texts repeat across packages
     assert set(dups["duplicate_of"]) <= set(kept["id"])
     assert kept["text"].is_unique
+    # rejected/ carries the Jaccard to duplicate_of: 1 for an exact copy, unless it points on past a near duplicate
+    assert (dups["jaccard"] >= 0.8).all() and (dups.loc[dups["reason"] == "exact duplicate", "jaccard"] == 1.0).any()
 
 
 def test_stats_file_counts_per_reason(curated):
@@ -63,6 +65,9 @@ def test_stats_file_counts_per_reason(curated):
     assert sum(stats["by_reason"].values()) == stats["docs_in"]
     assert stats["by_reason"]["exact duplicate"] >= 1 and stats["by_reason"]["near duplicate"] >= 1
     assert stats["docs_per_s"] > 0
+    fuzzy = stats["fuzzy_dedup"]
+    assert fuzzy["survivors"] == "greedy" and fuzzy["removed"] == stats["by_reason"]["near duplicate"]
+    assert fuzzy["removed_without_kept_neighbour"] == 0 and fuzzy["component_size_max"] >= 2
 
 
 def _fuzzy_input(tiny_corpus) -> pd.DataFrame:
@@ -80,20 +85,18 @@ def _fuzzy_input(tiny_corpus) -> pd.DataFrame:
     return df.assign(source="", raw="", reason="", step="", duplicate_of="")
 
 
-def _near_duplicates(df, input_blocks: int) -> dict:
+def _near_duplicates(df, input_blocks: int, survivors: str = "greedy", report: dict | None = None) -> dict:
+    """removed id -> (duplicate_of, Jaccard)"""
     import ray
 
     from pipeline.config import DedupConfig
     from pipeline.curate.dedup_fuzzy import fuzzy_dedup
 
     ds = ray.data.from_pandas(df).repartition(input_blocks)
-    marked = fuzzy_dedup(ds, DedupConfig())  # threshold 0.8, 128 slots, 5-word shingles
-    out = marked.to_pandas()
-    return dict(
-        zip(
-            out.loc[out["reason"] == "near duplicate", "id"], out.loc[out["reason"] == "near duplicate", "duplicate_of"]
-        )
-    )
+    marked, figures = fuzzy_dedup(ds, DedupConfig(survivors=survivors))  # threshold 0.8, 128 slots, 5-word shingles
+    (report if report is not None else {}).update(figures)
+    near = marked.to_pandas().query("reason == 'near duplicate'")
+    return dict(zip(near["id"], zip(near["duplicate_of"], near["jaccard"])))
 
 
 def test_fuzzy_dedup_matches_exact_jaccard(ray_local, tiny_corpus):
@@ -109,13 +112,37 @@ def test_fuzzy_dedup_matches_exact_jaccard(ray_local, tiny_corpus):
     assert quality["true_pairs"] > 100, quality  # natural and planted duplicates, some near the threshold
     assert quality["precision"] >= 0.99 and quality["recall"] >= 0.99, quality
     kept = set(df["id"]) - set(removed)
-    assert set(removed.values()) <= kept  # every duplicate points at a document that was kept
+    assert {survivor for survivor, _ in removed.values()} <= kept  # every duplicate points at a kept document
+
+
+def test_every_removed_document_has_a_kept_near_duplicate(ray_local, tiny_corpus):
+    """Greedy survivors: each removed document's duplicate_of is kept and similar (its recorded Jaccard
+    is the exact one, >= the threshold); components chain, so the old rule loses some documents."""
+    from pipeline.curate.jaccard import jaccard, shingle_sets
+
+    df = _fuzzy_input(tiny_corpus)
+    sets = dict(zip(df["id"], shingle_sets(df["text"].tolist(), ngram=5)))
+    report = {}
+    removed = _near_duplicates(df, input_blocks=3, report=report)
+    kept = set(df["id"]) - set(removed)
+    for doc, (survivor, similarity) in removed.items():
+        assert survivor in kept and similarity >= 0.8
+        assert similarity == pytest.approx(jaccard(sets[doc], sets[survivor]), abs=1e-3), doc  # 32-bit fingerprints
+    assert report["removed_without_kept_neighbour"] == 0 and report["removed"] == len(removed)
+    old = {}
+    old_removed = _near_duplicates(df, input_blocks=3, survivors="component", report=old)
+    print(
+        f"\nFIGURE fuzzy dedup survivors: greedy removes {len(removed)}, all with a kept near duplicate; the "
+        f"component rule removes {len(old_removed)}, {old['removed_without_kept_neighbour']} without one "
+        f"(largest component {report['component_size_max']})"
+    )
+    assert len(old_removed) >= len(removed)
 
 
 def test_fuzzy_dedup_is_the_same_whatever_the_block_count(ray_local, tiny_corpus):
     df = _fuzzy_input(tiny_corpus)
     first = _near_duplicates(df, input_blocks=1)
-    assert first == _near_duplicates(df, input_blocks=5) == _near_duplicates(df, input_blocks=7)
+    assert first == _near_duplicates(df, input_blocks=5) == _near_duplicates(df, input_blocks=7)  # ids and Jaccards
     assert len(first) > 50
 
 
@@ -141,10 +168,10 @@ def test_fuzzy_dedup_with_nothing_to_compare(ray_local):
     def near(marked) -> int:
         return int((marked.to_pandas().get("reason", pd.Series(dtype=str)) == "near duplicate").sum())
 
-    marked = fuzzy_dedup(ray.data.from_pandas(df), DedupConfig())  # every row already rejected
+    marked, _ = fuzzy_dedup(ray.data.from_pandas(df), DedupConfig())  # every row already rejected
     assert near(marked) == 0 and marked.to_pandas()["reason"].tolist() == ["too short", "too short"]
-    marked = fuzzy_dedup(ray.data.from_pandas(df.iloc[:0]), DedupConfig())
-    assert near(marked) == 0 and marked.count() == 0
+    marked, figures = fuzzy_dedup(ray.data.from_pandas(df.iloc[:0]), DedupConfig())
+    assert near(marked) == 0 and marked.count() == 0 and figures["removed"] == 0
 
 
 def test_curate_options_perplexity_metadata_shards_and_plot(ray_local, tiny_run, tmp_path):

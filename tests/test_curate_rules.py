@@ -11,8 +11,9 @@ from pipeline.config import FiltersConfig
 from pipeline.curate.dedup_exact import add_digest, mark_exact_duplicates
 from pipeline.curate.dedup_fuzzy import (
     STAR_ABOVE,
-    UnionFind,
     bucket_pairs,
+    choose_survivors,
+    component_roots,
     fingerprint_sets,
     mark_near_duplicates,
     verify_pairs,
@@ -127,18 +128,20 @@ def test_a_large_bucket_pairs_every_member_with_its_lowest_only():
 
 
 def pair_block(pairs: list[tuple[str, str]], texts: dict[str, str], ngram: int = 2) -> pa.Table:
-    """What pair_sides sends verification: both sides of each pair, sorted by pair."""
-    rows = sorted((a, b, doc) for a, b in pairs for doc in (a, b))
-    values, bounds = fingerprint_sets([texts[doc] for _, _, doc in rows], ngram)
+    """What pair_sides sends verification: both sides of each pair (b's side first, as a sort may leave
+    them), sorted by pair."""
+    keys = {doc: i for i, doc in enumerate(sorted(texts))}
+    rows = sorted((keys[a], keys[b], side, doc) for a, b in pairs for side, doc in ((1, b), (0, a)))
+    values, bounds = fingerprint_sets([texts[doc] for _, _, _, doc in rows], ngram)
     sets = pa.LargeBinaryArray.from_buffers(
         pa.large_binary(), len(rows), [None, pa.py_buffer(bounds * 4), pa.py_buffer(values)]
     )
-    keys = {doc: i for i, doc in enumerate(sorted(texts))}
     return pa.table(
         {
-            "a": [keys[a] for a, _, _ in rows],
-            "b": [keys[b] for _, b, _ in rows],
-            "id": [doc for _, _, doc in rows],
+            "a": [r[0] for r in rows],
+            "b": [r[1] for r in rows],
+            "side": pa.array([r[2] for r in rows], pa.int8()),
+            "id": [r[3] for r in rows],
             "shingles": sets,
         }
     )
@@ -151,15 +154,81 @@ def test_verification_keeps_the_pairs_whose_jaccard_reaches_the_threshold():
         "z": "q r s t u v w p",
     }
     out = verify_pairs(pair_block([("x", "y"), ("x", "z")], texts), threshold=0.75)
-    assert list(zip(out["a"].to_pylist(), out["b"].to_pylist())) == [("x", "y")]
+    assert out.to_pylist() == [{"id_a": "x", "id_b": "y", "jaccard": 0.75}]
     assert verify_pairs(pair_block([("x", "y")], texts), threshold=0.76).num_rows == 0
 
 
-def test_union_find_roots_are_the_smallest_id():
-    uf = UnionFind()
-    for a, b in [("d", "c"), ("c", "b"), ("x", "y"), ("b", "e")]:
-        uf.union(a, b)
-    assert uf.roots() == {"d": "b", "c": "b", "b": "b", "e": "b", "x": "x", "y": "x"}
+def edges(*pairs: tuple[str, str, float]) -> pa.Table:
+    """Verified edges of whole groups, as choose_survivors gets them."""
+    return pa.table(
+        {"id_a": [a for a, _, _ in pairs], "id_b": [b for _, b, _ in pairs], "jaccard": [j for _, _, j in pairs]}
+    )
+
+
+def removed(table: pa.Table) -> dict[str, tuple]:
+    return {
+        r["id"]: (r["duplicate_of"], r["jaccard"], r["has_kept_neighbour"])
+        for r in table.to_pylist()
+        if r["duplicate_of"]
+    }
+
+
+def test_a_chain_keeps_both_ends_and_removes_the_middle():
+    chain = edges(("A", "B", 0.85), ("B", "C", 0.9))  # A ~ B ~ C, A !~ C
+    assert removed(choose_survivors(chain, "greedy")) == {"B": ("A", 0.85, True)}
+    old_rule = removed(choose_survivors(chain, "component"))
+    assert old_rule.keys() == {"B", "C"} and old_rule["B"] == ("A", 0.85, True)
+    survivor, jaccard, has_kept = old_rule["C"]  # the old rule removes C, which resembles no kept document
+    assert survivor == "A" and np.isnan(jaccard) and not has_kept
+
+
+def test_a_star_keeps_its_centre_only_when_the_centre_comes_first():
+    first = edges(("a", "b", 0.9), ("a", "c", 0.8), ("a", "d", 0.95))
+    assert removed(choose_survivors(first, "greedy")) == {
+        "b": ("a", 0.9, True),
+        "c": ("a", 0.8, True),
+        "d": ("a", 0.95, True),
+    }
+    last = edges(("z", "b", 0.9), ("z", "c", 0.8), ("z", "d", 0.95))
+    assert removed(choose_survivors(last, "greedy")) == {"z": ("d", 0.95, True)}, "z goes to its most similar"
+
+
+def test_greedy_survivors_are_independent_and_dominating():
+    """Random graphs: no verified edge joins two kept documents, and each removed one names a kept
+    neighbour whose Jaccard is the edge's."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        docs = [f"d{i:02d}" for i in range(30)]
+        pairs = {tuple(sorted(rng.choice(docs, 2, replace=False))) for _ in range(40)}
+        graph = edges(*((a, b, float(rng.uniform(0.8, 1))) for a, b in pairs))
+        chosen = choose_survivors(graph, "greedy")
+        assert set(chosen["id"].to_pylist()) == {d for p in pairs for d in p}
+        gone = removed(chosen)
+        kept = {d for p in pairs for d in p} - set(gone)
+        assert not [p for p in pairs if set(p) <= kept]
+        weight = {frozenset((a, b)): j for a, b, j in zip(*(graph[c].to_pylist() for c in ("id_a", "id_b", "jaccard")))}
+        for doc, (survivor, jaccard, has_kept) in gone.items():
+            assert survivor in kept and has_kept and jaccard == weight[frozenset((doc, survivor))]
+
+
+def test_groups_are_reported_by_their_smallest_id():
+    chosen = choose_survivors(edges(("c", "d", 0.9), ("b", "c", 0.9), ("x", "y", 0.8)), "greedy")
+    assert dict(zip(chosen["id"].to_pylist(), chosen["group"].to_pylist())) == {
+        "b": "b",
+        "c": "b",
+        "d": "b",
+        "x": "x",
+        "y": "x",
+    }
+
+
+def test_components_of_the_candidate_pairs_are_found_on_arrays():
+    nodes, roots = component_roots(np.array([5, 9, 7, 100]), np.array([9, 20, 3, 200]))
+    assert dict(zip(nodes.tolist(), roots.tolist())) == {3: 3, 5: 5, 7: 3, 9: 5, 20: 5, 100: 100, 200: 100}
+    rng = np.random.default_rng(1)  # a long chain in shuffled order: pointer jumping must still join it all
+    chain = rng.permutation(500)
+    nodes, roots = component_roots(chain[:-1], chain[1:])
+    assert (roots == chain.min()).all() and len(nodes) == 500
 
 
 def test_near_duplicates_point_at_their_survivor_and_exact_copies_follow_on():
@@ -167,19 +236,30 @@ def test_near_duplicates_point_at_their_survivor_and_exact_copies_follow_on():
         table(
             {"id": "a", "text": "t"},
             {"id": "b", "text": "t"},
-            {"id": "b-copy", "text": "t", "reason": "exact duplicate", "step": "exact_dedup", "duplicate_of": "b"},
+            {
+                "id": "b-copy",
+                "text": "t",
+                "reason": "exact duplicate",
+                "step": "exact_dedup",
+                "duplicate_of": "b",
+                "jaccard": 1.0,
+            },
             {"id": "c", "text": "t", "reason": "too short", "step": "filters"},
         ),
         preserve_index=False,
     )
-    out = mark_near_duplicates(batch, pa.array(["b", "c"]), pa.array(["a", "a"])).to_pandas().set_index("id")
+    gone = pa.table(
+        {"id": ["b", "c"], "duplicate_of": ["a", "a"], "jaccard": [0.9, 0.8], "has_kept_neighbour": [True, True]}
+    )
+    out = mark_near_duplicates(batch, gone).to_pandas().set_index("id")
     assert out[["reason", "step", "duplicate_of"]].to_dict("index") == {
         "a": {"reason": "", "step": "", "duplicate_of": ""},
         "b": {"reason": "near duplicate", "step": "fuzzy_dedup", "duplicate_of": "a"},
         "b-copy": {"reason": "exact duplicate", "step": "exact_dedup", "duplicate_of": "a"},
         "c": {"reason": "too short", "step": "filters", "duplicate_of": ""},
     }
-    assert mark_near_duplicates(batch, pa.array([], pa.string()), pa.array([], pa.string())) is batch
+    assert out.loc["b", "jaccard"] == 0.9 and out.loc["b-copy", "jaccard"] == 0.9 and np.isnan(out.loc["a", "jaccard"])
+    assert mark_near_duplicates(batch, gone.slice(0, 0)) is batch
 
 
 @pytest.mark.parametrize("suffix, codec", [(".jsonl.zst", "zstd"), (".jsonl.gz", "gzip"), (".txt.zst", "zstd")])

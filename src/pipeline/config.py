@@ -29,6 +29,12 @@ class DedupConfig(Section):
     threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity that counts as duplicate")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash signature slots (one-permutation hashing bins)")
     ngram: int = Field(5, ge=1, le=32, description="word n-gram (shingle) size")
+    survivors: Literal["greedy", "component"] = Field(
+        "greedy",
+        description="greedy: in id order, a document is kept unless a near duplicate of it is kept, so "
+        "every removed document has a kept near duplicate; component: each group of chained near duplicates keeps "
+        "its lowest id only (can remove documents that resemble no kept one)",
+    )
     recall_weight: float = Field(
         0.98,
         gt=0,

@@ -29,6 +29,7 @@ def mark_exact_duplicates(block: pd.DataFrame) -> pd.DataFrame:
     survivor = block["digest"].map(block[kept].groupby("digest")["id"].min()).tolist()
     dup = [k and s != i for k, s, i in zip(kept.tolist(), survivor, block["id"].tolist())]
     block["duplicate_of"] = [s if d else o for d, s, o in zip(dup, survivor, block["duplicate_of"].tolist())]
+    block["jaccard"] = [1.0 if d else j for d, j in zip(dup, block["jaccard"].tolist())]
     return reject(block, ["exact duplicate" if d else "" for d in dup], "exact_dedup")
 
 

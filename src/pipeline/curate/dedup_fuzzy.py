@@ -8,9 +8,13 @@
 2. Verification: each document of a candidate pair sends its shingle set (32-bit fingerprints, as
    one bytes blob) under the pair's key; sorting on the pair brings both sides together and their
    exact Jaccard decides.
-   Only pairs and edges reach the driver, never signatures or texts.
-3. Components: the driver unions the verified edges; each component keeps its lowest id and
-   every other member points to it.
+   The driver labels each candidate pair with its component in the candidate graph (a superset of
+   each group of verified near duplicates), and the verification sort is on (component, pair), so a
+   block holds whole components: verification and the choice of survivors (`choose_survivors`:
+   greedy by default, so every removed document has a kept near duplicate) run in the same task.
+   A giant component is one task's work, never the driver's.
+   What reaches the driver: candidate pairs (16 bytes each) and one row per document that has a near
+   duplicate, never signatures, texts or a component's edges.
 
 Speed: blocks travel as Arrow; each map task takes ~32 MB of text (Ray Data's per-task cost
 dwarfs hashing a small block); the groupings are sorts with precomputed boundaries (keys are
@@ -35,7 +39,11 @@ from pipeline.runtime import rows_per_batch
 
 log = logging.getLogger("pipeline.curate")
 
-STAR_ABOVE = 12  # larger buckets pair each member with the bucket's lowest key only, not all pairs
+# Buckets up to this size give all their pairs; a larger one (boilerplate) pairs each member with its lowest
+# key only, which keeps the group connected but can leave two of its documents both kept under greedy
+# survivors. Measured on bench/curate.py's corpus: 12 gave recall 0.977 under greedy, 64 gave 0.999 for
+# 1.7x the candidate pairs (a bucket of 64 makes 2,016 pairs).
+STAR_ABOVE = 64
 
 
 def lsh_params(threshold: float, num_perm: int, recall_weight: float) -> tuple[int, int]:
@@ -83,7 +91,7 @@ def band_rows(batch: pa.Table, num_perm: int, ngram: int, bands: int, rows: int)
     return pa.table({"band_key": keys.reshape(-1), "doc": np.repeat(doc_keys(kept["id"].to_pylist()), bands)})
 
 
-def bucket_pairs(block: pa.Table) -> pa.Table:
+def bucket_pairs(block: pa.Table, star_above: int = STAR_ABOVE) -> pa.Table:
     """Candidate pairs (a < b) of documents that share a bucket (the block holds whole buckets,
     sorted by bucket and document)."""
     keys, docs = block["band_key"].to_numpy(), block["doc"].to_numpy()
@@ -96,7 +104,7 @@ def bucket_pairs(block: pa.Table) -> pa.Table:
     pairs = [np.zeros((0, 2), dtype=np.int64)]
     for size in np.unique(sizes[sizes > 1]):  # buckets of equal size at once
         first = starts[sizes == size]
-        if size > STAR_ABOVE:
+        if size > star_above:
             i, j = np.zeros(size - 1, dtype=np.int64), np.arange(1, size)
         else:
             i, j = np.triu_indices(size, k=1)
@@ -130,8 +138,9 @@ def fingerprint_sets(texts, ngram: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pair_sides(batch: pa.Table, pairs_ref, ngram: int) -> pa.Table:
-    """For every candidate pair a document of this batch is in: (a, b, its id, its shingle set)."""
-    pair_a, pair_b = ray.get(pairs_ref)
+    """For every candidate pair a document of this batch is in: (the pair's component, a, b, which
+    side, its id, its shingle set)."""
+    pair_a, pair_b, pair_component = ray.get(pairs_ref)
     kept = _kept(batch)
     keys = doc_keys(kept["id"].to_pylist())
     order = np.argsort(keys)
@@ -142,6 +151,7 @@ def pair_sides(batch: pa.Table, pairs_ref, ngram: int) -> pa.Table:
         hit = np.flatnonzero(sorted_keys[at] == end)
         side_pair.append(hit)
         side_doc.append(order[at[hit]])
+    side_pair_parts = side_pair[1:]
     side_pair = np.concatenate(side_pair)
     wanted, side_doc = np.unique(np.concatenate(side_doc), return_inverse=True)
     values, bounds = fingerprint_sets(kept["text"].take(wanted), ngram)
@@ -150,78 +160,144 @@ def pair_sides(batch: pa.Table, pairs_ref, ngram: int) -> pa.Table:
     sets = pa.LargeBinaryArray.from_buffers(
         pa.large_binary(), len(wanted), [None, pa.py_buffer(bounds * 4), pa.py_buffer(values)]
     )
+    sides = [np.full(len(hits), side, dtype=np.int8) for side, hits in enumerate(side_pair_parts)]
     return pa.table(
         {
+            "component": pair_component[side_pair],
             "a": pair_a[side_pair],
             "b": pair_b[side_pair],
+            "side": np.concatenate([np.zeros(0, dtype=np.int8), *sides]),  # 0: this row is document a
             "id": kept["id"].take(wanted[side_doc]),
             "shingles": sets.take(side_doc),
         }
     )
 
 
+EDGE_SCHEMA = pa.schema([("id_a", pa.string()), ("id_b", pa.string()), ("jaccard", pa.float64())])
+
+
 def verify_pairs(block: pa.Table, threshold: float) -> pa.Table:
-    """Edges (id, id) of the pairs whose Jaccard >= threshold (the block holds both sides of each pair,
-    sorted by pair, so a pair's two sides are neighbours)."""
+    """Edges (ids, Jaccard) of the pairs whose Jaccard >= threshold (the block holds both sides of each
+    pair, sorted by pair, so a pair's two sides are neighbours)."""
     a, b = block["a"].to_numpy(), block["b"].to_numpy()
     first = np.flatnonzero((a[1:] == a[:-1]) & (b[1:] == b[:-1]))
-    second = first + 1
-    sets, ids = block["shingles"].combine_chunks(), block["id"].to_pylist()
+    sets, ids, side = block["shingles"].combine_chunks(), block["id"].to_pylist(), block["side"].to_numpy()
     offsets = np.frombuffer(sets.buffers()[1], dtype=np.int64)[sets.offset : sets.offset + len(sets) + 1] // 4
     values = np.frombuffer(sets.buffers()[2], dtype=np.uint32) if len(sets) else np.zeros(0, dtype=np.uint32)
     edges = []
-    for i, j in zip(first.tolist(), second.tolist()):
+    for i in first.tolist():
+        j = i + 1
         x, y = values[offsets[i] : offsets[i + 1]], values[offsets[j] : offsets[j + 1]]
         at = np.minimum(np.searchsorted(x, y), len(x) - 1)
         inter = np.count_nonzero(x[at] == y)
-        if inter >= threshold * (len(x) + len(y) - inter):
-            edges.append((ids[i], ids[j]))
-    return pa.table(
-        {"a": [e[0] for e in edges], "b": [e[1] for e in edges]},
-        schema=pa.schema([("a", pa.string()), ("b", pa.string())]),
-    )
+        union = len(x) + len(y) - inter
+        if inter >= threshold * union:
+            id_a, id_b = (ids[i], ids[j]) if side[i] == 0 else (ids[j], ids[i])
+            edges.append((id_a, id_b, inter / union))
+    return pa.table(list(zip(*edges)) if edges else [[] for _ in EDGE_SCHEMA], schema=EDGE_SCHEMA)
 
 
-class UnionFind:
-    """Union-find whose root is always the smallest id, so survivors are deterministic."""
-
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, x: str) -> str:
-        self.parent.setdefault(x, x)
-        root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[x] != root:
-            self.parent[x], x = root, self.parent[x]
-        return root
-
-    def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            lo, hi = sorted((ra, rb))
-            self.parent[hi] = lo
-
-    def roots(self) -> dict[str, str]:
-        return {x: self.find(x) for x in list(self.parent)}
+def component_roots(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The documents of the pairs (sorted keys), and for each the smallest key of its connected component.
+    Union-find on arrays: every pair hooks its larger root under the smaller, then pointers jump to
+    their roots, until both ends of every pair share one."""
+    nodes = np.sort(np.concatenate([a, b]))
+    nodes = nodes[np.r_[True, nodes[1:] != nodes[:-1]]]  # not np.unique: numpy 2.4's hash path is slow here
+    left, right = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
+    parent = np.arange(len(nodes))
+    while len(left) and (parent[left] != parent[right]).any():
+        roots_left, roots_right = parent[left], parent[right]
+        np.minimum.at(parent, np.maximum(roots_left, roots_right), np.minimum(roots_left, roots_right))
+        while (parent[parent] != parent).any():
+            parent = parent[parent]
+    return nodes, nodes[parent]  # a root is its component's smallest index, and keys are sorted
 
 
-def mark_near_duplicates(batch: pa.Table, duplicates: pa.Array, survivors: pa.Array) -> pa.Table:
-    """Reject the kept rows whose id is in `duplicates`, each pointing to its survivor (same position)."""
-    if not len(duplicates):
+SURVIVOR_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("duplicate_of", pa.string()),
+        ("jaccard", pa.float64()),
+        ("has_kept_neighbour", pa.bool_()),
+        ("group", pa.string()),
+    ]
+)
+
+
+def choose_survivors(edges: pa.Table, mode: str) -> pa.Table:
+    """Every document of the verified edges (whole components: a document's edges are all here), with
+    the document it is removed for ("" if kept), their Jaccard (NaN where they share no verified edge),
+    whether a verified neighbour is kept, and its group of chained near duplicates (its smallest id).
+
+    greedy: documents in survivor-priority order (lowest id first); one is kept unless a verified
+    neighbour is kept already. So no two kept documents are near duplicates, and every removed one
+    points at its most similar kept neighbour: a chain A~B~C keeps A and C.
+    component: each group keeps its lowest id and the rest point at it (the rule before greedy),
+    which can remove a document that resembles no kept one."""
+    neighbours: dict[str, dict[str, float]] = {}
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b, j in zip(*(edges[col].to_pylist() for col in ("id_a", "id_b", "jaccard"))):
+        neighbours.setdefault(a, {})[b] = neighbours.setdefault(b, {})[a] = j
+        parent.setdefault(a, a)
+        parent.setdefault(b, b)
+        low, high = sorted((root(a), root(b)))
+        parent[high] = low  # the smaller id stays the root
+    removed: dict[str, tuple[str, float]] = {}
+    kept: set[str] = set()
+    for doc in sorted(neighbours):  # groups are independent: one walk in id order serves them all
+        if mode == "greedy":
+            near = [(-j, n) for n, j in neighbours[doc].items() if n in kept]
+            if near:
+                negative, survivor = min(near)
+                removed[doc] = (survivor, -negative)
+            else:
+                kept.add(doc)
+        elif root(doc) == doc:
+            kept.add(doc)
+        else:
+            removed[doc] = (root(doc), neighbours[doc].get(root(doc), float("nan")))
+    rows = [
+        (doc, *removed.get(doc, ("", float("nan"))), any(n in kept for n in neighbours[doc]), root(doc))
+        for doc in sorted(neighbours)
+    ]
+    return pa.table(list(zip(*rows)) if rows else [[] for _ in SURVIVOR_SCHEMA], schema=SURVIVOR_SCHEMA)
+
+
+def verify_and_choose(block: pa.Table, threshold: float, mode: str) -> pa.Table:
+    """A block of whole candidate components: verify its pairs, then choose its survivors."""
+    return choose_survivors(verify_pairs(block, threshold), mode)
+
+
+def mark_near_duplicates(batch: pa.Table, removed: pa.Table) -> pa.Table:
+    """Reject the kept rows whose id `removed` lists, each pointing at its survivor with their Jaccard.
+    An exact copy of a removed document points on to that survivor too."""
+    if not removed.num_rows:
         return batch
-    reason, step, target = (batch[c].combine_chunks() for c in ("reason", "step", "duplicate_of"))
+    if "jaccard" not in batch.column_names:
+        batch = batch.append_column("jaccard", pa.array(np.full(batch.num_rows, np.nan)))
+    reason, step, target, jaccard = (batch[c].combine_chunks() for c in ("reason", "step", "duplicate_of", "jaccard"))
 
-    def survivor_of(column: pa.Array, allowed: pa.Array) -> tuple[pa.Array, pa.Array]:
-        found = pc.index_in(column, value_set=duplicates)
-        return pc.and_(pc.is_valid(found), allowed), survivors.take(pc.fill_null(found, 0)).cast(target.type)
+    def survivor_of(column: pa.Array, allowed: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
+        found = pc.index_in(column, value_set=removed["id"])
+        rows = pc.fill_null(found, 0)
+        return (
+            pc.and_(pc.is_valid(found), allowed),
+            removed["duplicate_of"].take(rows).cast(target.type),
+            removed["jaccard"].take(rows),
+        )
 
-    near, survivor = survivor_of(batch["id"].combine_chunks(), pc.equal(reason, ""))
-    # an exact copy of a document that is itself a near duplicate points on to the final survivor
-    onward, onward_survivor = survivor_of(target, pc.equal(reason, "exact duplicate"))
+    near, survivor, near_jaccard = survivor_of(batch["id"].combine_chunks(), pc.equal(reason, ""))
+    onward, onward_survivor, onward_jaccard = survivor_of(target, pc.equal(reason, "exact duplicate"))
     columns = {
         "duplicate_of": pc.if_else(onward, onward_survivor, pc.if_else(near, survivor, target)),
+        "jaccard": pc.if_else(onward, onward_jaccard, pc.if_else(near, near_jaccard, jaccard)),
         "reason": pc.if_else(near, pa.scalar("near duplicate", reason.type), reason),
         "step": pc.if_else(near, pa.scalar("fuzzy_dedup", step.type), step),
     }
@@ -230,64 +306,78 @@ def mark_near_duplicates(batch: pa.Table, duplicates: pa.Array, survivors: pa.Ar
     return batch
 
 
-def _mark_near_duplicates(batch: pa.Table, duplicate_of_ref) -> pa.Table:
-    return mark_near_duplicates(batch, *ray.get(duplicate_of_ref))
+def _mark_near_duplicates(batch: pa.Table, removed_ref) -> pa.Table:
+    return mark_near_duplicates(batch, ray.get(removed_ref))
 
 
-def fuzzy_dedup(ds: ray.data.Dataset, dedup: DedupConfig) -> ray.data.Dataset:
-    """Marks near duplicates (reason "near duplicate", duplicate_of = the component's survivor)."""
-    threshold, num_perm, ngram = dedup.threshold, dedup.num_perm, dedup.ngram
-    start = time.perf_counter()
-    ds = ds.materialize()  # read three times below
-    batch = rows_per_batch(ds)
-    split = even_split(-(-ds.count() // batch))
-    bands, rows = lsh_params(threshold, num_perm, dedup.recall_weight)
+def candidate_pairs(ds: ray.data.Dataset, dedup: DedupConfig, batch: int, split: list[int]) -> np.ndarray:
+    """(n, 2) int64 document keys that share an LSH bucket, a < b, distinct."""
+    bands, rows = lsh_params(dedup.threshold, dedup.num_perm, dedup.recall_weight)
     candidates = (
         ds.map_batches(
             band_rows,
             batch_format="pyarrow",
             batch_size=batch,
-            fn_kwargs={"num_perm": num_perm, "ngram": ngram, "bands": bands, "rows": rows},
+            fn_kwargs={"num_perm": dedup.num_perm, "ngram": dedup.ngram, "bands": bands, "rows": rows},
         )
         .sort(["band_key", "doc"], boundaries=split)
-        .map_batches(bucket_pairs, batch_format="pyarrow", batch_size=None)
+        .map_batches(bucket_pairs, batch_format="pyarrow", batch_size=None, fn_kwargs={"star_above": STAR_ABOVE})
     )
-    pairs = unique_rows(
-        np.concatenate(
-            [np.zeros((0, 2), dtype=np.int64)]
-            + [
-                np.stack([t["a"].to_numpy(), t["b"].to_numpy()], axis=1)
-                for t in ray.get(candidates.to_arrow_refs())
-                if t.num_rows
-            ]
+    tables = [t for t in ray.get(candidates.to_arrow_refs()) if t.num_rows]  # (an empty block may have no columns)
+    pairs = [np.stack([t["a"].to_numpy(), t["b"].to_numpy()], axis=1) for t in tables]
+    log.info("fuzzy dedup: %d bands x %d rows", bands, rows)
+    return unique_rows(np.concatenate([np.zeros((0, 2), dtype=np.int64), *pairs]))
+
+
+def groups(ds: ray.data.Dataset, pairs: np.ndarray, dedup: DedupConfig, batch: int, split: list[int]) -> pa.Table:
+    """Every document that has a verified near duplicate (SURVIVOR_SCHEMA)."""
+    nodes, roots = component_roots(pairs[:, 0], pairs[:, 1])
+    components = roots[np.searchsorted(nodes, pairs[:, 0])]
+    sides = {"pairs_ref": ray.put((pairs[:, 0].copy(), pairs[:, 1].copy(), components)), "ngram": dedup.ngram}
+    chosen = (
+        ds.map_batches(pair_sides, batch_format="pyarrow", batch_size=batch, fn_kwargs=sides)
+        .sort(["component", "a", "b"], boundaries=split)
+        .map_batches(
+            verify_and_choose,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs={"threshold": dedup.threshold, "mode": dedup.survivors},
         )
-    )  # (an empty block may come back without columns)
+    )
+    tables = [t for t in ray.get(chosen.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables(tables) if tables else SURVIVOR_SCHEMA.empty_table()
+
+
+def fuzzy_dedup(ds: ray.data.Dataset, dedup: DedupConfig) -> tuple[ray.data.Dataset, dict]:
+    """Marks near duplicates (reason "near duplicate", duplicate_of = a kept document, with their Jaccard);
+    returns the marked dataset and figures for stats.json."""
+    start = time.perf_counter()
+    ds = ds.materialize()  # read three times below
+    batch = rows_per_batch(ds)
+    split = even_split(-(-ds.count() // batch))
+    pairs = candidate_pairs(ds, dedup, batch, split)
+    grouped = groups(ds, pairs, dedup, batch, split) if len(pairs) else SURVIVOR_SCHEMA.empty_table()
+    removed = grouped.filter(pc.not_equal(grouped["duplicate_of"], ""))
+    sizes = np.array(list(pc.value_counts(grouped["group"]).field("counts").to_pylist()) or [0])
+    report = {
+        "survivors": dedup.survivors,
+        "candidate_pairs": len(pairs),
+        "components": int((sizes > 0).sum()),  # groups of chained near duplicates
+        "component_size_max": int(sizes.max()),
+        "component_size_p99": float(np.percentile(sizes, 99)),
+        "removed": removed.num_rows,
+        "removed_without_kept_neighbour": removed.num_rows - int(pc.sum(removed["has_kept_neighbour"]).as_py() or 0),
+    }
     log.info(
-        "fuzzy dedup: %d candidate pairs from %d bands x %d rows (%.1f s)",
+        "fuzzy dedup: %d candidate pairs; %d near duplicates in %d components, %d without a kept near duplicate "
+        "(%.1f s)",
         len(pairs),
-        bands,
-        rows,
+        removed.num_rows,
+        report["components"],
+        report["removed_without_kept_neighbour"],
         time.perf_counter() - start,
     )
-    uf = UnionFind()
-    if len(pairs):
-        sides = {"pairs_ref": ray.put((pairs[:, 0].copy(), pairs[:, 1].copy())), "ngram": ngram}
-        edges = (
-            ds.map_batches(pair_sides, batch_format="pyarrow", batch_size=batch, fn_kwargs=sides)
-            .sort(["a", "b"], boundaries=split)
-            .map_batches(verify_pairs, batch_format="pyarrow", batch_size=None, fn_kwargs={"threshold": threshold})
-        )
-        for table in filter(lambda t: t.num_rows, ray.get(edges.to_arrow_refs())):
-            for a, b in zip(table["a"].to_pylist(), table["b"].to_pylist()):
-                uf.union(a, b)
-    duplicate_of = {x: root for x, root in uf.roots().items() if x != root}
-    log.info(
-        "fuzzy dedup: %d near duplicates in %d clusters (%.1f s)",
-        len(duplicate_of),
-        len(set(duplicate_of.values())),
-        time.perf_counter() - start,
+    marked = ds.map_batches(
+        _mark_near_duplicates, batch_format="pyarrow", batch_size=batch, fn_kwargs={"removed_ref": ray.put(removed)}
     )
-    ref = ray.put((pa.array(list(duplicate_of), pa.string()), pa.array(list(duplicate_of.values()), pa.string())))
-    return ds.map_batches(
-        _mark_near_duplicates, batch_format="pyarrow", batch_size=batch, fn_kwargs={"duplicate_of_ref": ref}
-    )
+    return marked, report

@@ -53,14 +53,18 @@ def similar_pairs(ids: list[str], texts: list[str], ngram: int, threshold: float
 
 def dedup_quality(truth: set[tuple[str, str]], removed: set[str]) -> dict:
     """precision: share of removed documents that truly have a near-duplicate (Jaccard >= t) in the
-    corpus. recall: share of true near-duplicate pairs of which at most one document survives."""
+    corpus. recall: share of true near-duplicate pairs of which at most one document survives.
+    removed_without_kept_neighbour: removed documents that no kept document resembles (Jaccard >= t):
+    their content is lost, not deduplicated."""
     has_twin = {x for pair in truth for x in pair}
     precision = len(removed & has_twin) / len(removed) if removed else 1.0
     caught = sum(1 for a, b in truth if a in removed or b in removed)
     recall = caught / len(truth) if truth else 1.0
+    covered = {x for a, b in truth for x, other in ((a, b), (b, a)) if x in removed and other not in removed}
     return {
         "precision": round(precision, 4),
         "recall": round(recall, 4),
         "true_pairs": len(truth),
         "removed": len(removed),
+        "removed_without_kept_neighbour": len(removed - covered),
     }

@@ -14,6 +14,7 @@ def record(
     id: str, text: str = "", source: str = "", meta: str = "", raw: str = "", reason: str = "", step: str = ""
 ) -> dict:
     """`meta`: the input fields kept by data.keep_fields, as JSON ("" when none).
+    `duplicate_of` and `jaccard`: the kept document a duplicate was removed for, and their similarity.
     `augmented_from`: set only on rows that augmentation made (curate/augment.py)."""
     return {
         "id": id,
@@ -24,6 +25,7 @@ def record(
         "reason": reason,
         "step": step,
         "duplicate_of": "",
+        "jaccard": float("nan"),
         "augmented_from": "",
     }
 

@@ -33,7 +33,7 @@ from pipeline.runtime import atomic_dir
 log = logging.getLogger("pipeline.curate")
 
 KEPT_COLUMNS = ["id", "text", "source", "meta", "perplexity", "augmented_from"]
-REJECTED_COLUMNS = ["id", "text", "raw", "source", "meta", "reason", "step", "duplicate_of", "perplexity"]
+REJECTED_COLUMNS = ["id", "text", "raw", "source", "meta", "reason", "step", "duplicate_of", "jaccard", "perplexity"]
 
 
 class ConservationError(RuntimeError):
@@ -42,10 +42,11 @@ class ConservationError(RuntimeError):
 
 @dataclass(frozen=True)
 class Step:
-    """One link of the chain: takes the dataset, marks rows, passes every row on."""
+    """One link of the chain: takes the dataset, marks rows, passes every row on. `apply` may return
+    (dataset, figures) where the step has figures for stats.json."""
 
     name: str
-    apply: Callable[[ray.data.Dataset], ray.data.Dataset]
+    apply: Callable[[ray.data.Dataset], ray.data.Dataset | tuple[ray.data.Dataset, dict]]
     fused: bool = False  # a cheap per-row map that runs in the next step's tasks instead of materializing alone
 
 
@@ -100,12 +101,17 @@ def curate_steps(cfg: PipelineConfig) -> list[Step]:
     return steps
 
 
-def run_steps(ds: ray.data.Dataset, steps: list[Step], timings: dict[str, float]) -> list[ray.data.Dataset]:
-    """Run the chain; time each materialized group of steps under its names joined by '+'. Returns the
-    dataset after each group, so the caller can count rows where the chain starts."""
+def run_steps(
+    ds: ray.data.Dataset, steps: list[Step], timings: dict[str, float], figures: dict[str, dict]
+) -> list[ray.data.Dataset]:
+    """Run the chain; time each materialized group of steps under its names joined by '+', and keep the
+    steps' figures by step name. Returns the dataset after each group, so the caller can count rows
+    where the chain starts."""
     done, names, start = [], [], time.perf_counter()
     for step in steps:
         ds = step.apply(ds)
+        if isinstance(ds, tuple):
+            ds, figures[step.name] = ds
         names.append(step.name)
         if not step.fused:
             ds = ds.materialize()
@@ -153,8 +159,9 @@ def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: st
     in_bytes = sum(Path(f).stat().st_size for f in files)
     opts = ReadOptions(data.text_field, data.id_field, tuple(data.keep_fields), dict(data.rename))
     timings: dict[str, float] = {}
+    figures: dict[str, dict] = {}
     read = Step("read", lambda _: read_corpus(files, opts), fused=True)
-    stages = run_steps(None, [read, *curate_steps(cfg)], timings)
+    stages = run_steps(None, [read, *curate_steps(cfg)], timings, figures)
     n_in, ds = stages[0].count(), stages[-1]  # no step drops a row: the first group's rows are the input
 
     start = time.perf_counter()
@@ -179,7 +186,7 @@ def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: st
             title=f"{kept} kept of {n_in} documents",
         )
         timings["write"] = round(time.perf_counter() - start, 2)
-        stats = summarize(data, n_in, in_bytes, kept, counts, timings)
+        stats = {**summarize(data, n_in, in_bytes, kept, counts, timings), **figures}
         stats.update(augmented=augmented, shards=len(list((tmp / "kept").glob("*.parquet"))))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     log.info("curate: %d in, %d kept, %d rejected -> %s", n_in, kept, rejected, out)
