@@ -72,6 +72,7 @@ def test_a_model_that_ships_its_code_runs_through_every_stage_when_trusted(
         tiny_corpus,
         f"model.path={shipped_model}",
         "model.trust_remote_code=true",
+        f"data.input=[{tiny_corpus}/part-00.jsonl]",  # half the corpus: it only has to flow through
         f"data.perplexity.model_path={shipped_model}",
         "data.perplexity.max_perplexity=1e12",
         "data.perplexity.max_tokens=32",
