@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -125,8 +126,9 @@ class LLMServer:
             )
 
     def _sampling(
-        self, prompt: str, max_tokens: int | None, temperature: float, top_p: float, stop: list[str]
+        self, prompt: str, max_tokens: int | None, temperature: float, top_p: float, stop: list[str], **more
     ) -> Sampling:
+        """`more`: seed, presence_penalty, frequency_penalty, logprobs (OpenAI routes)."""
         n_prompt = self.tokens.count_tokens(prompt)
         if n_prompt > self.args.max_prompt_tokens:
             raise APIError(
@@ -146,6 +148,7 @@ class LLMServer:
             temperature if temperature >= MIN_TEMPERATURE else 0.0,
             top_p,
             tuple(stop),
+            **more,
         )
 
     async def _admit(self, handler):
@@ -224,11 +227,30 @@ class LLMServer:
         self.metrics.tokens.labels("completion").inc(n_out)
 
     async def _openai(self, prompt: str, req, max_tokens: int | None, chat: bool):
-        sampling = self._sampling(prompt, max_tokens, req.temperature, req.top_p, req.stop)
+        sampling = self._sampling(
+            prompt,
+            max_tokens,
+            req.temperature,
+            req.top_p,
+            req.stop,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logprobs=req.logprob_alternatives(),
+        )
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._sse(prompt, sampling, chat, include), media_type="text/event-stream")
-        return completion_body(self.args.model_name, await self._complete(prompt, sampling), chat)
+        # n choices sample apart: a seeded request gives choice i the seed + i
+        choices = await asyncio.gather(
+            *(
+                self._complete(prompt, sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i))
+                for i in range(req.n)
+            )
+        )
+        # usage counts the returned text as a stream of it would be counted
+        completion_tokens = sum(self.tokens.count_tokens(c.text) for c in choices)
+        return completion_body(self.args.model_name, choices, chat, self.tokens.count_tokens(prompt), completion_tokens)
 
     # ---- routes ---------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -273,7 +295,7 @@ class LLMServer:
     async def chat_completions(self, req: ChatRequest):
         async def handle():
             self._check_model(req.model)
-            prompt = self.tokens.apply_chat_template([m.model_dump() for m in req.messages])
+            prompt = self.tokens.apply_chat_template([m.plain() for m in req.messages])
             return await self._openai(prompt, req, req.max_completion_tokens or req.max_tokens, chat=True)
 
         return await self._admit(handle)

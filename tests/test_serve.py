@@ -102,6 +102,7 @@ def test_streaming_sse_ends_with_done_and_usage(app):
         url, "/v1/completions", {"model": model, "prompt": "Copyright", "max_tokens": 10, "temperature": 0}
     ).json()
     assert text == plain["choices"][0]["text"]  # greedy: streaming and batch generation agree
+    assert plain["usage"] == events[-1]["usage"], "usage is counted the same way streamed or not"
     chat = sse_events(
         post(
             url,
@@ -111,6 +112,49 @@ def test_streaming_sse_ends_with_done_and_usage(app):
         )
     )
     assert chat[0]["object"] == "chat.completion.chunk" and chat[0]["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_openai_parameters_are_honoured_or_refused_by_name(app):
+    url, model = app
+    chat = {
+        "model": model,
+        "max_tokens": 6,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Permission is "}, {"type": "text", "text": "hereby"}],
+            }
+        ],
+    }
+    sampled = {**chat, "n": 3, "temperature": 1.0, "seed": 11}
+    first = post(url, "/v1/chat/completions", sampled).json()
+    assert [c["index"] for c in first["choices"]] == [0, 1, 2]
+    texts = [c["message"]["content"] for c in first["choices"]]
+    assert texts == [c["message"]["content"] for c in post(url, "/v1/chat/completions", sampled).json()["choices"]]
+    assert first["usage"]["completion_tokens"] >= 3
+
+    scored = post(url, "/v1/chat/completions", {**chat, "temperature": 0, "logprobs": True, "top_logprobs": 2}).json()
+    tokens = scored["choices"][0]["logprobs"]["content"]
+    assert tokens and all(t["logprob"] <= 0 and len(t["top_logprobs"]) == 2 for t in tokens)
+    assert "".join(t["token"] for t in tokens).startswith(scored["choices"][0]["message"]["content"][:3])
+    legacy = post(
+        url,
+        "/v1/completions",
+        {"model": model, "prompt": "Permission", "max_tokens": 4, "temperature": 0, "logprobs": 1},
+    ).json()["choices"][0]["logprobs"]
+    assert len(legacy["tokens"]) == len(legacy["token_logprobs"]) == len(legacy["top_logprobs"]) >= 1
+
+    penalised = post(
+        url, "/v1/chat/completions", {**chat, "temperature": 0, "presence_penalty": 2.0, "frequency_penalty": 2.0}
+    )
+    assert penalised.status_code == 200
+    for extra, param in (
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"top_p": 0}, "top_p"),
+    ):
+        refused = post(url, "/v1/chat/completions", {**chat, **extra})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
 
 
 def test_official_openai_client(app):

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from pipeline.serving.batching import BatchMerger
 from pipeline.serving.engines import choose_engine, vllm_engine_args
@@ -130,3 +131,98 @@ def test_engine_selection_and_vllm_arguments():
         "trust_remote_code": False,
     }
     assert vllm_engine_args("/m", 2048, 64, trust_remote_code=True)["trust_remote_code"] is True
+
+
+def test_openai_requests_refuse_what_the_server_does_not_implement():
+    from pydantic import ValidationError
+
+    from pipeline.serving.schemas import ChatRequest, CompletionRequest
+
+    chat = {
+        "model": "m",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}],
+    }
+    request = ChatRequest(
+        **chat,
+        n=3,
+        seed=7,
+        logprobs=True,
+        top_logprobs=2,
+        presence_penalty=0.5,
+        response_format={"type": "text"},
+        user="someone",
+    )
+    assert request.messages[0].plain() == {"role": "user", "content": "hi"} and request.logprob_alternatives() == 2
+    assert ChatRequest(**chat).logprob_alternatives() is None
+    assert CompletionRequest(model="m", prompt="x", logprobs=0, best_of=1).logprob_alternatives() == 0
+    for extra, param in [
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logit_bias": {"5": 1}}, "logit_bias"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 2, "stream": True}, None),
+    ]:
+        with pytest.raises(ValidationError) as error:
+            ChatRequest(**chat, **extra)
+        loc = error.value.errors()[0]["loc"]
+        assert (loc[0] if loc else None) == param, (extra, error.value.errors())
+    with pytest.raises(ValidationError, match="only text content parts"):
+        ChatRequest(model="m", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    from pipeline.serving.transformers_engine import OpenAIPenalties
+
+    ids = torch.tensor([[5, 5, 1, 2, 2, 2]])  # a prompt of 2 tokens (both 5), then 1 once and 2 three times
+    scores = OpenAIPenalties(prompt_width=2, presence=0.5, frequency=0.25)(ids, torch.zeros(1, 6))
+    assert scores.tolist() == [[0.0, -0.75, -1.25, 0.0, 0.0, 0.0]]
+
+
+def test_logprobs_take_the_shape_each_openai_api_uses():
+    from pipeline.serving.openai_format import chat_logprobs, completion_logprobs
+    from pipeline.serving.types import TokenLogprob
+
+    tokens = [TokenLogprob("He", -0.1, [("He", -0.1), ("Hi", -2.5)]), TokenLogprob("llo", -0.2, [("llo", -0.2)])]
+    chat = chat_logprobs(tokens)["content"]
+    assert chat[0] == {
+        "token": "He",
+        "logprob": -0.1,
+        "bytes": [72, 101],
+        "top_logprobs": [
+            {"token": "He", "logprob": -0.1, "bytes": [72, 101]},
+            {"token": "Hi", "logprob": -2.5, "bytes": [72, 105]},
+        ],
+    }
+    assert completion_logprobs(tokens) == {
+        "tokens": ["He", "llo"],
+        "token_logprobs": [-0.1, -0.2],
+        "top_logprobs": [{"He": -0.1, "Hi": -2.5}, {"llo": -0.2}],
+        "text_offset": [0, 2],
+    }
+
+
+def test_vllm_gets_every_sampling_setting():
+    from pipeline.serving.vllm_engine import sampling_params
+
+    params = sampling_params(
+        Sampling(
+            max_new_tokens=9,
+            temperature=0.7,
+            top_p=0.9,
+            stop=("x",),
+            seed=3,
+            presence_penalty=0.5,
+            frequency_penalty=0.1,
+            logprobs=2,
+        )
+    )
+    assert params == {
+        "max_tokens": 9,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "stop": ["x"],
+        "seed": 3,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.1,
+        "logprobs": 2,
+    }

@@ -8,7 +8,7 @@ import uuid
 
 from fastapi.responses import JSONResponse
 
-from pipeline.serving.types import Completion
+from pipeline.serving.types import Completion, TokenLogprob
 
 
 class APIError(Exception):
@@ -49,16 +49,44 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def completion_body(model: str, c: Completion, chat: bool) -> dict:
-    choice = {"index": 0, "finish_reason": c.finish_reason, "logprobs": None}
-    choice.update({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(*alt) for alt in t.top]} for t in tokens]}
+
+
+def completion_logprobs(tokens: list[TokenLogprob]) -> dict:
+    """The legacy completions API's shape: parallel lists, top alternatives as {token: logprob}."""
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.token)
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [dict(t.top) for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def completion_body(
+    model: str, choices: list[Completion], chat: bool, prompt_tokens: int, completion_tokens: int
+) -> dict:
+    """`prompt_tokens` and `completion_tokens` are counted by the caller, as for a stream of the same text."""
+    bodies = []
+    for index, c in enumerate(choices):
+        logprobs = c.logprobs and (chat_logprobs if chat else completion_logprobs)(c.logprobs)
+        choice = {"index": index, "finish_reason": c.finish_reason, "logprobs": logprobs}
+        choice.update({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})
+        bodies.append(choice)
     return {
         "id": new_id("chatcmpl" if chat else "cmpl"),
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
-        "usage": usage(c.prompt_tokens, c.completion_tokens),
+        "choices": bodies,
+        "usage": usage(prompt_tokens, completion_tokens),
     }
 
 

@@ -4,11 +4,12 @@ built from. OpenAI bodies ignore fields we do not implement (clients send `n`, `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.config import PipelineConfig, ReplicaSettings
+from pipeline.train.formats import message_content
 
 
 def _stop_list(v):
@@ -29,20 +30,78 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI parameters this server does not implement: a request that sets one is refused (400, naming it)
+# rather than answered as if it had been honoured
+UNSUPPORTED = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "logit_bias",
+    "suffix",
+    "echo",
+    "best_of",
+    "prediction",
+    "audio",
+    "modalities",
+)
+
+
 class _OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore")  # `user`, `metadata` and the like change nothing here
     model: str = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=8, description="choices; each samples on its own (seed + index when seeded)")
+    seed: int | None = Field(None, description="makes sampling repeatable")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
     stream_options: StreamOptions | None = None
     _stop = field_validator("stop", mode="before")(_stop_list)
 
+    # declared only to be refused, each by its name (a 400 whose `param` says which)
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    logit_bias: Any = None
+    suffix: Any = None
+    echo: Any = None
+    best_of: Any = None
+    prediction: Any = None
+    audio: Any = None
+    modalities: Any = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _refuse_unsupported(cls, value, info):
+        harmless = value in (None, False, [], {"type": "text"}) or (info.field_name == "best_of" and value == 1)
+        if not harmless:
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return None
+
+    @model_validator(mode="after")
+    def _one_choice_when_streaming(self):
+        if self.stream and self.n > 1:
+            raise ValueError("n > 1 is not supported with stream: true")
+        return self
+
+    def logprob_alternatives(self) -> int | None:
+        """How many alternatives each token's logprob comes with, or None for no logprobs."""
+        return None
+
 
 class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5, description="the legacy API's count of top alternatives")
+
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -55,13 +114,26 @@ class CompletionRequest(_OpenAIRequest):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict] = Field(..., description="a string, or a list of text parts")
+
+    @field_validator("content")
+    @classmethod
+    def _text_of_parts(cls, content):
+        return message_content(content, "content")  # a non-text part is refused with its type
+
+    def plain(self) -> dict:
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
 
 
 class ChatRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprob_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class ServeArgs(ReplicaSettings):

@@ -9,12 +9,25 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from pipeline.loading import load_model, load_tokenizer
 from pipeline.serving.batching import BatchMerger
 from pipeline.serving.engine import Engine
-from pipeline.serving.types import Completion, Sampling, truncate_at_stop
+from pipeline.serving.types import Completion, Sampling, TokenLogprob, truncate_at_stop
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties: a generated token's logit loses `presence` once and
+    `frequency` per time it was generated (prompt tokens do not count)."""
+
+    def __init__(self, prompt_width: int, presence: float, frequency: float):
+        self.prompt_width, self.presence, self.frequency = prompt_width, presence, frequency
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_width :]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
 class TransformersEngine(Engine):
@@ -41,13 +54,19 @@ class TransformersEngine(Engine):
         while (piece := await asyncio.to_thread(next, pieces, done)) is not done:  # each wait off the event loop
             yield piece
 
-    def _generate_kwargs(self, s: Sampling) -> dict:
+    def _generate_kwargs(self, s: Sampling, prompt_width: int) -> dict:
         sampling = (
             {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
             if s.temperature > 0
             else {"do_sample": False}
         )
-        return {"pad_token_id": self.tokenizer.pad_token_id, **sampling}
+        penalties = s.presence_penalty or s.frequency_penalty
+        processors = [OpenAIPenalties(prompt_width, s.presence_penalty, s.frequency_penalty)] if penalties else []
+        return {
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "logits_processor": LogitsProcessorList(processors),
+            **sampling,
+        }
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[str], sampling: list[Sampling]) -> list[Completion]:
@@ -56,7 +75,7 @@ class TransformersEngine(Engine):
         results: list[Completion | None] = [None] * len(prompts)
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(sampling):
-            groups.setdefault((s.temperature, s.top_p), []).append(i)
+            groups.setdefault(s.group(), []).append(i)
         for idx in groups.values():
             for i, c in zip(idx, self._generate_group([prompts[i] for i in idx], [sampling[i] for i in idx])):
                 results[i] = c
@@ -64,21 +83,47 @@ class TransformersEngine(Engine):
 
     def _generate_group(self, prompts: list[str], sampling: list[Sampling]) -> list[Completion]:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        width, first = enc["input_ids"].shape[1], sampling[0]
+        if first.seed is not None:  # one generate runs at a time on a replica (the merger), so this is its seed
+            torch.manual_seed(first.seed)
         out = self.model.generate(
-            **enc, max_new_tokens=max(s.max_new_tokens for s in sampling), **self._generate_kwargs(sampling[0])
+            **enc,
+            max_new_tokens=max(s.max_new_tokens for s in sampling),
+            return_dict_in_generate=True,
+            output_logits=first.logprobs is not None,
+            **self._generate_kwargs(first, width),
         )
-        width = enc["input_ids"].shape[1]
         completions = []
-        for row, mask, s in zip(out, enc["attention_mask"], sampling):
-            new = row[width : width + s.max_new_tokens].tolist()
+        for row, (tokens, mask, s) in enumerate(zip(out.sequences, enc["attention_mask"], sampling)):
+            new = tokens[width : width + s.max_new_tokens].tolist()
             eos = self.tokenizer.eos_token_id
             hit_eos = eos in new
             new = new[: new.index(eos)] if hit_eos else new
             text, stopped = truncate_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), s.stop)
-            completions.append(
-                Completion(text, int(mask.sum()), len(new) + hit_eos, "stop" if hit_eos or stopped else "length")
-            )
+            logprobs = None if s.logprobs is None else self._logprobs(out.logits, row, new, s.logprobs)
+            finish = "stop" if hit_eos or stopped else "length"
+            completions.append(Completion(text, int(mask.sum()), len(new) + hit_eos, finish, logprobs))
         return completions
+
+    def _logprobs(self, logits: tuple[torch.Tensor, ...], row: int, tokens: list[int], top: int) -> list[TokenLogprob]:
+        """Each generated token's log-probability under the model (its raw distribution), with the `top` likeliest."""
+        out = []
+        for step, token in enumerate(tokens):
+            logp = torch.log_softmax(logits[step][row].float(), dim=-1)
+            alternatives = logp.topk(top) if top else None
+            out.append(
+                TokenLogprob(
+                    self.tokenizer.decode([token]),
+                    round(logp[token].item(), 5),
+                    []
+                    if alternatives is None
+                    else [
+                        (self.tokenizer.decode([t]), round(v, 5))
+                        for v, t in zip(alternatives.values.tolist(), alternatives.indices.tolist())
+                    ],
+                )
+            )
+        return out
 
     def _stream_in_thread(self, prompt: str, sampling: Sampling) -> Iterator[str]:
         """Yield text pieces as they are generated (generation runs in a thread)."""
@@ -86,8 +131,13 @@ class TransformersEngine(Engine):
 
         enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
         kwargs = dict(
-            **enc, max_new_tokens=sampling.max_new_tokens, streamer=streamer, **self._generate_kwargs(sampling)
+            **enc,
+            max_new_tokens=sampling.max_new_tokens,
+            streamer=streamer,
+            **self._generate_kwargs(sampling, enc["input_ids"].shape[1]),
         )
         thread = threading.Thread(target=torch.no_grad()(self.model.generate), kwargs=kwargs, daemon=True)
         thread.start()

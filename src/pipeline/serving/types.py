@@ -12,6 +12,28 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = field(default_factory=tuple)
+    seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from a token already generated
+    frequency_penalty: float = 0.0  # and this times the number of times it was
+    logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k likeliest alternatives
+
+    def group(self) -> tuple:
+        """Requests that can share one model.generate call have the same group."""
+        return (
+            self.temperature,
+            self.top_p,
+            self.seed,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.logprobs is not None,
+        )
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]  # the likeliest tokens at this position, with theirs
 
 
 @dataclass
@@ -20,6 +42,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    logprobs: list[TokenLogprob] | None = None
 
 
 def truncate_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:

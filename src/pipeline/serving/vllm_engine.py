@@ -9,7 +9,31 @@ from collections.abc import AsyncIterator
 
 from pipeline.loading import load_tokenizer
 from pipeline.serving.engine import Engine
-from pipeline.serving.types import Completion, Sampling, truncate_at_stop
+from pipeline.serving.types import Completion, Sampling, TokenLogprob, truncate_at_stop
+
+
+def sampling_params(s: Sampling) -> dict:
+    """vLLM's SamplingParams for a request: it implements every setting itself, the OpenAI penalties too."""
+    return {
+        "max_tokens": s.max_new_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "stop": list(s.stop) or None,
+        "seed": s.seed,
+        "presence_penalty": s.presence_penalty,
+        "frequency_penalty": s.frequency_penalty,
+        "logprobs": s.logprobs,
+    }
+
+
+def token_logprobs(token_ids: list[int], positions: list[dict]) -> list[TokenLogprob]:
+    """vLLM's per-position {token id: Logprob} as ours: the chosen token's, and what vLLM returned by rank."""
+    out = []
+    for token, candidates in zip(token_ids, positions):
+        ranked = sorted(candidates.values(), key=lambda c: c.rank)
+        chosen = candidates[token]
+        out.append(TokenLogprob(chosen.decoded_token, chosen.logprob, [(c.decoded_token, c.logprob) for c in ranked]))
+    return out
 
 
 class VLLMEngine(Engine):
@@ -23,9 +47,7 @@ class VLLMEngine(Engine):
     def _params(s: Sampling):
         from vllm import SamplingParams
 
-        return SamplingParams(
-            max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop) or None
-        )
+        return SamplingParams(**sampling_params(s))
 
     async def _outputs(self, prompt: str, s: Sampling):
         async for out in self.engine.generate(prompt, self._params(s), request_id=uuid.uuid4().hex):
@@ -37,7 +59,10 @@ class VLLMEngine(Engine):
             final = output  # each output holds the whole text so far; the last one is the answer
         choice = final.outputs[0]
         text, _ = truncate_at_stop(choice.text, sampling.stop)
-        return Completion(text, len(final.prompt_token_ids), len(choice.token_ids), choice.finish_reason or "stop")
+        logprobs = None if sampling.logprobs is None else token_logprobs(choice.token_ids, choice.logprobs)
+        return Completion(
+            text, len(final.prompt_token_ids), len(choice.token_ids), choice.finish_reason or "stop", logprobs
+        )
 
     async def stream(self, prompt: str, sampling: Sampling) -> AsyncIterator[str]:
         sent = 0
