@@ -10,12 +10,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+from ray.job_submission import JobSubmissionClient
 
 from conftest import REPO, free_port
 
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
+TOKEN = Path("~/.ray/auth_token").expanduser()  # written by the head (Ray 2.60 turns token auth on)
 # what these tests check is the job mechanics, not training: short runs (the gate has its own tests)
 QUICK = ["train.max_steps=6", "train.checkpoint_every=3", "quantize.calib_samples=4", "quantize.max_ppl_increase=1.0"]
 
@@ -87,20 +89,17 @@ def submit(address: str, *entrypoint: str, timeout_s: int = 600) -> tuple[str, s
         capture_output=True,
         timeout=120,
     )
+    # wait in-process: a `ray job status` per poll is a Python start-up that takes the job's CPU
+    client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {TOKEN.read_text().strip()}"})
     deadline = time.time() + timeout_s
-    while True:
-        out = subprocess.run(
-            [str(BIN / "ray"), "job", "status", "--address", address, job_id],
-            env=_env(),
-            capture_output=True,
-            text=True,
-        )
-        # `ray job status` ends with "Job '<id>' succeeded" (or failed / stopped) once the job is over
-        found = re.search(r"Job '[^']+' (succeeded|failed|stopped)", out.stdout + out.stderr)
-        status = found.group(1).upper() if found else None
-        if status or time.time() > deadline:
-            break
+    while not client.get_job_status(job_id).is_terminal() and time.time() < deadline:
         time.sleep(1)
+    out = subprocess.run(
+        [str(BIN / "ray"), "job", "status", "--address", address, job_id], env=_env(), capture_output=True, text=True
+    )
+    # `ray job status` ends with "Job '<id>' succeeded" (or failed / stopped) once the job is over
+    found = re.search(r"Job '[^']+' (succeeded|failed|stopped)", out.stdout + out.stderr)
+    status = found.group(1).upper() if found else None
     logs = subprocess.run(
         [str(BIN / "ray"), "job", "logs", "--address", address, job_id], env=_env(), capture_output=True, text=True
     ).stdout
