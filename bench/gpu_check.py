@@ -284,6 +284,7 @@ def prepare(out: Path, dry_run: bool) -> Path:
     pipeline's own quantize_awq, small enough to carry to the GPU machine (llm-compressor is not there)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
+    from pipeline.config import QuantizeConfig
     from pipeline.export.awq import quantize_awq
     from pipeline.model import train_tokenizer
     from pipeline.sample_data import source_files, split_documents
@@ -306,9 +307,8 @@ def prepare(out: Path, dry_run: bool) -> Path:
     )
     model.to(torch.bfloat16).save_pretrained(out / "bf16")
     tokenizer.save_pretrained(out / "bf16")
-    quantize_awq(
-        out / "bf16", out / "awq", texts[:32], group_size=128, symmetric=True, seq_len=128, trust_remote_code=False
-    )
+    settings = QuantizeConfig(group_size=128, symmetric=True, calib_seq_len=128)
+    quantize_awq(out / "bf16", out / "awq", texts[:32], settings, trust_remote_code=False)
     shutil.rmtree(out / "bf16")
     (out / "shape.json").write_text(json.dumps(shape))
     return out

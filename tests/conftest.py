@@ -7,6 +7,7 @@ unit tests of pure functions that run without Ray in seconds (`make test-fast`).
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from pipeline.config import PipelineConfig, load_config
 from pipeline.sample_data import build_corpus
 
 REPO = Path(__file__).resolve().parents[1]
+# Ray Train's controller looks at its workers every 2 s by default: each tiny run then waits for a poll at
+# start and at the end; the suite runs dozens of them
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 TINY = REPO / "configs" / "tiny.yaml"
 
 

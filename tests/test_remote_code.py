@@ -82,7 +82,7 @@ def test_a_model_that_ships_its_code_runs_through_every_stage_when_trusted(
         "train.lora.modules_to_save=[]",
         "quantize.max_ppl_increase=100",
         "quantize.calib_samples=8",
-        "quantize.eval_samples=4",
+        "quantize.eval_samples=2",
         "distill.max_steps=2",
         "distill.eval_samples=2",
     )

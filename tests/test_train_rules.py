@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, LoraSettings, load_config
 from pipeline.train.recipe_config import recipe_config, stage_recipe
 
 
@@ -44,7 +44,14 @@ def test_each_stage_gets_its_own_objective_lr_steps_and_ewc(tmp_path):
         ],
     )
     pretrain, sft, dpo = (
-        stage_recipe(cfg, spec, Path("/base"), tmp_path, first=i == 0, track_previous=i > 0)
+        stage_recipe(
+            cfg,
+            spec,
+            Path("/base"),
+            tmp_path,
+            first=i == 0,
+            inputs={"base_model": "b", "data": "d", **({"previous_data": "p"} if i else {})},
+        )
         for i, spec in enumerate(cfg.train.stages)
     )
     assert (pretrain.objective, pretrain.train.lr, pretrain.train.max_steps, pretrain.ewc) == (
@@ -127,14 +134,17 @@ def test_bad_training_configs_fail_before_any_worker_starts(tiny_model_dir):
         load_config("configs/tiny.yaml", ["train.lora.target_parameters=[mlp.experts.down_proj]"])
     with pytest.raises(ConfigError, match="needs `data`"):
         load_config("configs/tiny.yaml", ["train.stages=[pretrain, sft]"])
+    architecture = AutoConfig.from_pretrained(tiny_model_dir)
     with pytest.raises(ConfigError, match=r"\['qkv_proj'\] not found.*linear modules there: .*q_proj"):
-        check_lora_targets(tiny_model_dir, ["qkv_proj"], [], trust_remote_code=False)
+        check_lora_targets(architecture, LoraSettings(target_modules=["qkv_proj"]), str(tiny_model_dir), False)
     with pytest.raises(ConfigError, match="mlp.experts.up_proj"):
-        check_lora_targets(tiny_model_dir, ["q_proj"], ["mlp.experts.up_proj"], trust_remote_code=False)
+        lora = LoraSettings(target_modules=["q_proj"], target_parameters=["mlp.experts.up_proj"], dropout=0)
+        check_lora_targets(architecture, lora, str(tiny_model_dir), False)
 
 
 def test_sft_labels_ignore_prompt_tokens_and_examples_do_not_see_each_other(tiny_model_dir):
-    from pipeline.train.data import IGNORE, format_instruction, pack_examples
+    from pipeline.train.data import IGNORE, pack_examples
+    from pipeline.train.formats import format_instruction
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     recs = [{"task": "echo", "input": f"word{i}", "output": f"answer {i}"} for i in range(40)]
@@ -150,7 +160,7 @@ def test_sft_labels_ignore_prompt_tokens_and_examples_do_not_see_each_other(tiny
 
 
 def test_chat_records_use_the_tokenizers_chat_template(tiny_model_dir):
-    from pipeline.train.data import prompt_and_response
+    from pipeline.train.formats import prompt_and_response
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -172,3 +182,31 @@ def test_distillation_refuses_a_student_with_another_tokenizer(tiny_model_dir, t
     AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(other)
     with pytest.raises(ConfigError, match="does not share the teacher's tokenizer"):
         check_same_tokenizer(tiny_model_dir, other, trust_remote_code=False)
+
+
+def test_the_run_name_follows_the_fingerprints_of_what_it_reads(tmp_path):
+    from pipeline.train.fit import run_name
+
+    cfg = load_config(TINY, [f"runs_dir={tmp_path}"])
+    recipe = recipe_config(cfg, Path("/base"), tmp_path / "out").model_copy(update={"inputs": {"base_model": "a1"}})
+    rebuilt = recipe.model_copy(update={"inputs": {"base_model": "b2"}})
+    assert run_name(cfg, recipe, tmp_path) != run_name(cfg, rebuilt, tmp_path)
+
+
+def test_fingerprints_see_a_rewritten_file_and_not_a_renamed_one(tmp_path):
+    import numpy as np
+
+    from pipeline.digest import path_digest
+
+    weights = np.random.default_rng(0).bytes(3 << 20)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "model.safetensors").write_bytes(weights)
+    before = path_digest(tmp_path / "a")
+    (tmp_path / "a" / "model.safetensors").rename(tmp_path / "a" / "shard-0.safetensors")
+    assert path_digest(tmp_path / "a") == before
+    (tmp_path / "a" / "shard-0.safetensors").write_bytes(np.random.default_rng(1).bytes(3 << 20))  # retrained
+    assert path_digest(tmp_path / "a") != before
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n')
+    first = path_digest(tmp_path / "b.jsonl")
+    (tmp_path / "b.jsonl").write_text('{"text": "y"}\n')
+    assert path_digest(tmp_path / "b.jsonl") != first

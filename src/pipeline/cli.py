@@ -12,9 +12,10 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from pipeline.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, load_config
+from pipeline.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, keys_help, load_config
 from pipeline.errors import QualityGateError
 
 log = logging.getLogger("pipeline")
@@ -32,10 +33,22 @@ With RAY_ADDRESS set (or under `ray job submit`) the stages run on that cluster;
 local Ray started in this process."""
 
 
+# the config sections each command reads, listed by its --help
+SECTIONS = {
+    "curate": ["name", "runs_dir", "data"],
+    "train": ["name", "runs_dir", "model", "train"],
+    "quantize": ["name", "runs_dir", "quantize"],
+    "distill": ["name", "runs_dir", "distill"],
+    "serve": ["name", "runs_dir", "serve"],
+    "run": ["name", "runs_dir", "data", "model", "train", "quantize", "distill", "serve"],
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pipeline", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("-v", "--verbose", action="store_true", help="on an error, show its traceback too")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stages = {
         "sample-data": "build the demo corpus (data/corpus/) and instruction set from local text",
@@ -47,8 +60,21 @@ def _parser() -> argparse.ArgumentParser:
         "run": "curate -> train -> quantize [-> distill] -> serve, then print a generation and a summary",
     }
     for name, help_text in stages.items():
-        s = sub.add_parser(name, help=help_text, description=help_text)
+        s = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=keys_help(SECTIONS.get(name, [])),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         s.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+        s.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="on an error, show its traceback too",
+        )
         s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=1e-4")
         if name == "curate":
             s.add_argument("--input", nargs="+", help="input files or globs (overrides data.input)")
@@ -63,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
             )
         if name == "run":
             s.add_argument("--keep-serving", action="store_true", help="leave the endpoint up at the end")
+        if name in ("train", "distill", "run"):
+            s.add_argument(
+                "--fresh", action="store_true", help="discard the checkpoints of earlier runs instead of resuming them"
+            )
         if name in ("quantize", "run"):
             s.add_argument(
                 "--force", action="store_true", help="serve the 4-bit model even when it fails the perplexity gate"
@@ -115,28 +145,32 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
 
     t0 = time.time()
     stats = cmd_curate(cfg, args)
-    train = run_train(cfg)
+    train = run_train(cfg, fresh=args.fresh)
     quant = run_quantize(cfg, force=args.force)
     if cfg.distill.enabled:
         from pipeline.train.distill import run_distill
 
-        distill = run_distill(cfg)
+        distill = run_distill(cfg, fresh=args.fresh)
         print(
             f"distilled student: KL to teacher {distill['kl_to_teacher_before']} -> "
             f"{distill['kl_to_teacher_after']} in {distill['student']}"
         )
     url = deploy(cfg)
-    reply = generate(url, cfg.serve.demo_prompt, DEMO_TOKENS, os.environ.get(cfg.serve.api_key_env))
-    print(f"\nPOST {url}/generate {{'prompt': {cfg.serve.demo_prompt!r}}}\n-> {json.dumps(reply)}\n")
+    prompt = sample_prompt(cfg)
+    reply = generate(url, prompt, DEMO_TOKENS, os.environ.get(cfg.serve.api_key_env))
+    print(f"\nPOST {url}/generate {{'prompt': {prompt!r}}}\n-> {json.dumps(reply)}\n")
     print(
         _table(
             [
                 ("docs in / kept / rejected", f"{stats['docs_in']} / {stats['kept']} / {stats['rejected']}"),
-                (
-                    "train loss first -> last",
-                    f"{train['loss_first']:.4f} -> {train['loss_last']:.4f} ({train['steps']} steps)",
+                *(
+                    (
+                        f"train {stage['stage']}: loss, tokens/s",
+                        f"{stage['loss_first']:.4f} -> {stage['loss_last']:.4f} in {stage['steps']} steps, "
+                        f"{stage['tokens_per_s']:.0f}/s",
+                    )
+                    for stage in train["stages"]
                 ),
-                ("train tokens/s", train["tokens_per_s"]),
                 (
                     "quantized size",
                     f"{quant.get('quantized_bytes', quant['merged_bytes']) / 1e6:.2f} MB "
@@ -160,6 +194,24 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
         print(f"serving at {url}; Ctrl-C to stop")
         _wait_for_interrupt()
     serve.shutdown()
+
+
+def sample_prompt(cfg: PipelineConfig) -> str:
+    """serve.demo_prompt, or a held-out prompt of the run's own instruction data, or the start of a held-out
+    curated document: something this model was trained to continue, not the demo's licence text."""
+    from pipeline.handoff import trained_model
+    from pipeline.heldout import split_texts
+    from pipeline.loading import load_tokenizer
+    from pipeline.train.data import held_out_prompt
+
+    if cfg.serve.demo_prompt:
+        return cfg.serve.demo_prompt
+    files = [(spec.data, spec.kind) for spec in cfg.train.stages if spec.kind != "pretrain"]
+    tokenizer = load_tokenizer(trained_model(cfg).base_model, cfg.model.trust_remote_code)
+    if files and (prompt := held_out_prompt(files, tokenizer)):
+        return prompt
+    documents = split_texts(cfg.stage_dir("curate") / "kept", 1, held_out=True)
+    return " ".join(documents[0].split()[:8]) if documents else "Hello"
 
 
 def cmd_serve(cfg: PipelineConfig, args) -> None:
@@ -190,7 +242,7 @@ def run_command(cfg: PipelineConfig, args) -> None:
     elif args.command == "train":
         from pipeline.train.stage import run_train
 
-        summary = run_train(cfg)
+        summary = run_train(cfg, fresh=args.fresh)
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     elif args.command == "quantize":
         from pipeline.export.stage import run_quantize
@@ -199,7 +251,7 @@ def run_command(cfg: PipelineConfig, args) -> None:
     elif args.command == "distill":
         from pipeline.train.distill import run_distill
 
-        summary = run_distill(cfg)
+        summary = run_distill(cfg, fresh=args.fresh)
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     elif args.command == "serve":
         cmd_serve(cfg, args)
@@ -211,9 +263,11 @@ def dispatch(args) -> None:
     if args.command == "sample-data":
         return cmd_sample_data(args)
     cfg = load_config(args.config, args.overrides)
+    from pipeline import preflight
     from pipeline.runtime import init_ray
     from pipeline.storage import staged
 
+    preflight.check(args.command, cfg, getattr(args, "input", None))  # seconds, before Ray starts
     init_ray()
     reads, writes = STAGE_IO[args.command]
     with staged(cfg, reads, writes) as local:
@@ -224,13 +278,35 @@ def dispatch(args) -> None:
             print(f"{stage} outputs: {where}")
 
 
+# errors whose message is written for the user: shown whole; others show their type and last line
+USER_ERRORS = (ConfigError, OSError, QualityGateError)  # OSError: a missing input, an unwritable or full disk
+
+
+def describe(error: BaseException) -> str:
+    """One message for any failure: the error a Ray task or training worker raised, not its wrapper."""
+    while True:
+        failures = getattr(error, "worker_failures", None)  # Ray Train: a worker group's errors by rank
+        cause = next(iter(failures.values())) if failures else getattr(error, "cause", None)  # RayTaskError
+        if cause is None or cause is error:
+            break
+        error = cause
+    text = str(error).strip()
+    if isinstance(error, USER_ERRORS) or type(error).__name__ == "RecordError":
+        return text
+    return f"{type(error).__name__}: {text.splitlines()[-1] if text else '(no message)'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
     try:
         dispatch(args)
-    except (ConfigError, OSError, QualityGateError) as e:  # OSError: a missing input, an unwritable or full disk
-        print(f"pipeline {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure ends as one line (-v adds the traceback)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"pipeline {args.command}: error: {describe(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -7,16 +7,25 @@ what is allowed instead of being silently ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 class ConfigError(ValueError):
     """A config problem, worded for the user (the CLI prints it without a traceback)."""
+
+
+def _absolute(path: str) -> str:
+    """Paths are read where the command runs: Ray Train workers run in another directory, so a relative path
+    is made absolute when the config loads (URIs stay as they are)."""
+    return path if "://" in path else str(Path(path).expanduser().absolute())
+
+
+LocalPath = Annotated[str, AfterValidator(_absolute)]
 
 
 class Section(BaseModel):
@@ -61,7 +70,7 @@ class FiltersConfig(Section):
 
 
 class PerplexityConfig(Section):
-    model_path: str | None = Field(None, description="local HF causal LM that scores documents; None: no filter")
+    model_path: LocalPath | None = Field(None, description="local HF causal LM that scores documents; None: no filter")
     max_perplexity: float = Field(20, gt=0, description="keep documents whose perplexity is below this")
     max_tokens: int = Field(512, ge=8, description="tokens scored per document (its beginning)")
     batch_size: int = Field(16, ge=1)
@@ -71,11 +80,11 @@ class PerplexityConfig(Section):
 class AugmentConfig(Section):
     """Off unless a model path is given (src/pipeline/curate/augment.py)."""
 
-    back_translation_models: list[str] = Field(
+    back_translation_models: list[LocalPath] = Field(
         default_factory=list, description="[forward, backward] local seq2seq dirs, e.g. opus-mt en-zh and zh-en"
     )
     back_translation_share: float = Field(0.1, ge=0, le=1, description="share of kept documents back-translated")
-    synonym_model: str | None = Field(None, description="local fill-mask model dir for synonym perturbation")
+    synonym_model: LocalPath | None = Field(None, description="local fill-mask model dir for synonym perturbation")
     synonym_share: float = Field(0.1, ge=0, le=1, description="share of kept documents perturbed")
     synonym_word_share: float = Field(0.1, ge=0, le=1, description="share of a document's words replaced")
     max_tokens: int = Field(256, ge=8, description="tokens translated per document (its beginning)")
@@ -119,7 +128,7 @@ PRESET_NAMES = Literal["tiny-moe", "tiny-dense", "small-moe", "7b-dense", "66b-d
 
 
 class ModelConfig(Section):
-    path: str | None = Field(None, description="local HF causal-LM directory; None builds `preset`")
+    path: LocalPath | None = Field(None, description="local HF causal-LM directory; None builds `preset`")
     preset: PRESET_NAMES = Field(
         "tiny-moe", description="random-init architecture (pipeline.model.PRESETS; HARDWARE there says what each needs)"
     )
@@ -137,10 +146,12 @@ class ModelConfig(Section):
 
 
 class LoraSettings(Section):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the LoRA path")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], description="module names that get adapters"
+    )
     modules_to_save: list[str] = Field(
         default_factory=list,
         description="modules trained in full beside the adapter, e.g. embed_tokens and "
@@ -167,7 +178,7 @@ class StageSpec(Section):
 
     kind: Literal["pretrain", "sft", "dpo"]
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="output folder; default: kind")
-    data: str | None = Field(
+    data: LocalPath | None = Field(
         None,
         description="sft: jsonl of {task, input, output} or {messages}; dpo: jsonl of "
         "{prompt, chosen, rejected}; pretrain reads the curated corpus",
@@ -207,8 +218,8 @@ class EwcConfig(Section):
 
 
 class TrainConfig(Section):
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one GPU each with use_gpu)")
+    use_gpu: bool = Field(False, description="a GPU per worker, NCCL; otherwise CPU workers and gloo")
     cpus_per_worker: float = Field(
         0.5, gt=0, description="<1 leaves CPUs for Ray Data's feeding tasks on small machines"
     )
@@ -219,7 +230,9 @@ class TrainConfig(Section):
         None, description="DeepSpeed ZeRO stage (strategy=deepspeed); default 2"
     )
     offload_optimizer: bool = Field(False, description="DeepSpeed: optimizer state in CPU memory (ZeRO 1-3)")
-    deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON whose keys override the generated ones")
+    deepspeed_config: LocalPath | None = Field(
+        None, description="a DeepSpeed JSON whose keys override the generated ones"
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPUs")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, ~30% slower"
@@ -240,29 +253,29 @@ class TrainConfig(Section):
         description="attention kernel; auto: flash_attention_2 on GPUs where flash-attn is installed, "
         "else sdpa. The choice is logged and kept in the metrics",
     )
-    lr: float = Field(3e-5, gt=0)
-    warmup_steps: int = Field(5, ge=0)
-    max_steps: int = Field(60, ge=1)
+    lr: float = Field(3e-5, gt=0, description="peak learning rate (AdamW, cosine schedule after warmup)")
+    warmup_steps: int = Field(5, ge=0, description="linear warmup steps")
+    max_steps: int = Field(60, ge=1, description="optimizer steps per stage (a stage may set its own)")
     batch_size: int | Literal["auto"] = Field(
         8,
         description="micro-batch per worker; auto: memory / (seq_len x hidden x 4 bytes), halved on CUDA OOM "
         "(train/batch_size.py)",
     )
-    grad_accum: int = Field(1, ge=1)
-    grad_clip: float = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    grad_clip: float = Field(1.0, gt=0, description="gradient norm clipping")
     router_aux_loss_coef: float | None = Field(
         None, ge=0, description="MoE load-balancing loss weight; None: the model's"
     )
-    log_every: int = Field(5, ge=1)
+    log_every: int = Field(5, ge=1, description="steps per logging window (metrics, TensorBoard)")
     eval_every: int = Field(10, ge=1, description="steps between eval-loss measurements on held-out data")
     eval_batches: int = Field(4, ge=1, description="held-out micro-batches per worker and evaluation")
     early_stopping_patience: int = Field(
         3, ge=0, description="stop after this many evals without improvement (0: never)"
     )
     early_stopping_min_delta: float = Field(0.0, ge=0, description="an eval loss must drop this much to count")
-    checkpoint_every: int = Field(20, ge=1)
+    checkpoint_every: int = Field(20, ge=1, description="steps between checkpoints (a restart resumes there)")
     profile: bool = Field(False, description="PyTorch profiler traces of a few steps on rank 0 (<stage>/profile)")
-    seed: int = 0
+    seed: int = Field(0, description="torch seed of every worker")
     checkpoint_uri: str | None = Field(
         None,
         description="where Ray Train keeps checkpoints (path or s3://...): URI/checkpoints/<stage>; "
@@ -338,9 +351,19 @@ class QuantizeConfig(Section):
     bits: Literal[4] = 4
     group_size: int = Field(128, ge=32, description="weights per quantization group")
     symmetric: bool = True
-    calib_samples: int = Field(64, ge=1, description="curated documents AWQ calibrates on")
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="more layers kept in 16-bit, by name or 're:' regex (lm_head and MoE "
+        "routers always are), e.g. [re:.*mlp.down_proj$] for widths that are no multiple of group_size",
+    )
+    calib_samples: int = Field(64, ge=1, description="documents AWQ calibrates on")
+    calibration: Literal["auto", "corpus", "train_data"] = Field(
+        "auto",
+        description="what AWQ calibrates on and the gate scores: the curated corpus (its held-out split "
+        "for the gate), or the run's own instruction/preference data; auto: the corpus when there is one",
+    )
     calib_seq_len: int = Field(128, ge=16)
-    eval_samples: int = Field(32, ge=1, description="held-out curated documents the quality gate scores")
+    eval_samples: int = Field(32, ge=1, description="held-out documents the quality gate scores (it refuses fewer)")
     max_ppl_increase: float = Field(
         0.02, description="quality gate: fail when 4-bit perplexity exceeds 16-bit by more than this fraction"
     )
@@ -348,15 +371,15 @@ class QuantizeConfig(Section):
 
 class DistillConfig(Section):
     enabled: bool = Field(False, description="`pipeline run` also distills a student after quantizing")
-    teacher_path: str | None = Field(None, description="teacher HF dir; None = this run's merged 16-bit model")
-    student_path: str | None = Field(None, description="student HF dir; it must use the teacher's tokenizer")
+    teacher_path: LocalPath | None = Field(None, description="teacher HF dir; None = this run's merged 16-bit model")
+    student_path: LocalPath | None = Field(None, description="student HF dir; it must use the teacher's tokenizer")
     student_preset: PRESET_NAMES = Field(
         "tiny-dense", description="built on the teacher's tokenizer when student_path is None"
     )
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-target KL; 1 - alpha weighs the CE")
     temperature: float = Field(2.0, gt=0, description="softens both distributions in the KL term")
     lr: float = Field(1e-3, gt=0, description="the student trains in full, from scratch or from student_path")
-    max_steps: int = Field(60, ge=1)
+    max_steps: int = Field(60, ge=1, description="optimizer steps per stage (a stage may set its own)")
     eval_samples: int = Field(32, ge=1, description="held-out curated documents the KL to the teacher is measured on")
 
 
@@ -394,7 +417,9 @@ class ReplicaSettings(Section):
 class ServeConfig(ReplicaSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    demo_prompt: str = Field("Permission is hereby granted", description="what `pipeline run` asks the endpoint")
+    demo_prompt: str | None = Field(
+        None, description="what `pipeline run` asks the endpoint; default: a held-out prompt of the run's own data"
+    )
 
 
 class PipelineConfig(Section):
@@ -434,14 +459,54 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
 
 
+def key_lines(model: type[BaseModel], prefix: str) -> list[str]:
+    """One line per settable key of a section, nested sections spelled out: `prefix.key = default  what`."""
+    lines = []
+    for name, field in model.model_fields.items():
+        section = _section_of(field.annotation)
+        if section is not None and field.annotation is section:
+            lines += key_lines(section, f"{prefix}{name}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = default.model_dump()
+        elif isinstance(default, list):
+            default = [d.model_dump(exclude_defaults=True) if isinstance(d, BaseModel) else d for d in default]
+        text = f"  {prefix}{name} = {default!r}"
+        lines.append(f"{text:<48} {field.description}" if field.description else text)
+    return lines
+
+
+def keys_help(sections: list[str]) -> str:
+    """The config keys of these sections (`pipeline <stage> --help`), from the typed config itself."""
+    lines = ["config keys (set in the YAML or as key=value; defaults shown):"]
+    for name in sections:
+        section = _section_of(PipelineConfig.model_fields[name].annotation)
+        lines += key_lines(section, f"{name}.") if section else key_lines_top(name)
+    return "\n".join(lines)
+
+
+def key_lines_top(name: str) -> list[str]:
+    field = PipelineConfig.model_fields[name]
+    return [f"{f'  {name} = {field.get_default(call_default_factory=True)!r}':<48} {field.description or ''}".rstrip()]
+
+
+def _section_of(annotation) -> type[BaseModel] | None:
+    """The config section a field holds: itself, or inside list[...], X | None and the like."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((found for arg in get_args(annotation) if (found := _section_of(arg))), None)
+
+
 def _allowed_keys(loc: tuple) -> list[str]:
     model: type[BaseModel] = PipelineConfig
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list: the list's section is already `model`
+            continue
         field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        model = _section_of(getattr(field, "annotation", None))
+        if model is None:
             return []
-        model = annotation
     return sorted(model.model_fields)
 
 

@@ -4,6 +4,7 @@ code shipped with a model (`auto_map`) runs only when `model.trust_remote_code` 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pipeline.config import ConfigError
@@ -49,8 +50,25 @@ def load_model_config(path: str | Path, trust_remote_code: bool = False, **kwarg
 
 
 def load_adapter(model, path: str | Path, **kwargs):
-    """A peft adapter onto `model`, from adapter_model.safetensors only."""
+    """A peft adapter onto `model`, from adapter_model.safetensors only, and only onto the base it was
+    trained on when the adapter says which (pipeline.json, written by training)."""
     from peft import PeftModel
 
     _refuse_pickles(Path(path), "adapter", ("adapter_model.bin",))
+    check_adapter_base(Path(path), Path(model.name_or_path))
     return PeftModel.from_pretrained(model, str(path), **kwargs)
+
+
+def check_adapter_base(adapter: Path, base: Path) -> None:
+    from pipeline.digest import path_digest
+
+    record = adapter / "pipeline.json"
+    if not record.is_file() or not base.is_dir():
+        return
+    trained_on = json.loads(record.read_text())
+    if trained_on.get("base_digest") and trained_on["base_digest"] != path_digest(base):
+        raise ConfigError(
+            f"the adapter in {adapter} was trained on the base model in {trained_on['base_model']} "
+            f"(fingerprint {trained_on['base_digest']}), and {base} is another model (fingerprint "
+            f"{path_digest(base)}): apply it to the base it was trained on, or train it again"
+        )

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -152,17 +153,24 @@ def rescaled_copy(model_dir: Path, rope: dict, out: Path, trust_remote_code: boo
     return out
 
 
-def prepare_base_model(model_config: ModelConfig, corpus_kept: Path, out: Path) -> Path:
-    """Return the directory of the base model to fine-tune, building the preset if needed."""
+def prepare_base_model(model_config: ModelConfig, corpus_kept: Path | None, out: Path) -> Path:
+    """Return the directory of the base model to fine-tune, building the preset if needed (its tokenizer
+    trains on the curated corpus; the same corpus gives the same model, so a rerun can resume)."""
     if model_config.path:
         path = check_model_dir(model_config.path, model_config.trust_remote_code)
         if not model_config.rope_scaling:
             return path
         return rescaled_copy(path, model_config.rope_scaling, out, model_config.trust_remote_code)
+    if corpus_kept is None:
+        raise FileNotFoundError(
+            "a preset base model trains its tokenizer on the curated corpus: run `pipeline "
+            "curate` first, or set model.path to a model directory"
+        )
     out.mkdir(parents=True, exist_ok=True)
     texts = split_texts(corpus_kept, model_config.tokenizer_docs, held_out=False)
     tokenizer = train_tokenizer(texts, model_config.vocab_size)
     architecture = apply_rope_scaling(PRESETS[model_config.preset](len(tokenizer)), model_config.rope_scaling)
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(architecture)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

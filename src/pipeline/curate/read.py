@@ -40,8 +40,9 @@ def expand_inputs(patterns: list[str]) -> list[str]:
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches and Path(pattern).is_file():
             matches = [pattern]
-        for m in matches:
-            files += sorted(str(p) for p in Path(m).rglob("*") if p.is_file()) if Path(m).is_dir() else [m]
+        for m in matches:  # absolute: the read tasks may run in another directory
+            found = sorted(p for p in Path(m).rglob("*") if p.is_file()) if Path(m).is_dir() else [Path(m)]
+            files += [str(f.absolute()) for f in found]
     if not files:
         raise FileNotFoundError(f"no input files match {patterns}")
     return files

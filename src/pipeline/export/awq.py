@@ -6,12 +6,13 @@ Output is a compressed-tensors HF directory that transformers (CPU) and vLLM (GP
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, QuantizeConfig
 from pipeline.loading import load_model, load_model_config, load_tokenizer
 
 log = logging.getLogger("pipeline.quantize")
@@ -41,14 +42,35 @@ def check_supported(model_dir: str | Path, symmetric: bool, trust_remote_code: b
         )
 
 
+def ignored(name: str, patterns: list[str]) -> bool:
+    """llm-compressor's matching: a plain name matches the module's last part, 're:' a regex on its path."""
+    return any(re.match(p[3:], name) if p.startswith("re:") else name.split(".")[-1] == p for p in patterns)
+
+
+def group_size_problems(architecture, settings: QuantizeConfig) -> list[str]:
+    """The quantized layers whose input width is no multiple of the group size, which AWQ cannot quantize:
+    'name width' for each, from the model's config alone (no weights are read). MoE experts count as
+    the Linear layers AWQ makes of them (linearize_moe): gate/up take hidden_size, down moe_intermediate_size."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(architecture)
+    widths = {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if getattr(architecture, "num_experts", 0):
+        expert = "model.layers.0.mlp.experts.0"
+        widths |= {
+            f"{expert}.gate_proj": architecture.hidden_size,
+            f"{expert}.up_proj": architecture.hidden_size,
+            f"{expert}.down_proj": architecture.moe_intermediate_size,
+        }
+    patterns = IGNORE + settings.ignore
+    return [
+        f"{name} {width}"
+        for name, width in widths.items()
+        if width % settings.group_size and not ignored(name, patterns)
+    ]
+
+
 def quantize_awq(
-    model_dir: Path,
-    out: Path,
-    calib_texts: list[str],
-    group_size: int,
-    symmetric: bool,
-    seq_len: int,
-    trust_remote_code: bool,
+    model_dir: Path, out: Path, calib_texts: list[str], settings: QuantizeConfig, trust_remote_code: bool
 ) -> Path:
     from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
     from compressed_tensors.quantization.quant_args import QuantizationArgs
@@ -62,21 +84,27 @@ def quantize_awq(
     # fused 3-D expert weights become per-expert Linear layers so that AWQ sees (and quantizes) them
     model = linearize_moe(load_model(AutoModelForCausalLM, model_dir, trust_remote_code, dtype="auto"))
     weights = QuantizationArgs(
-        num_bits=4, type="int", symmetric=symmetric, strategy=QuantizationStrategy.GROUP, group_size=group_size
+        num_bits=4,
+        type="int",
+        symmetric=settings.symmetric,
+        strategy=QuantizationStrategy.GROUP,
+        group_size=settings.group_size,
     )
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     calib = Dataset.from_dict({"text": calib_texts}).map(
-        lambda b: tokenizer(b["text"], truncation=True, max_length=seq_len), batched=True, remove_columns=["text"]
+        lambda b: tokenizer(b["text"], truncation=True, max_length=settings.calib_seq_len),
+        batched=True,
+        remove_columns=["text"],
     )
     oneshot(
         model=model,
         dataset=calib,
-        recipe=[AWQModifier(ignore=IGNORE, config_groups={"group_0": scheme})],
-        max_seq_length=seq_len,
+        recipe=[AWQModifier(ignore=IGNORE + settings.ignore, config_groups={"group_0": scheme})],
+        max_seq_length=settings.calib_seq_len,
         num_calibration_samples=len(calib_texts),
         output_dir=str(out),
         trust_remote_code_model=trust_remote_code,
     )
     tokenizer.save_pretrained(out)
-    log.info("AWQ W4 g%d (%s) written to %s", group_size, "sym" if symmetric else "asym", out)
+    log.info("AWQ W4 g%d (%s) written to %s", settings.group_size, "sym" if settings.symmetric else "asym", out)
     return out

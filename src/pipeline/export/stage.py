@@ -17,8 +17,10 @@ from pipeline.export.awq import check_supported, quantize_awq
 from pipeline.export.evaluate import measure
 from pipeline.handoff import QUANT_REPORT, curated_dir, trained_model
 from pipeline.heldout import split_texts
+from pipeline.loading import load_tokenizer
 from pipeline.merge import merge_adapter
 from pipeline.runtime import atomic_dir
+from pipeline.train.data import instruction_texts
 
 log = logging.getLogger("pipeline.quantize")
 
@@ -39,27 +41,48 @@ def gate(report: dict, max_increase: float, force: bool) -> dict:
     return report
 
 
-def _quantize(cfg: PipelineConfig, force: bool) -> dict:
+def quantize_texts(cfg: PipelineConfig) -> tuple[list[str], list[str], str]:
+    """(calibration texts, held-out texts for the gate, where they come from): the curated corpus, or
+    without one (or with quantize.calibration=train_data) the run's own instruction and preference data."""
+    settings, kept = cfg.quantize, cfg.stage_dir("curate") / "kept"
+    if settings.calibration == "corpus" or (settings.calibration == "auto" and kept.is_dir()):
+        kept = curated_dir(cfg)
+        source = f"the curated corpus ({kept})"
+        texts = [
+            split_texts(kept, limit, held_out)
+            for limit, held_out in ((settings.calib_samples, False), (settings.eval_samples, True))
+        ]
+    else:
+        files = [(spec.data, spec.kind) for spec in cfg.train.stages if spec.kind != "pretrain"]
+        if not files:
+            raise FileNotFoundError(
+                "quantize calibrates on the curated corpus or on the run's instruction data; "
+                "there is neither: run `pipeline curate`, or train an sft or dpo stage"
+            )
+        tokenizer = load_tokenizer(trained_model(cfg).base_model, cfg.model.trust_remote_code)
+        source = f"the training data ({', '.join(path for path, _ in files)})"
+        texts = [
+            instruction_texts(files, tokenizer, limit, held_out)
+            for limit, held_out in ((settings.calib_samples, False), (settings.eval_samples, True))
+        ]
+    return *texts, source
+
+
+def _quantize(cfg: PipelineConfig, calib: list[str], held_out: list[str], source: str, force: bool) -> dict:
     trained, settings, trust = trained_model(cfg), cfg.quantize, cfg.model.trust_remote_code
-    kept = curated_dir(cfg)
-    calib = split_texts(kept, settings.calib_samples, held_out=False)
-    held_out = split_texts(kept, settings.eval_samples, held_out=True)
-    if not held_out:
-        raise ValueError(f"the curated corpus in {kept} is too small to hold out documents for perplexity")
     with atomic_dir(cfg.stage_dir("quantize")) as out:
         merged = merge_adapter(trained.base_model, trained.model, out / "merged", torch.bfloat16, trust)
         # paths in the report are relative to the stage folder, which is renamed at the end
         report = {
             "merged": "merged",
             "eval_documents": len(held_out),
+            "calibration": source,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "serve_model": "merged",
             **{f"merged_{k}": v for k, v in measure(merged, held_out, settings.calib_seq_len, trust).items()},
         }
         if settings.enabled:
-            awq = quantize_awq(
-                merged, out / "awq", calib, settings.group_size, settings.symmetric, settings.calib_seq_len, trust
-            )
+            awq = quantize_awq(merged, out / "awq", calib, settings, trust)
             quantized = measure(awq, held_out, settings.calib_seq_len, trust)
             report.update(quantized="awq", **{f"quantized_{k}": v for k, v in quantized.items()})
             report["size_ratio"] = round(report["quantized_bytes"] / report["merged_bytes"], 4)
@@ -73,8 +96,19 @@ def run_quantize(cfg: PipelineConfig, force: bool = False) -> dict:
     trained = trained_model(cfg)
     if cfg.quantize.enabled:
         check_supported(trained.base_model, cfg.quantize.symmetric, cfg.model.trust_remote_code)
+    calib, held_out, source = quantize_texts(cfg)
+    asked = cfg.quantize.eval_samples
+    if len(held_out) < asked:
+        message = (
+            f"quantize.eval_samples={asked}, but {source} has only {len(held_out)} held-out documents (1 in "
+            "20 by id): lower quantize.eval_samples, or give it more data"
+        )
+        if not force:
+            raise QualityGateError(f"the quality gate would score too few documents: {message}")
+        log.warning("--force: gate on fewer documents than asked: %s", message)
+    log.info("quantize: calibrating on %d and scoring %d held-out documents from %s", len(calib), len(held_out), source)
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(_quantize)
-    report = ray.get(task.remote(cfg, force))
+    report = ray.get(task.remote(cfg, calib, held_out, source, force))
     decision = report.get("gate")
     if decision and not decision["passed"]:
         message = (

@@ -19,6 +19,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from pipeline.heldout import is_held_out
 from pipeline.loading import load_tokenizer
+from pipeline.train.formats import RecordError, preference_texts, prompt_and_response
 
 IGNORE = -100  # label of tokens the loss skips (prompts, padding)
 
@@ -37,6 +38,61 @@ def tensor_table(columns: dict[str, np.ndarray]) -> pa.Table:
 def record_key(rec: dict) -> str:
     """What decides a record's split: its id, or its content when it has none."""
     return str(rec.get("id") or json.dumps({k: v for k, v in rec.items() if v is not None}, sort_keys=True))
+
+
+def records_of(batch: pd.DataFrame) -> list[dict]:
+    """A batch's records: parsed from raw JSONL lines (a `line` column: what stage_datasets reads, so
+    records of different formats, or whose fields change type, can share a file), or its rows without
+    their empty fields."""
+    if list(batch.columns) == ["line"]:
+        return [parse_line(line) for line in batch["line"]]
+    return [{k: v for k, v in row.items() if v is not None and v == v} for row in batch.to_dict("records")]
+
+
+def parse_line(line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"not valid JSON ({e.msg}): {line[:80]!r}") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"a record must be a JSON object: {line[:80]!r}")
+    return record
+
+
+def instruction_texts(files: list[tuple[str, str]], tokenizer, limit: int, held_out: bool) -> list[str]:
+    """Up to `limit` texts, prompt and answer as the model sees them, from instruction (sft) or preference
+    (dpo: the chosen answer) files, in the split training used them in: the held-out one or the rest."""
+    texts: list[str] = []
+    for path, kind in files:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            record = parse_line(line)
+            if is_held_out(record_key(record)) != held_out:
+                continue
+            prompt, answer, *_ = (preference_texts if kind == "dpo" else prompt_and_response)(record, tokenizer)
+            texts.append(prompt + answer)
+            if len(texts) == limit:
+                return texts
+    return texts
+
+
+def held_out_prompt(files: list[tuple[str, str]], tokenizer) -> str | None:
+    """The prompt of the first held-out instruction or preference record: a question the model was not
+    trained on, in the form it was trained to answer."""
+    for path, kind in files:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if line.strip() and is_held_out(record_key(record := parse_line(line))):
+                return (preference_texts if kind == "dpo" else prompt_and_response)(record, tokenizer)[0]
+    return None
+
+
+def _explained(record: dict, convert):
+    """convert(record), its RecordError naming the record (Ray Data shows the message, not the data)."""
+    try:
+        return convert(record)
+    except RecordError as e:
+        raise RecordError(f"record {record_key(record)[:80]}: {e}") from None
 
 
 # --- pretrain -----------------------------------------------------------------------------------
@@ -78,29 +134,6 @@ def document_positions(ids: np.ndarray, eos: int) -> np.ndarray:
 # --- sft ----------------------------------------------------------------------------------------
 
 
-def format_instruction(task: str, input_text: str, output: str | None = None) -> str:
-    """The multi-task template ([TASK] / [INPUT] / [OUTPUT]); `output=None` gives the prompt the model completes."""
-    prompt = f"[TASK] {task}\n[INPUT] {input_text}\n[OUTPUT] "
-    return prompt if output is None else prompt + output
-
-
-def prompt_and_response(rec: dict, tok) -> tuple[str, str]:
-    """{messages: [...]} goes through the tokenizer's chat template; {task, input, output} through ours."""
-    if rec.get("messages"):
-        if not tok.chat_template:
-            raise ValueError(
-                "a record has `messages` but the tokenizer has no chat template; "
-                "use {task, input, output} records or a tokenizer with one"
-            )
-        messages = list(rec["messages"])
-        prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        return prompt, messages[-1]["content"]
-    missing = [k for k in ("task", "input", "output") if rec.get(k) is None]
-    if missing:
-        raise ValueError(f"instruction record {record_key(rec)[:80]} lacks {missing}")
-    return format_instruction(rec["task"], rec["input"]), rec["output"]
-
-
 def tokenize_example(prompt: str, response: str, tok, seq_len: int) -> tuple[list[int], list[int]]:
     """ids and labels of one example: the prompt's labels are IGNORE so only the response is learned.
     Too long: the response keeps at most half the row, the prompt loses its beginning."""
@@ -120,10 +153,10 @@ def pack_examples(
     tok = _tokenizer(tokenizer_dir, trust_remote_code)
     rows: list[tuple[list, list, list]] = []
     ids, labels, positions = [], [], []
-    for rec in batch.to_dict("records"):
+    for rec in records_of(batch):
         if is_held_out(record_key(rec)) != held_out:
             continue
-        e_ids, e_labels = tokenize_example(*prompt_and_response(rec, tok), tok, seq_len)
+        e_ids, e_labels = tokenize_example(*_explained(rec, lambda r: prompt_and_response(r, tok)), tok, seq_len)
         if len(ids) + len(e_ids) > seq_len:
             rows.append((ids, labels, positions))
             ids, labels, positions = [], [], []
@@ -149,14 +182,12 @@ def pair_rows(
     """One padded row per side of each {prompt, chosen, rejected} pair; labels mark the response."""
     tok = _tokenizer(tokenizer_dir, trust_remote_code)
     out: dict[str, list] = {f"{side}_{k}": [] for side in ("chosen", "rejected") for k in ("ids", "labels")}
-    for rec in batch.to_dict("records"):
-        missing = [k for k in ("prompt", "chosen", "rejected") if not rec.get(k)]
-        if missing:
-            raise ValueError(f"preference record {record_key(rec)[:80]} lacks {missing}")
+    for rec in records_of(batch):
+        prompt, *answers = _explained(rec, lambda r: preference_texts(r, tok))
         if is_held_out(record_key(rec)) != held_out:
             continue
-        for side in ("chosen", "rejected"):
-            ids, labels = tokenize_example(rec["prompt"], rec[side], tok, seq_len)
+        for side, answer in zip(("chosen", "rejected"), answers):
+            ids, labels = tokenize_example(prompt, answer, tok, seq_len)
             out[f"{side}_ids"].append(ids + [tok.pad_token_id] * (seq_len - len(ids)))
             out[f"{side}_labels"].append(labels + [IGNORE] * (seq_len - len(labels)))
     return tensor_table({k: np.array(v, dtype=np.int64).reshape(-1, seq_len) for k, v in out.items()})
@@ -172,7 +203,10 @@ def stage_datasets(
     `padding_free` is pretraining's (SFT rows always restart positions per example)."""
     if not Path(source).exists():
         raise FileNotFoundError(f"{kind} data not found: {source}")
-    read = ray.data.read_parquet(source, columns=["id", "text"]) if kind == "pretrain" else ray.data.read_json(source)
+    if kind == "pretrain":
+        read = ray.data.read_parquet(source, columns=["id", "text"])
+    else:  # raw lines, parsed in the builders: Arrow's JSON reader wants one type per field across a file
+        read = ray.data.read_text(source).rename_columns({"text": "line"})
     settings = {
         "tokenizer_dir": tokenizer_dir,
         "trust_remote_code": trust_remote_code,

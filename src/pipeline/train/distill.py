@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import ConfigError, PipelineConfig
+from pipeline.digest import path_digest
 from pipeline.handoff import curated_dir, merged_model_dir
 from pipeline.heldout import split_texts
 from pipeline.loading import load_model, load_model_config, load_tokenizer
@@ -58,6 +59,7 @@ def build_student(cfg: PipelineConfig, teacher: Path, out: Path) -> Path:
         student = check_model_dir(settings.student_path, trust)
     else:
         tokenizer = load_tokenizer(teacher, trust)
+        torch.manual_seed(0)  # the same student every run, so a rerun can resume it
         model = AutoModelForCausalLM.from_config(PRESETS[settings.student_preset](len(tokenizer)))
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -87,7 +89,8 @@ def kl_to_teacher(student: Path, teacher: Path, texts: list[str], seq_len: int, 
     return round(total / max(tokens, 1), 5)
 
 
-def run_distill(cfg: PipelineConfig) -> dict:
+def run_distill(cfg: PipelineConfig, fresh: bool = False) -> dict:
+    """`fresh`: discard earlier checkpoints instead of resuming them."""
     kept = curated_dir(cfg)
     out = cfg.stage_dir("distill")
     teacher = teacher_dir(cfg)
@@ -95,14 +98,15 @@ def run_distill(cfg: PipelineConfig) -> dict:
     settings, trust, seq_len = cfg.distill, cfg.model.trust_remote_code, cfg.model.seq_len
     # the student trains in full, with distillation's own lr and steps
     train = cfg.train.model_copy(update={"lr": settings.lr, "max_steps": settings.max_steps, "full_finetune": True})
+    inputs = {"student": path_digest(student), "teacher": path_digest(teacher), "data": path_digest(kept)}
     recipe = recipe_config(cfg, student, out).model_copy(
-        update={"train": train, "objective": "distill", "distill": settings, "teacher": str(teacher)}
+        update={"train": train, "objective": "distill", "distill": settings, "teacher": str(teacher), "inputs": inputs}
     )
     held_out = split_texts(kept, settings.eval_samples, held_out=True)
     measure = ray.remote(num_cpus=1)(kl_to_teacher)
     kl_before = ray.get(measure.remote(student, teacher, held_out, seq_len, trust))
     data = stage_datasets("pretrain", str(kept), str(student), trust, seq_len, cfg.train.padding_free)
-    final, history = fit(cfg, recipe, out, data)
+    final, history = fit(cfg, recipe, out, data, fresh)
     kl_after = ray.get(measure.remote(final / "model", teacher, held_out, seq_len, trust))
     load_tokenizer(teacher, trust).save_pretrained(final / "model")
     summary = {

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.fs as pafs
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -32,9 +33,65 @@ def run_name(cfg: PipelineConfig, recipe: RecipeConfig, out: Path) -> str:
     return f"{cfg.name}-{out.name}-{recipe.digest()}"
 
 
-def fit(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, datasets: dict) -> tuple[Path, list[dict]]:
+RUN_RECORD = "run.json"  # in the stage folder: which Ray Train run it last used, and what that run read
+ADAPTER_RECORD = "pipeline.json"  # beside an adapter: the base it was trained on
+
+
+def _storage(location: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+
+
+def latest_checkpoint(storage: str, run: str) -> tuple[int, str] | None:
+    """(step, folder) of the newest checkpoint of a Ray Train run in `storage`, if it has one."""
+    fs, root = _storage(storage)
+    found = fs.get_file_info(pafs.FileSelector(f"{root}/{run}", allow_not_found=True))
+    for info in sorted(
+        (i for i in found if i.base_name.startswith("checkpoint_")), key=lambda i: i.base_name, reverse=True
+    ):
+        try:
+            with fs.open_input_stream(f"{info.path}/state.json") as f:
+                return json.loads(f.read())["step"], info.path
+        except (FileNotFoundError, OSError, ValueError):
+            continue  # a checkpoint being written when the run died
+    return None
+
+
+def start_or_resume(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, fresh: bool) -> str:
+    """Say on the terminal whether this run resumes and why not; with `fresh`, discard earlier runs.
+    Returns the run's name."""
+    run, storage = run_name(cfg, recipe, out), checkpoint_storage(cfg, out)
+    label = str(out.relative_to(cfg.stage_dir("train").parent))
+    record = out / RUN_RECORD
+    before = json.loads(record.read_text()) if record.is_file() else None
+    if fresh:
+        fs, root = _storage(storage)
+        for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+            if info.base_name.startswith(f"{cfg.name}-{out.name}-"):
+                fs.delete_dir(info.path)
+        print(f"{label}: --fresh: earlier checkpoints discarded; starting at step 0 of {recipe.train.max_steps}")
+    elif found := latest_checkpoint(storage, run):
+        print(f"{label}: resuming from step {found[0]} of {recipe.train.max_steps}, checkpoint {found[1]}")
+    elif before and before["run"] != run:
+        changed = [
+            k
+            for k in sorted(set(before["inputs"]) | set(recipe.inputs))
+            if before["inputs"].get(k) != recipe.inputs.get(k)
+        ]
+        why = f"its inputs changed ({', '.join(changed)})" if changed else "its settings changed"
+        print(f"{label}: starting fresh: {why} since the run in {storage}/{before['run']}")
+    else:
+        print(f"{label}: starting at step 0 of {recipe.train.max_steps}")
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"run": run, "inputs": recipe.inputs}, indent=2))
+    return run
+
+
+def fit(
+    cfg: PipelineConfig, recipe: RecipeConfig, out: Path, datasets: dict, fresh: bool = False
+) -> tuple[Path, list[dict]]:
     """Run the recipe on Ray Train; return the final checkpoint folder (out/final) and the logged
-    history. Rank 0 writes TensorBoard scalars to out/tensorboard (and profiler traces to out/profile)."""
+    history. Rank 0 writes TensorBoard scalars to out/tensorboard (and profiler traces to out/profile).
+    A run whose settings and inputs are unchanged resumes from its latest checkpoint, unless `fresh`."""
     recipe = recipe.model_copy(update={"output_dir": str(out)})
     train = cfg.train
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
@@ -46,7 +103,7 @@ def fit(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, datasets: dict) ->
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         datasets=datasets,
         run_config=RunConfig(
-            name=run_name(cfg, recipe, out),
+            name=start_or_resume(cfg, recipe, out, fresh),
             storage_path=checkpoint_storage(cfg, out),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=2),
@@ -56,6 +113,9 @@ def fit(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, datasets: dict) ->
     final = out / "final"
     shutil.rmtree(final, ignore_errors=True)
     result.checkpoint.to_directory(str(final))
+    if (final / "model" / "adapter_config.json").is_file():  # an adapter says which base it belongs to
+        base = {"base_model": recipe.base_model, "base_digest": recipe.inputs.get("base_model")}
+        (final / "model" / ADAPTER_RECORD).write_text(json.dumps(base, indent=2))
     history = json.loads((final / "state.json").read_text())["history"]
     plot_loss({out.name: history}, out / "loss.png")
     return final, history

@@ -29,6 +29,7 @@ class RecipeConfig(BaseModel):
     ewc: bool = False  # pull this stage towards the previous stage's weights (train.ewc)
     track_previous: bool = False  # measure the loss on the previous stage's held-out data
     output_dir: str | None = None  # rank 0 writes tensorboard/ and profile/ here
+    inputs: dict[str, str] = {}  # fingerprints of what the run reads (pipeline.digest): base model, data
 
     @property
     def lora(self) -> LoraSettings | None:
@@ -48,9 +49,10 @@ def recipe_config(cfg: PipelineConfig, base_model: Path, output_dir: Path) -> Re
 
 
 def stage_recipe(
-    cfg: PipelineConfig, spec: StageSpec, base_model: Path, output_dir: Path, first: bool, track_previous: bool
+    cfg: PipelineConfig, spec: StageSpec, base_model: Path, output_dir: Path, first: bool, inputs: dict[str, str]
 ) -> RecipeConfig:
-    """One stage of train.stages: its objective, and its own lr and max_steps where it sets them."""
+    """One stage of train.stages: its objective, its own lr and max_steps where it sets them, and the
+    fingerprints of what it reads (a `previous_data` entry: it measures forgetting of the stage before)."""
     train = cfg.train.model_copy(
         update={"lr": spec.lr or cfg.train.lr, "max_steps": spec.max_steps or cfg.train.max_steps}
     )
@@ -60,6 +62,7 @@ def stage_recipe(
             "objective": "dpo" if spec.kind == "dpo" else "causal_lm",
             "dpo_beta": spec.beta,
             "ewc": cfg.train.ewc.enabled and not first,
-            "track_previous": track_previous,
+            "track_previous": "previous_data" in inputs,
+            "inputs": inputs,
         }
     )

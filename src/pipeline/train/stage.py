@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.config import ConfigError, PipelineConfig, StageSpec
+from pipeline.config import ConfigError, LoraSettings, PipelineConfig, StageSpec
+from pipeline.digest import path_digest
 from pipeline.handoff import TrainedModel, curated_dir, write_trained
 from pipeline.loading import load_model_config
 from pipeline.merge import merge_adapter
@@ -29,18 +30,17 @@ from pipeline.train.recipe_config import stage_recipe
 log = logging.getLogger("pipeline.train")
 
 
-def check_lora_targets(model_dir: Path, targets: list[str], parameters: list[str], trust_remote_code: bool) -> None:
-    """Fail before any worker starts when a LoRA target names no module (or parameter) of the model."""
-    with torch.device("meta"):  # config only: no weights
-        model = AutoModelForCausalLM.from_config(
-            load_model_config(model_dir, trust_remote_code), trust_remote_code=trust_remote_code
-        )
+def check_lora_targets(architecture, lora: LoraSettings, where: str, trust_remote_code: bool) -> None:
+    """Fail before any worker starts when a LoRA target names no module (or parameter) of the model;
+    `architecture` is its config (no weights are read)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(architecture, trust_remote_code=trust_remote_code)
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in leaves]
-    missing += [p for p in parameters if not any(n.endswith(p) for n, _ in model.named_parameters())]
+    missing = [t for t in lora.target_modules + lora.modules_to_save if t not in leaves]
+    missing += [p for p in lora.target_parameters if not any(n.endswith(p) for n, _ in model.named_parameters())]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ConfigError(f"train.lora: {missing} not found in {model_dir}; linear modules there: {linear}")
+        raise ConfigError(f"train.lora: {missing} not found in {where}; linear modules there: {linear}")
 
 
 def stage_base(cfg: PipelineConfig, spec: StageSpec, previous: TrainedModel | None, base: Path) -> Path:
@@ -56,11 +56,25 @@ def stage_base(cfg: PipelineConfig, spec: StageSpec, previous: TrainedModel | No
     )
 
 
+def stage_source(cfg: PipelineConfig, spec: StageSpec) -> Path:
+    """What a stage trains on: the curated corpus (pretrain) or its data file."""
+    return curated_dir(cfg) if spec.kind == "pretrain" else Path(spec.data)
+
+
 def stage_data(cfg: PipelineConfig, spec: StageSpec, base: Path) -> dict:
-    source = str(curated_dir(cfg)) if spec.kind == "pretrain" else spec.data
-    return stage_datasets(
-        spec.kind, source, str(base), cfg.model.trust_remote_code, cfg.model.seq_len, cfg.train.padding_free
+    datasets = stage_datasets(
+        spec.kind,
+        str(stage_source(cfg, spec)),
+        str(base),
+        cfg.model.trust_remote_code,
+        cfg.model.seq_len,
+        cfg.train.padding_free,
     )
+    if spec.kind == "pretrain":  # the curated corpus streams: it can be larger than memory
+        return datasets
+    # instruction and preference files are tokenized once, here: a bad record fails now, in the driver, with
+    # its message, and not in a worker that Ray Train would restart; and epochs do not tokenize again
+    return {split: ds.materialize() for split, ds in datasets.items()}
 
 
 def previous_task(cfg: PipelineConfig, i: int, base: Path) -> dict:
@@ -78,22 +92,23 @@ def previous_task(cfg: PipelineConfig, i: int, base: Path) -> dict:
     return {"previous_eval": data["eval"], **({"previous": data["train"]} if cfg.train.ewc.enabled else {})}
 
 
-def run_train(cfg: PipelineConfig) -> dict:
+def run_train(cfg: PipelineConfig, fresh: bool = False) -> dict:
+    """`fresh`: discard the checkpoints of earlier runs instead of resuming them."""
     out = cfg.stage_dir("train")
-    base = prepare_base_model(cfg.model, curated_dir(cfg), out / "base")
+    # a model of one's own needs no corpus unless a stage pretrains on it
+    base = prepare_base_model(cfg.model, None if cfg.model.path else curated_dir(cfg), out / "base")
     if not cfg.train.full_finetune:
-        lora = cfg.train.lora
-        check_lora_targets(
-            base, lora.target_modules + lora.modules_to_save, lora.target_parameters, cfg.model.trust_remote_code
-        )
+        trust = cfg.model.trust_remote_code
+        check_lora_targets(load_model_config(base, trust), cfg.train.lora, str(base), trust)
     previous, summaries, histories = None, [], {}
     for i, spec in enumerate(cfg.train.stages):
         datasets = {**stage_data(cfg, spec, base), **previous_task(cfg, i, base)}
         start = stage_base(cfg, spec, previous, base)
-        recipe = stage_recipe(
-            cfg, spec, start, out / spec.name, first=i == 0, track_previous="previous_eval" in datasets
-        )
-        final, history = fit(cfg, recipe, out / spec.name, datasets)
+        inputs = {"base_model": path_digest(start), "data": path_digest(stage_source(cfg, spec))}
+        if "previous_eval" in datasets:
+            inputs["previous_data"] = path_digest(stage_source(cfg, cfg.train.stages[i - 1]))
+        recipe = stage_recipe(cfg, spec, start, out / spec.name, first=i == 0, inputs=inputs)
+        final, history = fit(cfg, recipe, out / spec.name, datasets, fresh)
         summary = {
             "stage": spec.name,
             "kind": spec.kind,
