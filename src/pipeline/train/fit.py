@@ -18,12 +18,16 @@ from pipeline.train.recipe import train_loop
 from pipeline.train.recipe_config import RecipeConfig
 
 
+def run_label(cfg: PipelineConfig, out: Path) -> str:
+    """`out` relative to the pipeline's folder; a run outside it (a benchmark's) is named by its folder."""
+    root = cfg.stage_dir("train").parent
+    return str(out.relative_to(root)) if out.is_relative_to(root) else out.name
+
+
 def checkpoint_storage(cfg: PipelineConfig, out: Path) -> str:
     uri = cfg.train.checkpoint_uri
     # beside the stage folders, not in them: a stage folder pushed to a URI replaces what was there
-    return (
-        f"{uri.rstrip('/')}/checkpoints/{out.relative_to(cfg.stage_dir('train').parent)}" if uri else str(out / "ray")
-    )
+    return f"{uri.rstrip('/')}/checkpoints/{run_label(cfg, out)}" if uri else str(out / "ray")
 
 
 def run_name(cfg: PipelineConfig, recipe: RecipeConfig, out: Path) -> str:
@@ -60,7 +64,7 @@ def start_or_resume(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, fresh:
     """Say on the terminal whether this run resumes and why not; with `fresh`, discard earlier runs.
     Returns the run's name."""
     run, storage = run_name(cfg, recipe, out), checkpoint_storage(cfg, out)
-    label = str(out.relative_to(cfg.stage_dir("train").parent))
+    label = run_label(cfg, out)
     record = out / RUN_RECORD
     before = json.loads(record.read_text()) if record.is_file() else None
     if fresh:
