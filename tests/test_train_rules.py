@@ -210,3 +210,19 @@ def test_fingerprints_see_a_rewritten_file_and_not_a_renamed_one(tmp_path):
     first = path_digest(tmp_path / "b.jsonl")
     (tmp_path / "b.jsonl").write_text('{"text": "y"}\n')
     assert path_digest(tmp_path / "b.jsonl") != first
+
+
+def test_deepspeed_runs_load_the_model_in_their_16_bit_dtype():
+    """DeepSpeed casts the model to bf16/fp16 itself: loading in that dtype skips a whole fp32 copy per
+    worker. DDP and FSDP2 keep fp32 master weights; fp32 runs stay fp32."""
+    from pipeline.train.recipe import load_dtype
+
+    def dtype(*overrides):
+        return load_dtype(load_config(TINY, ["train.use_gpu=true", *overrides]).train)
+
+    assert dtype() == torch.bfloat16  # precision auto on GPUs: bf16
+    assert dtype("train.precision=fp16") == torch.float16
+    assert dtype("train.precision=fp32") == torch.float32
+    assert dtype("train.strategy=fsdp", "train.zero_stage=null") == torch.float32
+    assert dtype("train.strategy=ddp", "train.zero_stage=null") == torch.float32
+    assert load_dtype(load_config(TINY).train) == torch.float32  # CPU workers: fp32

@@ -1,4 +1,4 @@
-"""`pipeline {sample-data,curate,train,quantize,distill,serve,run}`: one command per stage, and `run` for all.
+"""`pipeline {sample-data,curate,train,quantize,distill,serve,run,plan}`: one command per stage, and `run` for all.
 
 Every stage reads the previous stage's folder and writes its own under runs/<name>/<stage>/.
 """
@@ -28,6 +28,7 @@ EPILOG = """examples:
   pipeline curate --input 'corpus/*.jsonl.gz' --output /data/curated dedup.threshold=0.85
   pipeline distill distill.student_preset=tiny-dense distill.temperature=2
   pipeline serve                             serve the last run's model on 127.0.0.1:8000 until Ctrl-C
+  pipeline plan --config configs/66b-zero3.yaml train.zero_stage=2   does it fit? (memory per GPU)
 
 With RAY_ADDRESS set (or under `ray job submit`) the stages run on that cluster; otherwise on a
 local Ray started in this process."""
@@ -41,6 +42,7 @@ SECTIONS = {
     "distill": ["name", "runs_dir", "distill"],
     "serve": ["name", "runs_dir", "serve"],
     "run": ["name", "runs_dir", "data", "model", "train", "quantize", "distill", "serve"],
+    "plan": ["name", "model", "train", "quantize", "serve"],
 }
 
 
@@ -58,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
         "distill": "train a smaller student on the merged model's soft targets (Ray Train)",
         "serve": "serve the exported model on Ray Serve until interrupted",
         "run": "curate -> train -> quantize [-> distill] -> serve, then print a generation and a summary",
+        "plan": "memory per worker for each training stage and per serving replica, with a fits verdict "
+        "(starts nothing)",
     }
     for name, help_text in stages.items():
         s = sub.add_parser(
@@ -89,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
             )
         if name == "run":
             s.add_argument("--keep-serving", action="store_true", help="leave the endpoint up at the end")
+        if name == "plan":
+            s.add_argument("--json", action="store_true", help="print the plan as JSON")
+        if name in ("train", "run"):
+            s.add_argument(
+                "--force-memory",
+                action="store_true",
+                help="start training even when the memory plan says a stage does not fit",
+            )
         if name in ("train", "distill", "run"):
             s.add_argument(
                 "--fresh", action="store_true", help="discard the checkpoints of earlier runs instead of resuming them"
@@ -259,15 +271,26 @@ def run_command(cfg: PipelineConfig, args) -> None:
         cmd_run(cfg, args)
 
 
+def cmd_plan(cfg: PipelineConfig, args) -> None:
+    from pipeline.plan import make_plan, report
+    from pipeline.preflight import base_architecture
+
+    plan = make_plan(cfg, base_architecture(cfg)[0])
+    print(json.dumps(plan.to_json(), indent=2) if args.json else report(plan))
+
+
 def dispatch(args) -> None:
     if args.command == "sample-data":
         return cmd_sample_data(args)
     cfg = load_config(args.config, args.overrides)
+    if args.command == "plan":
+        return cmd_plan(cfg, args)
     from pipeline import preflight
     from pipeline.runtime import init_ray
     from pipeline.storage import staged
 
-    preflight.check(args.command, cfg, getattr(args, "input", None))  # seconds, before Ray starts
+    # seconds, before Ray starts
+    preflight.check(args.command, cfg, getattr(args, "input", None), getattr(args, "force_memory", False))
     init_ray()
     reads, writes = STAGE_IO[args.command]
     with staged(cfg, reads, writes) as local:

@@ -163,6 +163,20 @@ class LoraSettings(Section):
         "parameters in transformers 5, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] (needs dropout 0)",
     )
 
+    def peft_config(self):
+        """peft's LoraConfig for these settings: what training builds and the memory plan counts."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules or None,
+            target_parameters=self.target_parameters or None,
+            modules_to_save=self.modules_to_save or None,
+            task_type="CAUSAL_LM",
+        )
+
     @model_validator(mode="after")
     def _parameter_lora_has_no_dropout(self) -> LoraSettings:
         if self.target_parameters and self.dropout:
@@ -252,6 +266,9 @@ class TrainConfig(Section):
         "auto",
         description="attention kernel; auto: flash_attention_2 on GPUs where flash-attn is installed, "
         "else sdpa. The choice is logged and kept in the metrics",
+    )
+    gpu_memory_gb: float = Field(
+        80, gt=0, description="memory of one GPU, which the memory plan (`pipeline plan`) checks each stage against"
     )
     lr: float = Field(3e-5, gt=0, description="peak learning rate (AdamW, cosine schedule after warmup)")
     warmup_steps: int = Field(5, ge=0, description="linear warmup steps")

@@ -18,11 +18,12 @@ from pipeline.model import PRESETS
 DATA_RECORDS_CHECKED = 1000
 
 
-def check(command: str, cfg: PipelineConfig, inputs: list[str] | None = None) -> None:
+def check(command: str, cfg: PipelineConfig, inputs: list[str] | None = None, force_memory: bool = False) -> None:
     if command in ("curate", "run"):
         check_curate_inputs(inputs or cfg.data.input)
     if command in ("train", "run"):
-        check_training(cfg)
+        architecture = check_training(cfg)
+        check_memory(cfg, architecture, force_memory)
     if command in ("quantize", "run") and cfg.quantize.enabled:
         check_quantize(cfg)
     if command == "distill" or (command == "run" and cfg.distill.enabled):
@@ -74,7 +75,8 @@ def base_architecture(cfg: PipelineConfig):
     return PRESETS[cfg.model.preset](cfg.model.vocab_size), _NoChatTemplate()
 
 
-def check_training(cfg: PipelineConfig) -> None:
+def check_training(cfg: PipelineConfig):
+    """The base model (its architecture is returned), the LoRA targets and each stage's records."""
     from pipeline.train.formats import RecordError, check_file
     from pipeline.train.stage import check_lora_targets
 
@@ -91,6 +93,23 @@ def check_training(cfg: PipelineConfig) -> None:
             check_file(spec.data, spec.kind, tokenizer, DATA_RECORDS_CHECKED)
         except RecordError as e:
             raise ConfigError(f"train.stages[{spec.name}].data: {e}") from None
+    return architecture
+
+
+def check_memory(cfg: PipelineConfig, architecture, force: bool) -> None:
+    """Print the memory plan's verdict; refuse a stage that cannot fit unless forced."""
+    from pipeline.plan import make_plan
+
+    plan = make_plan(cfg, architecture)
+    print(plan.verdict(), flush=True)
+    short = [s for s in plan.stages if not s.fits]
+    if short and not force:
+        raise ConfigError(
+            f"the memory plan says {', '.join(s.stage for s in short)} does not fit: {short[0].line()}. Lower "
+            "model.seq_len or train.batch_size, turn on train.gradient_checkpointing or train.fused_cross_entropy, "
+            "shard with train.zero_stage=3 or train.strategy=fsdp, add workers or train.offload_optimizer "
+            "(see `pipeline plan`), or start anyway with --force-memory"
+        )
 
 
 def check_quantize(cfg: PipelineConfig) -> None:

@@ -54,21 +54,27 @@ def probe(model: torch.nn.Module, seq_len: int, device: torch.device, dtype) -> 
     return try_step
 
 
-def choose_batch_size(model: torch.nn.Module, train: TrainConfig, seq_len: int, device: torch.device) -> int:
+def choose_batch_size(
+    model: torch.nn.Module, train: TrainConfig, seq_len: int, device: torch.device, planned: int | None
+) -> int:
+    """`planned`: the memory plan's largest micro-batch that fits (pipeline/plan.py), for sharded runs."""
     if train.batch_size != "auto":
         return train.batch_size
     hidden = model.config.hidden_size
     if device.type == "cuda":
-        guess = memory_rule(torch.cuda.get_device_properties(device).total_memory, seq_len, hidden)
         sharded = train.strategy == "fsdp" or train.zero_stage == 3
-        # a sharded model may not fit whole on one GPU, so it cannot be probed before sharding
+        # a sharded model may not fit whole on one GPU, so it cannot be probed before sharding: the plan decides
         if sharded:
-            chosen = guess
+            chosen = planned or 1
         else:
+            guess = memory_rule(torch.cuda.get_device_properties(device).total_memory, seq_len, hidden)
             chosen = halve_until_fits(probe(model.to(device), seq_len, device, autocast_dtype(train)), guess)
     else:
         chosen = min(CPU_MAX, memory_rule(psutil.virtual_memory().available, seq_len, hidden))
     agreed = torch.tensor(chosen, device=device)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # every worker steps with the same micro-batch
-    log.info("batch_size=auto: micro-batch %d per worker (memory rule, then halving on OOM)", int(agreed))
+    log.info(
+        "batch_size=auto: micro-batch %d per worker (the memory plan, or the memory rule then halving on OOM)",
+        int(agreed),
+    )
     return int(agreed)

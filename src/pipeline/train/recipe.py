@@ -24,7 +24,7 @@ from pathlib import Path
 import ray.train
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModelForCausalLM
 
@@ -35,7 +35,7 @@ from pipeline.train.batch_size import choose_batch_size
 from pipeline.train.ewc import EWC
 from pipeline.train.objectives import causal_lm, make_objective
 from pipeline.train.recipe_config import RecipeConfig
-from pipeline.train.strategy import build_engine
+from pipeline.train.strategy import autocast_dtype, build_engine
 
 log = logging.getLogger("pipeline.train")
 
@@ -45,6 +45,14 @@ def attention_kernel(train: TrainConfig) -> str:
         return train.attention
     flash = train.use_gpu and importlib.util.find_spec("flash_attn") is not None
     return "flash_attention_2" if flash else "sdpa"
+
+
+def load_dtype(train: TrainConfig) -> torch.dtype:
+    """DeepSpeed casts the whole model to bf16/fp16 when it wraps it, so loading in that dtype gives the
+    same weights without a transient fp32 copy (half the host memory per worker). DDP and FSDP2 keep
+    fp32 weights as the master copy and cast for compute."""
+    half = autocast_dtype(train)
+    return half if half is not None and train.strategy == "deepspeed" else torch.float32
 
 
 def build_model(config: RecipeConfig) -> torch.nn.Module:
@@ -60,25 +68,14 @@ def build_model(config: RecipeConfig) -> torch.nn.Module:
         config.base_model,
         trust,
         config=architecture,
-        dtype=torch.float32,
+        dtype=load_dtype(train),
         attn_implementation=attention_kernel(train),
     )
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = config.lora
     if lora is not None:
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules or None,
-                target_parameters=lora.target_parameters or None,
-                modules_to_save=lora.modules_to_save or None,
-                task_type="CAUSAL_LM",
-            ),
-        )
+        model = get_peft_model(model, lora.peft_config())
     if train.compile:  # layer by layer, as torchtitan does: small graphs, and the shards stay outside them
         for layer in decoder_layers(model):
             layer.compile()
@@ -259,7 +256,7 @@ def train_loop(config: RecipeConfig) -> None:
     switches = speed_switches(model, config, device)
     if rank == 0:
         log.info("training with %s", ", ".join(f"{k}={v}" for k, v in switches.items()))
-    micro = choose_batch_size(model, train, config.model.seq_len, device)
+    micro = choose_batch_size(model, train, config.model.seq_len, device, config.planned_micro_batch)
     objective = make_objective(config, device)
     ewc = config.ewc and EWC(
         model,

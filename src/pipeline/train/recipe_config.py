@@ -30,6 +30,7 @@ class RecipeConfig(BaseModel):
     track_previous: bool = False  # measure the loss on the previous stage's held-out data
     output_dir: str | None = None  # rank 0 writes tensorboard/ and profile/ here
     inputs: dict[str, str] = {}  # fingerprints of what the run reads (pipeline.digest): base model, data
+    planned_micro_batch: int | None = None  # batch_size=auto on sharded GPUs: the memory plan's (pipeline/plan.py)
 
     @property
     def lora(self) -> LoraSettings | None:
@@ -38,8 +39,8 @@ class RecipeConfig(BaseModel):
 
     def digest(self) -> str:
         """Identity of the run for Ray Train's run name: everything that changes what is trained. Other
-        stages' settings and where outputs go do not count."""
-        settings = self.model_dump_json(exclude={"output_dir": True, "train": {"stages"}})
+        stages' settings, where outputs go and the GPU size the memory plan assumed do not count."""
+        settings = self.model_dump_json(exclude={"output_dir": True, "train": {"stages", "gpu_memory_gb"}})
         return hashlib.sha256(settings.encode()).hexdigest()[:10]
 
 
@@ -49,7 +50,13 @@ def recipe_config(cfg: PipelineConfig, base_model: Path, output_dir: Path) -> Re
 
 
 def stage_recipe(
-    cfg: PipelineConfig, spec: StageSpec, base_model: Path, output_dir: Path, first: bool, inputs: dict[str, str]
+    cfg: PipelineConfig,
+    spec: StageSpec,
+    base_model: Path,
+    output_dir: Path,
+    first: bool,
+    inputs: dict[str, str],
+    planned_micro_batch: int | None = None,
 ) -> RecipeConfig:
     """One stage of train.stages: its objective, its own lr and max_steps where it sets them, and the
     fingerprints of what it reads (a `previous_data` entry: it measures forgetting of the stage before)."""
@@ -64,5 +71,6 @@ def stage_recipe(
             "ewc": cfg.train.ewc.enabled and not first,
             "track_previous": "previous_data" in inputs,
             "inputs": inputs,
+            "planned_micro_batch": planned_micro_batch,
         }
     )

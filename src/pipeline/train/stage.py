@@ -22,6 +22,7 @@ from pipeline.handoff import TrainedModel, curated_dir, write_trained
 from pipeline.loading import load_model_config
 from pipeline.merge import merge_adapter
 from pipeline.model import prepare_base_model
+from pipeline.plan import make_plan
 from pipeline.plots import plot_loss
 from pipeline.train.data import stage_datasets
 from pipeline.train.fit import fit, history_summary
@@ -92,6 +93,15 @@ def previous_task(cfg: PipelineConfig, i: int, base: Path) -> dict:
     return {"previous_eval": data["eval"], **({"previous": data["train"]} if cfg.train.ewc.enabled else {})}
 
 
+def planned_micro_batches(cfg: PipelineConfig, base: Path) -> list[int | None]:
+    """batch_size=auto on sharded GPUs cannot be probed before sharding: each stage takes the memory plan's."""
+    train = cfg.train
+    if not (train.batch_size == "auto" and train.use_gpu and (train.strategy == "fsdp" or train.zero_stage == 3)):
+        return [None] * len(train.stages)
+    plan = make_plan(cfg, load_model_config(base, cfg.model.trust_remote_code))
+    return [s.planned_micro_batch for s in plan.stages]
+
+
 def run_train(cfg: PipelineConfig, fresh: bool = False) -> dict:
     """`fresh`: discard the checkpoints of earlier runs instead of resuming them."""
     out = cfg.stage_dir("train")
@@ -101,13 +111,14 @@ def run_train(cfg: PipelineConfig, fresh: bool = False) -> dict:
         trust = cfg.model.trust_remote_code
         check_lora_targets(load_model_config(base, trust), cfg.train.lora, str(base), trust)
     previous, summaries, histories = None, [], {}
+    planned = planned_micro_batches(cfg, base)
     for i, spec in enumerate(cfg.train.stages):
         datasets = {**stage_data(cfg, spec, base), **previous_task(cfg, i, base)}
         start = stage_base(cfg, spec, previous, base)
         inputs = {"base_model": path_digest(start), "data": path_digest(stage_source(cfg, spec))}
         if "previous_eval" in datasets:
             inputs["previous_data"] = path_digest(stage_source(cfg, cfg.train.stages[i - 1]))
-        recipe = stage_recipe(cfg, spec, start, out / spec.name, first=i == 0, inputs=inputs)
+        recipe = stage_recipe(cfg, spec, start, out / spec.name, i == 0, inputs, planned[i])
         final, history = fit(cfg, recipe, out / spec.name, datasets, fresh)
         summary = {
             "stage": spec.name,
