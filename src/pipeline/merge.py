@@ -1,38 +1,159 @@
 """Merge a LoRA adapter into its base. peft cannot merge into a quantized model, so this happens
 before quantization; it also gives each training stage after the first its starting model. A fully
-fine-tuned model is only cast."""
+fine-tuned model is only cast.
+
+The merge streams: tensors are read one at a time from the base's safetensors shards (memory-mapped),
+W + (alpha / r) * B @ A is computed in fp32 for the adapted ones, and output shards of at most
+`max_shard_bytes` are written as they fill, so its memory is one output shard, not the model. The
+output keeps the base's dtype unless asked for another. Adapters it cannot read as plain LoRA deltas
+(DoRA, per-layer ranks, LoRA on parameters, ...) are merged by peft in memory instead.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from pipeline.loading import load_adapter, load_model, load_tokenizer
+from pipeline.loading import load_adapter, load_model, load_model_config, load_tokenizer
+
+log = logging.getLogger("pipeline.merge")
+
+MAX_SHARD_BYTES = 2 * 10**9
+PEFT_PREFIX = "base_model.model."
+# adapter_config.json keys that make an adapter more than W + scale * B @ A on whole modules
+NOT_PLAIN = ("use_dora", "rank_pattern", "alpha_pattern", "target_parameters", "lora_bias", "layer_replication")
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def merge_adapter(
     base_dir: str | Path,
     trained_dir: str | Path,
     out: Path,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     trust_remote_code: bool,
     tokenizer_dir: str | Path | None = None,
 ) -> Path:
     """`trained_dir` holds a LoRA adapter for `base_dir`, or (after full fine-tuning) a whole model.
-    The tokenizer comes from `tokenizer_dir`, by default `base_dir`."""
-    if (Path(trained_dir) / "adapter_config.json").is_file():
-        base = load_model(AutoModelForCausalLM, base_dir, trust_remote_code, dtype=dtype)
-        merged = load_adapter(base, trained_dir).merge_and_unload()
-    else:
-        merged = load_model(AutoModelForCausalLM, trained_dir, trust_remote_code, dtype=dtype)
-    merged.generation_config = GenerationConfig(
-        bos_token_id=merged.config.bos_token_id,
-        eos_token_id=merged.config.eos_token_id,
-        pad_token_id=merged.config.pad_token_id,
+    `dtype`: of the output; None keeps the base's. The tokenizer comes from `tokenizer_dir`, by default
+    `base_dir`."""
+    trained_dir = Path(trained_dir)
+    adapter = (trained_dir / "adapter_config.json").is_file()
+    source = Path(base_dir) if adapter else trained_dir
+    if not stream_merge(source, trained_dir if adapter else None, out, dtype, trust_remote_code):
+        log.info("merging %s in memory with peft (not a plain LoRA adapter)", trained_dir)
+        base = load_model(AutoModelForCausalLM, base_dir, trust_remote_code, dtype=dtype or "auto")
+        load_adapter(base, trained_dir).merge_and_unload().save_pretrained(out, safe_serialization=True)
+    architecture = load_model_config(out, trust_remote_code)
+    GenerationConfig(
+        bos_token_id=architecture.bos_token_id,
+        eos_token_id=architecture.eos_token_id,
+        pad_token_id=architecture.pad_token_id,
         max_new_tokens=64,
-    )
-    merged.save_pretrained(out, safe_serialization=True)
+    ).save_pretrained(out)
     load_tokenizer(tokenizer_dir or base_dir, trust_remote_code).save_pretrained(out)
     return out
+
+
+def base_shards(model_dir: Path) -> dict[str, Path]:
+    """Each tensor name of a safetensors model and the shard that holds it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: model_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    found = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            found.update(dict.fromkeys(f.keys(), shard))
+    return found
+
+
+def lora_deltas(adapter_dir: Path, names: set[str]) -> tuple[dict, dict, float] | None:
+    """({weight: (A, B)}, {weight: replacement}, scale) of a plain LoRA adapter whose every tensor has a
+    base weight in `names`; None otherwise."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA" or any(config.get(key) for key in NOT_PLAIN):
+        return None
+    pairs, replaced = {}, {}
+    for key, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
+        name = key.removeprefix(PEFT_PREFIX)
+        for part, slot in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+            if name.endswith(part):
+                pairs.setdefault(name.removesuffix(part) + ".weight", [None, None])[slot] = tensor
+                break
+        else:
+            replaced[name] = tensor  # modules_to_save: trained in full
+    if not set(pairs) | set(replaced) <= names or any(None in ab for ab in pairs.values()):
+        return None
+    scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+    return {k: tuple(v) for k, v in pairs.items()}, replaced, scale
+
+
+def stream_merge(
+    base_dir: Path,
+    adapter_dir: Path | None,
+    out: Path,
+    dtype: torch.dtype | None,
+    trust_remote_code: bool,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> bool:
+    """Write base (+ adapter) to `out` tensor by tensor; False, writing nothing, when it cannot."""
+    shards = base_shards(base_dir)
+    deltas, replaced, scale = {}, {}, 0.0
+    if adapter_dir is not None:
+        found = lora_deltas(adapter_dir, set(shards))
+        if not shards or found is None:
+            return False
+        deltas, replaced, scale = found
+    out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        files = {path: stack.enter_context(safe_open(path, "pt")) for path in set(shards.values())}
+
+        def size(name: str) -> int:
+            view = files[shards[name]].get_slice(name)
+            width = (dtype or DTYPES.get(view.get_dtype(), torch.float32)).itemsize
+            return math.prod(view.get_shape()) * width
+
+        def merged(name: str) -> torch.Tensor:
+            tensor = replaced.get(name)
+            tensor = files[shards[name]].get_tensor(name) if tensor is None else tensor
+            target = (dtype or tensor.dtype) if tensor.is_floating_point() else tensor.dtype
+            if name in deltas:
+                a, b = deltas[name]
+                tensor = tensor.float() + scale * (b.float() @ a.float())
+            return tensor.to(target).contiguous()
+
+        groups = pack(list(shards), size, max_shard_bytes)
+        weight_map, written = {}, 0
+        for i, group in enumerate(groups, 1):
+            name = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            tensors = {key: merged(key) for key in group}
+            save_file(tensors, out / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(group, name))
+            written += sum(t.numel() * t.element_size() for t in tensors.values())
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": written}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    architecture = load_model_config(base_dir, trust_remote_code)
+    if dtype is not None:
+        architecture.dtype = dtype
+    architecture.save_pretrained(out)
+    return True
+
+
+def pack(names: list[str], size, limit: int) -> list[list[str]]:
+    """Consecutive names in groups of at most `limit` bytes (a tensor larger than that is a group alone)."""
+    groups, current, filled = [], [], 0
+    for name in names:
+        if current and filled + size(name) > limit:
+            groups.append(current)
+            current, filled = [], 0
+        current.append(name)
+        filled += size(name)
+    return [*groups, current] if current else groups

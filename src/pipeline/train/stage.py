@@ -13,6 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import ray
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -52,9 +53,9 @@ def stage_base(cfg: PipelineConfig, spec: StageSpec, previous: TrainedModel | No
         return base
     merged = cfg.stage_dir("train") / spec.name / "base"
     shutil.rmtree(merged, ignore_errors=True)
-    return merge_adapter(
-        previous.base_model, previous.model, merged, torch.float32, cfg.model.trust_remote_code, tokenizer_dir=base
-    )
+    # a Ray task, not the driver: the driver may run on a small head node (the merge streams, in the base's dtype)
+    task = ray.remote(num_cpus=1)(merge_adapter)
+    return ray.get(task.remote(previous.base_model, previous.model, merged, None, cfg.model.trust_remote_code, base))
 
 
 def stage_source(cfg: PipelineConfig, spec: StageSpec) -> Path:
