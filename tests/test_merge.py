@@ -4,6 +4,7 @@ transformers loads back."""
 
 import json
 
+import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -88,3 +89,18 @@ def test_a_full_finetune_is_cast_to_the_asked_dtype(tiny_model_dir, tmp_path):
     out = merge_adapter(tiny_model_dir, tiny_model_dir, tmp_path / "cast", torch.bfloat16, False)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert torch.equal(logits(out, torch.bfloat16), logits(tiny_model_dir, torch.bfloat16))
+
+
+def test_an_adapter_trained_on_another_base_is_refused(tiny_model_dir, tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.digest import path_digest
+
+    trained_adapter(tiny_model_dir, tmp_path / "adapter")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    record = {"base_model": str(other), "base_digest": path_digest(other)}
+    (tmp_path / "adapter" / "pipeline.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="is another model"):
+        merge_adapter(tiny_model_dir, tmp_path / "adapter", tmp_path / "merged", None, False)
+    assert not (tmp_path / "merged").exists()

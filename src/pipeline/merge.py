@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from pipeline.loading import load_adapter, load_model, load_model_config, load_tokenizer
+from pipeline.loading import check_adapter_base, load_adapter, load_model, load_model_config, load_tokenizer
 
 log = logging.getLogger("pipeline.merge")
 
@@ -47,6 +47,8 @@ def merge_adapter(
     trained_dir = Path(trained_dir)
     adapter = (trained_dir / "adapter_config.json").is_file()
     source = Path(base_dir) if adapter else trained_dir
+    if adapter:
+        check_adapter_base(trained_dir, Path(base_dir))  # refuses an adapter trained on another model
     if not stream_merge(source, trained_dir if adapter else None, out, dtype, trust_remote_code):
         log.info("merging %s in memory with peft (not a plain LoRA adapter)", trained_dir)
         base = load_model(AutoModelForCausalLM, base_dir, trust_remote_code, dtype=dtype or "auto")
@@ -78,8 +80,9 @@ def lora_deltas(adapter_dir: Path, names: set[str]) -> tuple[dict, dict, float] 
     """({weight: (A, B)}, {weight: replacement}, scale) of a plain LoRA adapter whose every tensor has a
     base weight in `names`; None otherwise."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("peft_type") != "LORA" or any(config.get(key) for key in NOT_PLAIN):
-        return None
+    plain = config.get("peft_type") == "LORA" and not any(config.get(key) for key in NOT_PLAIN)
+    if not plain or not (adapter_dir / "adapter_model.safetensors").is_file():
+        return None  # peft's path says what is wrong with a pickled adapter
     pairs, replaced = {}, {}
     for key, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
         name = key.removeprefix(PEFT_PREFIX)
