@@ -63,12 +63,11 @@ PLAN = [
     ("moe", "fsdp2+fused_ce", 60),
     ("dense", "fsdp2+switches", 120),
 ]
-# the dry run takes one run of each code path: the plain loop, both engines, the switches, both shapes, serving, AWQ
+# the dry run takes one run of each code path: the plain loop, Ray Train, the switches, both shapes, serving, AWQ
 DRY_PLAN = {
     ("dense", "plain"),
     ("dense", "plain+switches"),
-    ("dense", "zero2+switches"),
-    ("moe", "fsdp2+fused_ce"),
+    ("moe", "fsdp2+fused_ce"),  # one Ray Train run: the strategies differ only in the config it is given
     ("serving", ""),
     ("awq", ""),
 }

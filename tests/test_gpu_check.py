@@ -28,18 +28,14 @@ def test_the_gpu_check_dry_run_measures_every_section(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["dry_run"] and report["errors"] == {} and report["skipped"] == []
     dense = report["train"]["dense"]["runs"]
-    assert set(dense) == {"plain", "plain+switches", "zero2+switches"}
+    assert set(dense) == {"plain", "plain+switches"}  # the GPU run adds zero2 and fsdp2 (the Ray Train path below)
     assert all(run["tokens_per_s"] > 0 and run["mfu"] >= 0 for run in dense.values())  # tiny: MFU rounds to 0
-    assert dense["plain"]["cross_entropy"] == "full_logits"
-    assert {dense[r]["cross_entropy"] for r in ("plain+switches", "zero2+switches")} == {"chunked"}
+    assert dense["plain"]["cross_entropy"] == "full_logits" and dense["plain+switches"]["cross_entropy"] == "chunked"
     assert all(run["attention"] == "sdpa" for run in dense.values())
-    assert dense["zero2+switches"]["peak_rss_gib"] > 0
     moe = report["train"]["moe"]
     assert moe["active_parameters"] < moe["parameters"]
-    assert (
-        moe["runs"]["fsdp2+fused_ce"]["tokens_per_s"] > 0
-        and moe["runs"]["fsdp2+fused_ce"]["cross_entropy"] == "chunked"
-    )
+    ray_run = moe["runs"]["fsdp2+fused_ce"]
+    assert ray_run["tokens_per_s"] > 0 and ray_run["cross_entropy"] == "chunked" and ray_run["peak_rss_gib"] > 0
     serving = report["serving"]
     assert serving["batching_off"]["mean_batch"] == 1 and serving["batching_on"]["requests"] > 0
     assert report["awq"]["tokens_per_s"]["awq_w4a16"] > 0 and report["awq"]["bytes"]["awq_w4a16"] > 0
