@@ -104,3 +104,16 @@ def test_an_adapter_trained_on_another_base_is_refused(tiny_model_dir, tmp_path)
     with pytest.raises(ConfigError, match="is another model"):
         merge_adapter(tiny_model_dir, tmp_path / "adapter", tmp_path / "merged", None, False)
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_model_with_its_own_code_keeps_it(tiny_model_dir, tmp_path):
+    """auto_map points at .py files beside the weights: the merged model needs them too (the whole
+    remote-code path is tests/test_remote_code.py)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "modeling_mine.py").write_text("# the model's own code\n")
+    trained_adapter(base, tmp_path / "adapter")
+    out = merge_adapter(base, tmp_path / "adapter", tmp_path / "merged", None, False)
+    assert (out / "modeling_mine.py").read_text() == "# the model's own code\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -147,6 +148,8 @@ def stream_merge(
     if dtype is not None:
         architecture.dtype = dtype
     architecture.save_pretrained(out)
+    for code in base_dir.glob("*.py"):  # a model that ships its own code (auto_map) needs it beside the weights
+        shutil.copy2(code, out / code.name)
     return True
 
 
