@@ -51,9 +51,11 @@ def merge_adapter(
     if adapter:
         check_adapter_base(trained_dir, Path(base_dir))  # refuses an adapter trained on another model
     if not stream_merge(source, trained_dir if adapter else None, out, dtype, trust_remote_code):
-        log.info("merging %s in memory with peft (not a plain LoRA adapter)", trained_dir)
-        base = load_model(AutoModelForCausalLM, base_dir, trust_remote_code, dtype=dtype or "auto")
-        load_adapter(base, trained_dir).merge_and_unload().save_pretrained(out, safe_serialization=True)
+        log.info("merging %s in memory (not a plain LoRA adapter on safetensors shards)", trained_dir)
+        model = load_model(AutoModelForCausalLM, source, trust_remote_code, dtype=dtype or "auto")
+        if adapter:
+            model = load_adapter(model, trained_dir).merge_and_unload()
+        model.save_pretrained(out, safe_serialization=True)
     architecture = load_model_config(out, trust_remote_code)
     GenerationConfig(
         bos_token_id=architecture.bos_token_id,
@@ -109,10 +111,12 @@ def stream_merge(
 ) -> bool:
     """Write base (+ adapter) to `out` tensor by tensor; False, writing nothing, when it cannot."""
     shards = base_shards(base_dir)
+    if not shards:
+        return False
     deltas, replaced, scale = {}, {}, 0.0
     if adapter_dir is not None:
         found = lora_deltas(adapter_dir, set(shards))
-        if not shards or found is None:
+        if found is None:
             return False
         deltas, replaced, scale = found
     out.mkdir(parents=True, exist_ok=True)
