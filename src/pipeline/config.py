@@ -312,6 +312,11 @@ class TrainConfig(Section):
     ewc: EwcConfig = Field(default_factory=EwcConfig)
 
     @property
+    def shards_parameters(self) -> bool:
+        """ZeRO-3 and FSDP split the weights themselves over the workers; the others keep a whole copy on each."""
+        return self.strategy == "fsdp" or self.zero_stage == 3
+
+    @property
     def resolved_precision(self) -> Literal["fp32", "bf16", "fp16"]:
         """`auto` made concrete: bf16 on GPUs, fp32 on CPUs."""
         if self.precision == "auto":
@@ -354,7 +359,7 @@ class TrainConfig(Section):
                 "compile with zero_stage 3 is not supported (ZeRO-3 gathers parameters in hooks inside "
                 "the compiled layers): use strategy=fsdp to shard, or zero_stage <= 2"
             )
-        if self.ewc.enabled and (self.strategy == "fsdp" or self.zero_stage == 3):
+        if self.ewc.enabled and self.shards_parameters:
             raise ValueError("ewc needs whole parameters on every worker: use zero_stage <= 2 or strategy=ddp")
         names = [s.name for s in self.stages]
         if not names or len(set(names)) != len(names):

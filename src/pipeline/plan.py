@@ -127,7 +127,7 @@ def model_states(shape: Shape, train: TrainConfig, workers: int) -> dict[str, in
     """params, grads, optimizer, buffers (gathered layers) and host bytes per worker."""
     t, f, n = shape.trainable, shape.total - shape.trainable, workers
     half = train.resolved_precision != "fp32"
-    sharded = train.strategy == "fsdp" or train.zero_stage == 3
+    sharded = train.shards_parameters
     if train.strategy == "deepspeed":
         weight = 2 if half else 4  # DeepSpeed casts the module to bf16/fp16
         grad = 4 + (2 if half and train.zero_stage < 3 else 0)
@@ -218,14 +218,10 @@ class StagePlan:
         )
 
 
-def capacity(train: TrainConfig, host_memory: int | None = None) -> int:
-    """Bytes one worker may use: its GPU, or for CPU workers its share of this machine's memory."""
+def capacity(train: TrainConfig, host_memory: int) -> int:
+    """Bytes one worker may use: its GPU, or for CPU workers its share of the host's memory."""
     if train.use_gpu:
         return int(train.gpu_memory_gb * GB)
-    if host_memory is None:
-        import psutil
-
-        host_memory = psutil.virtual_memory().total
     return host_memory // train.num_workers
 
 
@@ -268,7 +264,7 @@ class ServePlan:
         )
 
 
-def plan_serving(shape: Shape, cfg: PipelineConfig, host_memory: int | None = None) -> ServePlan:
+def plan_serving(shape: Shape, cfg: PipelineConfig, host_memory: int) -> ServePlan:
     """Weights at the served precision, and KV cache for as many full-context sequences as the rest holds
     (vLLM allocates its cache from what the weights leave and runs fewer sequences when it is short)."""
     serve, quant = cfg.serve, cfg.quantize
@@ -282,12 +278,7 @@ def plan_serving(shape: Shape, cfg: PipelineConfig, host_memory: int | None = No
     # vLLM runs up to max_queue sequences at once (serving/engines.py); transformers batches max_batch_size
     most = serve.max_queue if gpu else serve.max_batch_size
     per_sequence = 2 * shape.layers * shape.kv_dim * 2 * context  # K and V, 16-bit, every layer
-    if gpu:
-        room = int(serve.num_gpus * cfg.train.gpu_memory_gb * GB * VLLM_MEMORY_SHARE)
-    else:
-        import psutil
-
-        room = host_memory if host_memory is not None else psutil.virtual_memory().total
+    room = int(serve.num_gpus * cfg.train.gpu_memory_gb * GB * VLLM_MEMORY_SHARE) if gpu else host_memory
     concurrent = int(min(most, max(0, room - weights) // per_sequence))
     return ServePlan(precision, int(weights), per_sequence, context, most, concurrent, room, concurrent >= 1)
 
@@ -345,6 +336,11 @@ def strategy_name(train: TrainConfig) -> str:
 
 
 def make_plan(cfg: PipelineConfig, architecture, host_memory: int | None = None) -> Plan:
+    """`host_memory`: what CPU workers and replicas share; default this machine's."""
+    if host_memory is None:
+        import psutil
+
+        host_memory = psutil.virtual_memory().total
     train = cfg.train
     lora = None if train.full_finetune else train.lora.peft_config()
     shape = count_shape(architecture, lora, cfg.model.trust_remote_code)

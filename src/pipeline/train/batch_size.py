@@ -62,9 +62,8 @@ def choose_batch_size(
         return train.batch_size
     hidden = model.config.hidden_size
     if device.type == "cuda":
-        sharded = train.strategy == "fsdp" or train.zero_stage == 3
         # a sharded model may not fit whole on one GPU, so it cannot be probed before sharding: the plan decides
-        if sharded:
+        if train.shards_parameters:
             chosen = planned or 1
         else:
             guess = memory_rule(torch.cuda.get_device_properties(device).total_memory, seq_len, hidden)

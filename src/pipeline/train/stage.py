@@ -97,7 +97,7 @@ def previous_task(cfg: PipelineConfig, i: int, base: Path) -> dict:
 def planned_micro_batches(cfg: PipelineConfig, base: Path) -> list[int | None]:
     """batch_size=auto on sharded GPUs cannot be probed before sharding: each stage takes the memory plan's."""
     train = cfg.train
-    if not (train.batch_size == "auto" and train.use_gpu and (train.strategy == "fsdp" or train.zero_stage == 3)):
+    if not (train.batch_size == "auto" and train.use_gpu and train.shards_parameters):
         return [None] * len(train.stages)
     plan = make_plan(cfg, load_model_config(base, cfg.model.trust_remote_code))
     return [s.planned_micro_batch for s in plan.stages]
