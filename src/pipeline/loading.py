@@ -37,6 +37,12 @@ def load_model(auto_class, path: str | Path, trust_remote_code: bool = False, **
     return _from_pretrained(auto_class.from_pretrained, path, trust_remote_code, use_safetensors=True, **kwargs)
 
 
+def empty_model(auto_class, config, trust_remote_code: bool = False, **kwargs):
+    """The architecture `config` describes, without weights: built under `torch.device("meta")`, it
+    allocates nothing (the weights come from elsewhere, e.g. another worker)."""
+    return auto_class.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False, **kwargs):
     from transformers import AutoTokenizer
 

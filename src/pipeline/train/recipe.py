@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import resource
 import tempfile
 import time
 from contextlib import nullcontext
@@ -29,13 +28,14 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import TrainConfig
-from pipeline.loading import load_model, load_model_config
+from pipeline.loading import empty_model, load_model, load_model_config
 from pipeline.train import fused_loss
 from pipeline.train.batch_size import choose_batch_size
 from pipeline.train.ewc import EWC
+from pipeline.train.memory import LoadMeter, peak_memory
 from pipeline.train.objectives import causal_lm, make_objective
 from pipeline.train.recipe_config import RecipeConfig
-from pipeline.train.strategy import autocast_dtype, build_engine
+from pipeline.train.strategy import autocast_dtype, build_engine, partitioned_loading, place
 
 log = logging.getLogger("pipeline.train")
 
@@ -63,19 +63,19 @@ def build_model(config: RecipeConfig) -> torch.nn.Module:
         architecture.output_router_logits = True  # adds the router's load-balancing loss to `loss`
         if train.router_aux_loss_coef is not None:
             architecture.router_aux_loss_coef = train.router_aux_loss_coef
-    model = load_model(
-        AutoModelForCausalLM,
-        config.base_model,
-        trust,
-        config=architecture,
-        dtype=load_dtype(train),
-        attn_implementation=attention_kernel(train),
-    )
-    if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = config.lora
-    if lora is not None:
-        model = get_peft_model(model, lora.peft_config())
+    kwargs = {"dtype": load_dtype(train), "attn_implementation": attention_kernel(train)}
+    # FSDP2: rank 0 alone reads the weights and sends each worker its shards (strategy.place)
+    empty = train.strategy == "fsdp" and dist.is_initialized() and dist.get_rank() > 0
+    with partitioned_loading(train), torch.device("meta") if empty else nullcontext():
+        if empty:
+            model = empty_model(AutoModelForCausalLM, architecture, trust, **kwargs)
+        else:
+            model = load_model(AutoModelForCausalLM, config.base_model, trust, config=architecture, **kwargs)
+        if train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lora = config.lora
+        if lora is not None:
+            model = get_peft_model(model, lora.peft_config())
     if train.compile:  # layer by layer, as torchtitan does: small graphs, and the shards stay outside them
         for layer in decoder_layers(model):
             layer.compile()
@@ -180,13 +180,6 @@ def evaluate(engine, objective, held_out: list[dict]) -> float | None:
     return round((total[0] / total[1]).item(), 5) if total[1] else None
 
 
-def peak_memory() -> dict:
-    """This worker's peak so far: GPU memory allocated on CUDA, else its resident set size."""
-    if torch.cuda.is_available():
-        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
-    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
-
-
 class Meter:
     """Averages the loss and the objective's scalars over logging windows, across workers; writes TensorBoard."""
 
@@ -252,10 +245,12 @@ def train_loop(config: RecipeConfig) -> None:
     rank = ctx.get_world_rank()
     device = torch.device("cuda", ctx.get_local_rank()) if train.use_gpu else torch.device("cpu")
 
-    model = build_model(config).to(device)
+    with LoadMeter(device) as load:
+        model = place(build_model(config), train, device)
+    loaded = load.report(model, collective_device())
     switches = speed_switches(model, config, device)
     if rank == 0:
-        log.info("training with %s", ", ".join(f"{k}={v}" for k, v in switches.items()))
+        log.info("%s; training with %s", loaded.describe(), ", ".join(f"{k}={v}" for k, v in switches.items()))
     micro = choose_batch_size(model, train, config.model.seq_len, device, config.planned_micro_batch)
     objective = make_objective(config, device)
     ewc = config.ewc and EWC(
@@ -287,7 +282,7 @@ def train_loop(config: RecipeConfig) -> None:
             state.micro_batches += train.grad_accum
             if train.inject_fault_at_step == state.step and rank == 0 and not state.resumed_at:
                 raise RuntimeError(f"fault drill: worker 0 fails at step {state.step} (train.inject_fault_at_step)")
-            extra = {"batch_size": micro, **switches} if state.step == 1 else {}
+            extra = {"batch_size": micro, **switches, **loaded.metrics()} if state.step == 1 else {}
             if state.step % train.eval_every == 0 and (eval_loss := evaluate(engine, objective, held_out)) is not None:
                 state.record_eval(eval_loss, train)
                 extra.update(eval_loss=eval_loss, **({"stopped_early": True} if state.stopped_early else {}))

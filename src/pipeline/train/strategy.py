@@ -10,6 +10,7 @@ adapter or the whole model in Hugging Face format, written by rank 0).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,6 +48,26 @@ def deepspeed_config(train: TrainConfig, micro_batch: int) -> dict:
         generated = _deep_merge(generated, json.loads(Path(train.deepspeed_config).read_text()))
     generated.pop("train_batch_size", None)  # DeepSpeed derives it from micro-batch x accumulation x world
     return generated
+
+
+@contextmanager
+def partitioned_loading(train: TrainConfig):
+    """Under ZeRO-3, models built in this block are partitioned as they are created: transformers builds
+    them inside `deepspeed.zero.Init` and loads the checkpoint module by module into the partitions, so no
+    worker ever holds the whole model. ZeRO-1/2 and DDP keep a whole replica per worker by design.
+    transformers reads the setting from a process-wide reference, so it holds only inside the block."""
+    if train.strategy != "deepspeed" or train.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    # zero.Init reads the ZeRO section and the dtype; the micro-batch is not known yet and does not matter.
+    # transformers keeps only a weak reference: `settings` holds it for the block
+    settings = HfDeepSpeedConfig(deepspeed_config(train, micro_batch=1))
+    try:
+        yield settings
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -131,9 +152,8 @@ class TorchEngine:
 
         self.accum, self.clip, self.micro_steps, self.grad_norm = train.grad_accum, train.grad_clip, 0, 0.0
         dtype = autocast_dtype(train)
-        self.module = model.to(device)
+        self.module = model  # `place` put it on the device (FSDP2: sharded it)
         if train.strategy == "fsdp":
-            shard(model, dtype)
             self.model, self.autocast = model, None  # FSDP2 casts parameters itself
         else:
             self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -235,6 +255,29 @@ def shard(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
         if type(module).__name__.endswith("DecoderLayer"):
             fully_shard(module, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+
+
+def place(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """Puts a built model where training keeps it. FSDP2 shards it over the workers; only rank 0 loaded
+    weights (the others built the model on the meta device, see recipe.build_model) and it sends each
+    worker its shards, so the job holds one whole copy for a moment, not one per worker."""
+    if train.strategy != "fsdp":
+        return model.to(device)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    loaded = dist.get_rank() == 0
+    whole = model.state_dict() if loaded else {}
+    persistent = set(whole) if loaded else set(model.state_dict())
+    shard(model, autocast_dtype(train))
+    if not loaded:
+        model.to_empty(device=device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del whole
+    # buffers kept out of state dicts (RoPE's frequencies) are computed at construction: not on the meta device
+    for name, buffer in model.named_buffers():
+        if name not in persistent:
+            dist.broadcast(buffer, src=0)
+    return model
 
 
 def build_engine(model: torch.nn.Module, train: TrainConfig, micro_batch: int, device: torch.device):

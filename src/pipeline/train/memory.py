@@ -1,0 +1,117 @@
+"""What a worker's memory does: its peak so far (in every logged step) and what loading the model cost it.
+
+Loading is where a sharded run can fail before its first step (every worker holding the whole model for
+a moment), so it is measured on its own: the most the worker's memory grew while the model was built
+and the parameter bytes it holds afterwards, against the whole model's."""
+
+from __future__ import annotations
+
+import resource
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+GIB = 2**30
+
+
+def peak_memory() -> dict:
+    """This worker's peak so far: GPU memory allocated on CUDA, else its resident set size."""
+    if torch.cuda.is_available():
+        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / GIB, 3)}
+    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+
+
+def resident_bytes() -> int:
+    """This process's resident set (VmRSS), memory-mapped checkpoint pages included."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def held_parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of parameters this worker holds, bytes of the whole model's parameters). A ZeRO-3 partitioned
+    parameter holds its `ds_tensor` share and knows its full size as `ds_numel`."""
+    held = whole = 0
+    for p in model.parameters():
+        size = p.element_size()
+        if hasattr(p, "ds_tensor"):
+            held += p.ds_tensor.numel() * size
+            whole += p.ds_numel * size
+        else:
+            local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 DTensor holds its shard
+            held += local.numel() * size
+            whole += p.numel() * size
+    return held, whole
+
+
+@dataclass
+class LoadReport:
+    """Per worker (rank order): the most its memory grew while the model was built, loaded and placed, and
+    the parameter bytes it holds afterwards; and the whole model's parameter bytes."""
+
+    growth_bytes: list[int]
+    held_bytes: list[int]
+    model_bytes: int
+
+    @classmethod
+    def gather(cls, growth: int, held: int, whole: int, device: torch.device) -> LoadReport:
+        """Every worker's figures on every worker (a collective: all of them call it)."""
+        mine = torch.tensor([growth, held], dtype=torch.int64, device=device)
+        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, mine)
+        return cls([int(t[0]) for t in everyone], [int(t[1]) for t in everyone], whole)
+
+    def metrics(self) -> dict:
+        return {
+            "load_memory_growth_gib": [round(b / GIB, 6) for b in self.growth_bytes],
+            "params_held_gib": [round(b / GIB, 6) for b in self.held_bytes],
+            "params_whole_gib": round(self.model_bytes / GIB, 6),
+        }
+
+    def describe(self) -> str:
+        def each(values: list[int]) -> str:
+            return "/".join(f"{b / GIB:.3f}" for b in values)
+
+        return (
+            f"model loaded: the workers hold {each(self.held_bytes)} GiB of the model's {self.model_bytes / GIB:.3f} "
+            f"GiB of parameters; their memory grew by at most {each(self.growth_bytes)} GiB while loading"
+        )
+
+
+class LoadMeter:
+    """The peak growth of memory over a `with` block: exact from CUDA's allocator on a GPU. On a CPU, the
+    resident set sampled every few milliseconds by a thread: an upper bound, since the C allocator keeps
+    freed memory and the pages of a memory-mapped checkpoint count in every process that reads them."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.002):
+        self.device, self.interval_s, self.growth = device, interval_s, 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> LoadMeter:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start, self.peak = resident_bytes(), 0
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, resident_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.growth = torch.cuda.max_memory_allocated(self.device) - self.start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.growth = max(self.peak, resident_bytes()) - self.start
+
+    def report(self, model: torch.nn.Module, device: torch.device) -> LoadReport:
+        return LoadReport.gather(max(self.growth, 0), *held_parameter_bytes(model), device)
