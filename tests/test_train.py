@@ -285,3 +285,34 @@ def test_sharded_strategies_load_without_a_whole_model_on_every_worker(tiny_run,
         assert first[name]["params_held_gib"] == pytest.approx([with_lora / 2] * 2, rel=0.02), first[name]
     assert first["fsdp"]["loss"] == pytest.approx(first["zero2"]["loss"], rel=1e-4)
     assert first["zero3"]["loss"] == pytest.approx(first["zero2"]["loss"], rel=1e-4)
+
+
+def test_a_sharded_full_finetune_saves_layer_by_layer_in_the_checkpoints_own_format(tiny_run, tmp_path):
+    """ZeRO-3 and FSDP2 write a fully fine-tuned model a layer at a time (train/sharded_save.py). At a
+    learning rate too small to move a weight, what they write is the base itself: the same tensor names
+    (one per MoE expert, as the base's checkpoint has them), the same values, the same logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.train.stage import run_train
+
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    for name, strategy in {"zero3": "train.zero_stage=3", "fsdp": "train.strategy=fsdp"}.items():
+        cfg = derived_config(
+            tiny_run,
+            tmp_path / name,
+            strategy,
+            "train.full_finetune=true",
+            "train.lr=1e-30",
+            "train.max_steps=1",
+            "train.checkpoint_every=1",
+        )
+        base = Path(run_train(cfg)["base_model"])
+        saved = cfg.stage_dir("train") / "final" / "model"
+        written, original = load_file(saved / "model.safetensors"), load_file(base / "model.safetensors")
+        assert written.keys() == original.keys() and any(".experts.0." in k for k in written), name
+        for key, tensor in original.items():
+            assert torch.equal(written[key], tensor), (name, key)
+        with torch.no_grad():
+            logits = [AutoModelForCausalLM.from_pretrained(d)(ids).logits for d in (saved, base)]
+        assert torch.equal(*logits), name

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from pipeline.loading import check_adapter_base, load_adapter, load_model, load_model_config, load_tokenizer
+from pipeline.shards import MAX_SHARD_BYTES, pack, write_shards
 
 log = logging.getLogger("pipeline.merge")
 
-MAX_SHARD_BYTES = 2 * 10**9
 PEFT_PREFIX = "base_model.model."
 # adapter_config.json keys that make an adapter more than W + scale * B @ A on whole modules
 NOT_PLAIN = ("use_dora", "rank_pattern", "alpha_pattern", "target_parameters", "lora_bias", "layer_replication")
@@ -138,16 +138,7 @@ def stream_merge(
             return tensor.to(target).contiguous()
 
         groups = pack(list(shards), size, max_shard_bytes)
-        weight_map, written = {}, 0
-        for i, group in enumerate(groups, 1):
-            name = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-            tensors = {key: merged(key) for key in group}
-            save_file(tensors, out / name, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(group, name))
-            written += sum(t.numel() * t.element_size() for t in tensors.values())
-    if len(groups) > 1:
-        index = {"metadata": {"total_size": written}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_shards(out, [lambda group=group: {key: merged(key) for key in group} for group in groups])
     architecture = load_model_config(base_dir, trust_remote_code)
     if dtype is not None:
         architecture.dtype = dtype
@@ -155,15 +146,3 @@ def stream_merge(
     for code in base_dir.glob("*.py"):  # a model that ships its own code (auto_map) needs it beside the weights
         shutil.copy2(code, out / code.name)
     return True
-
-
-def pack(names: list[str], size, limit: int) -> list[list[str]]:
-    """Consecutive names in groups of at most `limit` bytes (a tensor larger than that is a group alone)."""
-    groups, current, filled = [], [], 0
-    for name in names:
-        if current and filled + size(name) > limit:
-            groups.append(current)
-            current, filled = [], 0
-        current.append(name)
-        filled += size(name)
-    return [*groups, current] if current else groups

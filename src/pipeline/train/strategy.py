@@ -18,6 +18,7 @@ import torch.distributed as dist
 from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.config import TrainConfig
+from pipeline.train.sharded_save import save_sharded_model
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,6 +81,10 @@ def _deep_merge(base: dict, over: dict) -> dict:
     }
 
 
+def is_adapter(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
 def mark_moe_leaves(model: torch.nn.Module) -> None:
     """ZeRO-3 gathers parameters module by module as hooks fire; an MoE block only runs the experts
     its tokens picked, so ranks disagree on which hooks fire and hang. Leaf modules are gathered whole."""
@@ -131,8 +136,11 @@ class DeepSpeedEngine:
         self.engine.load_checkpoint(directory, tag="ds", load_module_strict=False)
 
     def save_model(self, directory: Path) -> None:
-        """Under ZeRO-3 each rank holds a shard of every parameter: gather the trainable ones (all of
-        them for a full fine-tune, only the adapter for LoRA) so that rank 0 saves whole tensors."""
+        """Under ZeRO-3 each rank holds a shard of every parameter: a whole model is gathered and written a
+        layer at a time; an adapter, small, is gathered whole so that rank 0 saves whole tensors."""
+        if self.engine.zero_optimization_stage() == 3 and not is_adapter(self.module):
+            save_sharded_model(self.module, directory)
+            return
         trainable = [p for p in self.module.parameters() if p.requires_grad]
         if self.engine.zero_optimization_stage() == 3:
             import deepspeed
@@ -153,7 +161,8 @@ class TorchEngine:
         self.accum, self.clip, self.micro_steps, self.grad_norm = train.grad_accum, train.grad_clip, 0, 0.0
         dtype = autocast_dtype(train)
         self.module = model  # `place` put it on the device (FSDP2: sharded it)
-        if train.strategy == "fsdp":
+        self.sharded = train.strategy == "fsdp"
+        if self.sharded:
             self.model, self.autocast = model, None  # FSDP2 casts parameters itself
         else:
             self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -238,6 +247,9 @@ class TorchEngine:
     def save_model(self, directory: Path) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        if self.sharded and not is_adapter(self.module):
+            save_sharded_model(self.module, directory)  # a whole model, gathered a layer at a time
+            return
         # collective under FSDP: every rank takes part, rank 0 receives whole tensors (trainable ones only)
         whole = get_model_state_dict(
             self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
