@@ -212,9 +212,10 @@ def test_fingerprints_see_a_rewritten_file_and_not_a_renamed_one(tmp_path):
     assert path_digest(tmp_path / "b.jsonl") != first
 
 
-def test_deepspeed_runs_load_the_model_in_their_16_bit_dtype():
+def test_a_frozen_base_and_deepspeed_models_load_in_16_bits():
     """DeepSpeed casts the model to bf16/fp16 itself: loading in that dtype skips a whole fp32 copy per
-    worker. DDP and FSDP2 keep fp32 master weights; fp32 runs stay fp32."""
+    worker. A LoRA run's frozen base is 16-bit on every strategy; DDP and FSDP2 keep a fully trained
+    model in fp32 (their master weights); fp32 runs stay fp32."""
     from pipeline.train.recipe import load_dtype
 
     def dtype(*overrides):
@@ -223,6 +224,8 @@ def test_deepspeed_runs_load_the_model_in_their_16_bit_dtype():
     assert dtype() == torch.bfloat16  # precision auto on GPUs: bf16
     assert dtype("train.precision=fp16") == torch.float16
     assert dtype("train.precision=fp32") == torch.float32
-    assert dtype("train.strategy=fsdp", "train.zero_stage=null") == torch.float32
-    assert dtype("train.strategy=ddp", "train.zero_stage=null") == torch.float32
+    assert dtype("train.full_finetune=true") == torch.bfloat16
+    for strategy in ("fsdp", "ddp"):
+        assert dtype(f"train.strategy={strategy}", "train.zero_stage=null") == torch.bfloat16  # LoRA
+        assert dtype(f"train.strategy={strategy}", "train.zero_stage=null", "train.full_finetune=true") == torch.float32
     assert load_dtype(load_config(TINY).train) == torch.float32  # CPU workers: fp32

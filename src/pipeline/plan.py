@@ -9,8 +9,9 @@ checked in tests/test_plan.py) generalized to a frozen base beside LoRA's traina
   per frozen parameter: its weight alone, in the engine's weight dtype.
 
 What is sharded over the N workers: ZeRO-1 the optimizer state, ZeRO-2 also the gradients, ZeRO-3 and
-FSDP everything; DDP and ZeRO-0 nothing. DDP and FSDP2 keep fp32 weights and cast for compute (FSDP2
-gathers one layer at a time in the compute dtype); DeepSpeed casts the model to 16 bits.
+FSDP everything; DDP and ZeRO-0 nothing. DDP and FSDP2 keep trainable weights in fp32 and a frozen
+base in 16 bits, and cast for compute (FSDP2 gathers one layer at a time in the compute dtype);
+DeepSpeed casts the model to 16 bits.
 
 Activations are counted per decoder layer from the tensors autograd keeps (the layer's inputs, q/k/v,
 the attention output, the MLP's gate/up/down inputs; attention scores only for eager attention), the
@@ -138,8 +139,9 @@ def model_states(shape: Shape, train: TrainConfig, workers: int) -> dict[str, in
         optimizer = optim * t / (n if stage >= 1 else 1)
         buffers = 4 * shape.largest_layer if stage == 3 else 0
     else:
-        # fp32 weights are the master copy; FSDP2 gathers two layers (this one, the prefetched next) in 16 bits
-        params = 4 * (t + f) / (n if sharded else 1)
+        # trainable weights are fp32 (the master copy), a LoRA run's frozen base 16-bit (recipe.load_dtype);
+        # FSDP2 gathers two layers (this one, the prefetched next) in 16 bits
+        params = (4 * t + (2 if half else 4) * f) / (n if sharded else 1)
         grads = 4 * t / (n if sharded else 1)
         optimizer = 8 * t / (n if sharded else 1)
         buffers = 2 * (2 if half else 4) * shape.largest_block if sharded else 4 * t  # DDP: gradient buckets

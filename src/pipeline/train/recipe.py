@@ -48,11 +48,24 @@ def attention_kernel(train: TrainConfig) -> str:
 
 
 def load_dtype(train: TrainConfig) -> torch.dtype:
-    """DeepSpeed casts the whole model to bf16/fp16 when it wraps it, so loading in that dtype gives the
-    same weights without a transient fp32 copy (half the host memory per worker). DDP and FSDP2 keep
-    fp32 weights as the master copy and cast for compute."""
+    """With mixed precision, a frozen base (LoRA) lives in the 16-bit dtype on every strategy, half the
+    memory of fp32, and DeepSpeed keeps even a fully trained model in it (its optimizer holds the fp32
+    master copy). DDP and FSDP2 keep a fully trained model in fp32 as their master copy and cast for
+    compute. What trains is fp32 on DDP and FSDP2 either way (`train_in_fp32`)."""
     half = autocast_dtype(train)
-    return half if half is not None and train.strategy == "deepspeed" else torch.float32
+    if half is None or (train.full_finetune and train.strategy != "deepspeed"):
+        return torch.float32
+    return half
+
+
+def train_in_fp32(model: torch.nn.Module, train: TrainConfig) -> None:
+    """DDP and FSDP2 step the optimizer on the parameters themselves: the trainable ones (LoRA adapters,
+    modules_to_save copies of a 16-bit base) are made fp32. DeepSpeed keeps its own fp32 master copy."""
+    if train.strategy == "deepspeed":
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def build_model(config: RecipeConfig) -> torch.nn.Module:
@@ -76,6 +89,7 @@ def build_model(config: RecipeConfig) -> torch.nn.Module:
         lora = config.lora
         if lora is not None:
             model = get_peft_model(model, lora.peft_config())
+    train_in_fp32(model, train)
     if train.compile:  # layer by layer, as torchtitan does: small graphs, and the shards stay outside them
         for layer in decoder_layers(model):
             layer.compile()
