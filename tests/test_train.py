@@ -255,7 +255,7 @@ def test_sharded_strategies_load_without_a_whole_model_on_every_worker(tiny_run,
     module: right after loading, before DeepSpeed wraps it, each of the 2 workers holds half the parameters.
     FSDP2: rank 0 alone reads the weights, worker 1 builds on the meta device and receives its shards.
     ZeRO-2 keeps a whole replica per worker by design. All three start from the same loss, to the last
-    digit: every weight arrived. With bf16, FSDP2 holds the frozen base in 16 bits. (How much memory
+    digit: every weight arrived. With bf16, FSDP2 and DDP hold the frozen base in 16 bits. (How much memory
     loading took is in the metrics too; on a CPU it is an upper bound, see train/memory.py, so it is not
     asserted here.)"""
     from pipeline.train.stage import run_train
@@ -267,6 +267,7 @@ def test_sharded_strategies_load_without_a_whole_model_on_every_worker(tiny_run,
         "fsdp": ["train.strategy=fsdp"],
         "zero2": ["train.zero_stage=2"],
         "fsdp_bf16": ["train.strategy=fsdp", "train.precision=bf16"],
+        "ddp_bf16": ["train.strategy=ddp", "train.zero_stage=null", "train.precision=bf16"],
     }.items():
         cfg = derived_config(
             tiny_run,
@@ -287,7 +288,9 @@ def test_sharded_strategies_load_without_a_whole_model_on_every_worker(tiny_run,
         assert first[name]["params_held_gib"] == pytest.approx([with_lora / 2] * 2, rel=0.02), first[name]
     # mixed precision: the frozen base in bf16, half the bytes; the LoRA adapters (trainable) stay fp32
     assert first["fsdp_bf16"]["params_held_gib"] == pytest.approx([with_lora / 4] * 2, rel=0.1), first["fsdp_bf16"]
-    assert first["fsdp_bf16"]["loss"] == pytest.approx(first["zero2"]["loss"], rel=0.02)
+    assert first["ddp_bf16"]["params_held_gib"] == pytest.approx([with_lora / 2] * 2, rel=0.1), first["ddp_bf16"]
+    for name in ("fsdp_bf16", "ddp_bf16"):
+        assert first[name]["loss"] == pytest.approx(first["zero2"]["loss"], rel=0.02), name
     assert first["fsdp"]["loss"] == pytest.approx(first["zero2"]["loss"], rel=1e-4)
     assert first["zero3"]["loss"] == pytest.approx(first["zero2"]["loss"], rel=1e-4)
 
