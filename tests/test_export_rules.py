@@ -22,3 +22,29 @@ def test_asymmetric_awq_of_moe_experts_is_refused_before_calibrating(tiny_model_
     check_supported(tiny_model_dir, symmetric=True, trust_remote_code=False)
     with pytest.raises(ConfigError, match="quantize.symmetric=true"):
         check_supported(tiny_model_dir, symmetric=False, trust_remote_code=False)
+
+
+def test_pipeline_run_counts_the_gates_documents_right_after_curate(tmp_path):
+    """A corpus with too few held-out documents for quantize.eval_samples stops `pipeline run` before
+    training (check_gate_before_training), with the numbers; exactly enough passes; --force only warns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import TINY
+    from pipeline.config import load_config
+    from pipeline.errors import QualityGateError
+    from pipeline.export.stage import check_gate_before_training
+    from pipeline.heldout import is_held_out
+
+    ids = [f"doc-{i}" for i in range(200)]
+    held = sum(map(is_held_out, ids))
+    assert 0 < held < 200
+    cfg = load_config(TINY, [f"runs_dir={tmp_path}", f"quantize.eval_samples={held + 1}"])
+    kept = cfg.stage_dir("curate") / "kept"
+    kept.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ids, "text": [f"text {i}" for i in ids]}), kept / "part-0.parquet")
+    too_few = f"eval_samples={held + 1}, but the curated corpus .* has only {held} held-out"
+    with pytest.raises(QualityGateError, match=too_few):
+        check_gate_before_training(cfg)
+    check_gate_before_training(cfg, force=True)
+    check_gate_before_training(load_config(TINY, [f"runs_dir={tmp_path}", f"quantize.eval_samples={held}"]))

@@ -151,12 +151,13 @@ def cmd_curate(cfg: PipelineConfig, args) -> dict:
 def cmd_run(cfg: PipelineConfig, args) -> None:
     from ray import serve
 
-    from pipeline.export.stage import run_quantize
+    from pipeline.export.stage import check_gate_before_training, run_quantize
     from pipeline.serving.deploy import deploy, generate
     from pipeline.train.stage import run_train
 
     t0 = time.time()
     stats = cmd_curate(cfg, args)
+    check_gate_before_training(cfg, force=args.force)
     train = run_train(cfg, fresh=args.fresh)
     quant = run_quantize(cfg, force=args.force)
     if cfg.distill.enabled:

@@ -92,20 +92,34 @@ def _quantize(cfg: PipelineConfig, calib: list[str], held_out: list[str], source
     return report
 
 
+def check_gate_documents(asked: int, found: int, source: str, force: bool) -> None:
+    if found >= asked:
+        return
+    message = (
+        f"quantize.eval_samples={asked}, but {source} has only {found} held-out documents (1 in "
+        "20 by id): lower quantize.eval_samples, or give it more data"
+    )
+    if not force:
+        raise QualityGateError(f"the quality gate would score too few documents: {message}")
+    log.warning("--force: gate on fewer documents than asked: %s", message)
+
+
+def check_gate_before_training(cfg: PipelineConfig, force: bool = False) -> None:
+    """`pipeline run`: when the gate scores curated documents, count them right after curate, so that a
+    corpus too small for the gate stops the run before hours of training, not after."""
+    kept = cfg.stage_dir("curate") / "kept"
+    if cfg.quantize.calibration == "train_data" or not kept.is_dir():
+        return
+    held_out = split_texts(kept, cfg.quantize.eval_samples, held_out=True)
+    check_gate_documents(cfg.quantize.eval_samples, len(held_out), f"the curated corpus ({kept})", force)
+
+
 def run_quantize(cfg: PipelineConfig, force: bool = False) -> dict:
     trained = trained_model(cfg)
     if cfg.quantize.enabled:
         check_supported(trained.base_model, cfg.quantize.symmetric, cfg.model.trust_remote_code)
     calib, held_out, source = quantize_texts(cfg)
-    asked = cfg.quantize.eval_samples
-    if len(held_out) < asked:
-        message = (
-            f"quantize.eval_samples={asked}, but {source} has only {len(held_out)} held-out documents (1 in "
-            "20 by id): lower quantize.eval_samples, or give it more data"
-        )
-        if not force:
-            raise QualityGateError(f"the quality gate would score too few documents: {message}")
-        log.warning("--force: gate on fewer documents than asked: %s", message)
+    check_gate_documents(cfg.quantize.eval_samples, len(held_out), source, force)
     log.info("quantize: calibrating on %d and scoring %d held-out documents from %s", len(calib), len(held_out), source)
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(_quantize)
     report = ray.get(task.remote(cfg, calib, held_out, source, force))
