@@ -17,11 +17,16 @@ import torch.distributed as dist
 GIB = 2**30
 
 
-def peak_memory() -> dict:
-    """This worker's peak so far: GPU memory allocated on CUDA, else its resident set size."""
+def peak_memory(device: torch.device) -> dict:
+    """The fullest worker's peak so far (a collective: every worker calls it), the one that runs out
+    first: GPU memory allocated on CUDA, else the resident set size."""
     if torch.cuda.is_available():
-        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / GIB, 3)}
-    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+        name, peak = "peak_memory_gib", torch.cuda.max_memory_allocated()
+    else:
+        name, peak = "peak_rss_gib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fullest = torch.tensor(peak, dtype=torch.int64, device=device)
+    dist.all_reduce(fullest, op=dist.ReduceOp.MAX)
+    return {name: round(int(fullest) / GIB, 3)}
 
 
 def resident_bytes() -> int:

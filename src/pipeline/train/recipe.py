@@ -218,7 +218,7 @@ class Meter:
             "lr": engine.lr,
             "grad_norm": round(engine.grad_norm, 5),
             "tokens_per_s": round(self.tokens * micro_batches / elapsed, 1),
-            **peak_memory(),
+            **peak_memory(collective_device()),
             **extra,
         }
         if self.writer:
