@@ -37,20 +37,25 @@ def resident_bytes() -> int:
     return 0
 
 
+def whole_bytes(param: torch.nn.Parameter) -> int:
+    """A parameter's full size, also where a worker holds only a share: ZeRO-3 keeps it as `ds_numel`, an
+    FSDP2 DTensor has the global shape."""
+    return (param.ds_numel if hasattr(param, "ds_numel") else param.numel()) * param.element_size()
+
+
 def held_parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes of parameters this worker holds, bytes of the whole model's parameters). A ZeRO-3 partitioned
-    parameter holds its `ds_tensor` share and knows its full size as `ds_numel`."""
+    """(bytes of parameters this worker holds, bytes of the whole model's parameters)."""
     held = whole = 0
     for p in model.parameters():
-        size = p.element_size()
-        if hasattr(p, "ds_tensor"):
-            held += p.ds_tensor.numel() * size
-            whole += p.ds_numel * size
-        else:
-            local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 DTensor holds its shard
-            held += local.numel() * size
-            whole += p.numel() * size
+        held += held_numel(p) * p.element_size()
+        whole += whole_bytes(p)
     return held, whole
+
+
+def held_numel(param: torch.nn.Parameter) -> int:
+    if hasattr(param, "ds_tensor"):  # a ZeRO-3 partition
+        return param.ds_tensor.numel()
+    return param.to_local().numel() if hasattr(param, "to_local") else param.numel()  # FSDP2: its shard
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.shards import MAX_SHARD_BYTES, pack, write_shards
+from pipeline.train.memory import whole_bytes
 
 log = logging.getLogger("pipeline.train")
 Unit = list[tuple[str, torch.nn.Parameter]]
@@ -27,10 +28,6 @@ def units(model: torch.nn.Module) -> list[Unit]:
     in_layers = {id(p) for p in layers.parameters()}
     rest = [(n, p) for n, p in model.named_parameters() if id(p) not in in_layers]
     return [unit for unit in [*per_layer, rest] if unit]
-
-
-def whole_bytes(param: torch.nn.Parameter) -> int:
-    return (param.ds_numel if hasattr(param, "ds_numel") else param.numel()) * param.element_size()
 
 
 def gather(unit: Unit, keep: bool) -> dict[str, torch.Tensor]:
