@@ -114,3 +114,41 @@ def test_cluster_docs_quote_the_planners_numbers():
     docs = (REPO / "docs/cluster.md").read_text()
     for config in ("configs/7b-lora.yaml", "configs/66b-zero3.yaml"):
         assert report(plan_of(config)) in docs, f"regenerate docs/cluster.md: pipeline plan --config {config}"
+
+
+def test_the_plan_counts_the_master_copy_and_the_reduce_bucket_deepspeed_allocates(monkeypatch):
+    """What DeepSpeed's estimators leave out, read from a real engine: ZeRO-2 and ZeRO-3 clone the weights into
+    an fp32 master partition even when they train in fp32, and reduce gradients through a bucket of
+    `reduce_bucket_size` elements (a GPU allocates it whole)."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.plan import REDUCE_BUCKET, reduce_bucket
+    from pipeline.train.strategy import deepspeed_config
+
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29577", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        for stage in (2, 3):
+            train = load_config(
+                REPO / "configs/tiny.yaml", [f"train.zero_stage={stage}", "train.full_finetune=true"]
+            ).train
+            model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 4))
+            _, optimizer, _, _ = deepspeed.initialize(model=model, config=deepspeed_config(train, micro_batch=1))
+            if stage == 2:
+                master, weights = optimizer.single_partition_of_fp32_groups[0], optimizer.bit16_groups_flat[0]
+            else:
+                master, weights = optimizer.fp32_partitioned_groups_flat[0], optimizer.fp16_partitioned_groups_flat[0]
+            assert master.data_ptr() != weights.data_ptr() and torch.equal(master, weights), stage
+            assert optimizer.reduce_bucket_size == REDUCE_BUCKET
+            shape = count_shape(PRESETS["tiny-dense"](512))
+            optim_bytes = model_states(shape, train, workers=1)["optimizer"]
+            assert optim_bytes == 12 * shape.total
+            assert reduce_bucket(shape, train) == 4 * min(shape.total, REDUCE_BUCKET)  # CPU: what gradients fill
+            on_gpu = train.model_copy(update={"use_gpu": True, "precision": "bf16"})
+            assert reduce_bucket(shape, on_gpu) == 2 * REDUCE_BUCKET
+    finally:
+        dist.destroy_process_group()

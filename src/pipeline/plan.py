@@ -5,7 +5,8 @@ second. Model states follow DeepSpeed's own accounting (`estimate_zero2/3_model_
 checked in tests/test_plan.py) generalized to a frozen base beside LoRA's trainable parameters:
 
   per trainable parameter, mixed precision: 16-bit weight 2, gradients 2 + 4 (16-bit and fp32; ZeRO-3
-  keeps the fp32 partition only), fp32 master weight 4, AdamW moments 8. In fp32: 4 + 4 + 8.
+  keeps the fp32 partition only), fp32 master weight 4, AdamW moments 8. In fp32: 4 + 4 + 8 (DDP, FSDP2),
+  and DeepSpeed clones the weights into an fp32 master copy all the same (+ 4).
   per frozen parameter: its weight alone, in the engine's weight dtype.
 
 What is sharded over the N workers: ZeRO-1 the optimizer state, ZeRO-2 also the gradients, ZeRO-3 and
@@ -33,6 +34,7 @@ GPU_RESERVED = 2 * GB  # CUDA context, NCCL buffers and allocator fragmentation
 CPU_RESERVED = 1 * GB  # a Ray Train worker's Python, torch and Ray before the model
 FUSED_CHUNK_TOKENS = 2048  # train/fused_loss.py: logits exist for this many tokens at a time
 VLLM_MEMORY_SHARE = 0.85  # serving/engines.py: vLLM's gpu_memory_utilization
+REDUCE_BUCKET = 5 * 10**8  # DeepSpeed's reduce_bucket_size (elements): gradients are reduced through it
 
 
 @dataclass(frozen=True)
@@ -132,8 +134,8 @@ def model_states(shape: Shape, train: TrainConfig, workers: int) -> dict[str, in
     if train.strategy == "deepspeed":
         weight = 2 if half else 4  # DeepSpeed casts the module to bf16/fp16
         grad = 4 + (2 if half and train.zero_stage < 3 else 0)
-        optim = 8 + (4 if half else 0)  # AdamW moments (+ fp32 master weights)
         stage = train.zero_stage
+        optim = 8 + 4  # AdamW moments and an fp32 master copy, which DeepSpeed clones even from fp32 weights
         params = weight * (t + f) / (n if stage == 3 else 1)
         grads = grad * t / (n if stage >= 2 else 1)
         optimizer = optim * t / (n if stage >= 1 else 1)
@@ -173,6 +175,16 @@ def activations_per_sample(shape: Shape, train: TrainConfig, seq_len: int) -> tu
     return int(decoder), int(logits)
 
 
+def reduce_bucket(shape: Shape, train: TrainConfig) -> int:
+    """ZeRO-1/2/3 reduce gradients through a buffer of REDUCE_BUCKET elements in the weights' dtype, which
+    DeepSpeed's estimators leave out. A GPU allocates it whole; on a CPU only the part that gradients fill
+    is ever touched, so only that part is resident."""
+    if train.strategy != "deepspeed" or train.zero_stage == 0:
+        return 0
+    elements = REDUCE_BUCKET if train.use_gpu else min(shape.trainable, REDUCE_BUCKET)
+    return elements * (2 if train.resolved_precision != "fp32" else 4)
+
+
 def stage_memory(shape: Shape, train: TrainConfig, spec: StageSpec, seq_len: int, workers: int, first: bool) -> Memory:
     states = model_states(shape, train, workers)
     decoder, logits = activations_per_sample(shape, train, seq_len)
@@ -184,6 +196,7 @@ def stage_memory(shape: Shape, train: TrainConfig, spec: StageSpec, seq_len: int
             extra += 4 * shape.total
     if train.ewc.enabled and not first:
         extra += 8 * shape.trainable  # Fisher diagonal and anchor weights, fp32
+    extra += reduce_bucket(shape, train)
     fused_chunk = FUSED_CHUNK_TOKENS * shape.vocab * 8 if train.fused_cross_entropy else 0
     return Memory(
         params=states["params"],
