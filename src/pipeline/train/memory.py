@@ -60,26 +60,29 @@ def held_numel(param: torch.nn.Parameter) -> int:
 
 @dataclass
 class LoadReport:
-    """Per worker (rank order): the most its memory grew while the model was built, loaded and placed, and
-    the parameter bytes it holds afterwards; and the whole model's parameter bytes."""
+    """Per worker (rank order): its memory before the model was built (the process with torch and Ray, which
+    does not grow with the model), the most it grew while the model was built, loaded and placed, and the
+    parameter bytes it holds afterwards; and the whole model's parameter bytes."""
 
     growth_bytes: list[int]
     held_bytes: list[int]
     model_bytes: int
+    before_bytes: list[int]
 
     @classmethod
-    def gather(cls, growth: int, held: int, whole: int, device: torch.device) -> LoadReport:
+    def gather(cls, before: int, growth: int, held: int, whole: int, device: torch.device) -> LoadReport:
         """Every worker's figures on every worker (a collective: all of them call it)."""
-        mine = torch.tensor([growth, held], dtype=torch.int64, device=device)
+        mine = torch.tensor([growth, held, before], dtype=torch.int64, device=device)
         everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(everyone, mine)
-        return cls([int(t[0]) for t in everyone], [int(t[1]) for t in everyone], whole)
+        return cls(*([int(t[i]) for t in everyone] for i in range(2)), whole, [int(t[2]) for t in everyone])
 
     def metrics(self) -> dict:
         return {
             "load_memory_growth_gib": [round(b / GIB, 6) for b in self.growth_bytes],
             "params_held_gib": [round(b / GIB, 6) for b in self.held_bytes],
             "params_whole_gib": round(self.model_bytes / GIB, 6),
+            "memory_before_load_gib": [round(b / GIB, 6) for b in self.before_bytes],
         }
 
     def describe(self) -> str:
@@ -124,4 +127,4 @@ class LoadMeter:
             self.growth = max(self.peak, resident_bytes()) - self.start
 
     def report(self, model: torch.nn.Module, device: torch.device) -> LoadReport:
-        return LoadReport.gather(max(self.growth, 0), *held_parameter_bytes(model), device)
+        return LoadReport.gather(self.start, max(self.growth, 0), *held_parameter_bytes(model), device)
