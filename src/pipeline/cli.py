@@ -148,6 +148,21 @@ def cmd_curate(cfg: PipelineConfig, args) -> dict:
     return stats
 
 
+def run_or_skip(cfg: PipelineConfig, stage: str, args, run):
+    """`pipeline run` skips a stage done before with the same settings and inputs (pipeline.completion),
+    unless --fresh; it reads that run's summary instead."""
+    from pipeline.completion import clear_done, finished, mark_done
+
+    if not args.fresh and (summary := finished(cfg, stage)) is not None:
+        where = cfg.stage_dir(stage)
+        print(f"{stage}: done earlier with these settings and inputs, skipped ({where}; --fresh redoes it)")
+        return summary
+    clear_done(cfg, stage)
+    summary = run()
+    mark_done(cfg, stage)
+    return summary
+
+
 def cmd_run(cfg: PipelineConfig, args) -> None:
     from ray import serve
 
@@ -156,14 +171,14 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
     from pipeline.train.stage import run_train
 
     t0 = time.time()
-    stats = cmd_curate(cfg, args)
+    stats = run_or_skip(cfg, "curate", args, lambda: cmd_curate(cfg, args))
     check_gate_before_training(cfg, force=args.force)
-    train = run_train(cfg, fresh=args.fresh)
-    quant = run_quantize(cfg, force=args.force)
+    train = run_or_skip(cfg, "train", args, lambda: run_train(cfg, fresh=args.fresh))
+    quant = run_or_skip(cfg, "quantize", args, lambda: run_quantize(cfg, force=args.force))
     if cfg.distill.enabled:
         from pipeline.train.distill import run_distill
 
-        distill = run_distill(cfg, fresh=args.fresh)
+        distill = run_or_skip(cfg, "distill", args, lambda: run_distill(cfg, fresh=args.fresh))
         print(
             f"distilled student: KL to teacher {distill['kl_to_teacher_before']} -> "
             f"{distill['kl_to_teacher_after']} in {distill['student']}"
@@ -245,11 +260,21 @@ STAGE_IO = {
     "quantize": (["curate", "train"], ["quantize"]),
     "distill": (["curate", "quantize"], ["distill"]),
     "serve": (["quantize"], []),
-    "run": ([], ["curate", "train", "quantize", "distill"]),
+    "run": (["curate", "train", "quantize", "distill"], ["curate", "train", "quantize", "distill"]),  # reads: to skip
 }
 
 
 def run_command(cfg: PipelineConfig, args) -> None:
+    from pipeline.completion import clear_done, mark_done
+
+    if args.command == "serve":
+        return cmd_serve(cfg, args)
+    if args.command == "run":
+        return cmd_run(cfg, args)
+    # a single stage: its marker says so once it ends, so that a later `pipeline run` skips it
+    elsewhere = getattr(args, "input", None) or getattr(args, "output", None)  # not the config's stage
+    if not elsewhere:
+        clear_done(cfg, args.command)
     if args.command == "curate":
         cmd_curate(cfg, args)
     elif args.command == "train":
@@ -266,10 +291,8 @@ def run_command(cfg: PipelineConfig, args) -> None:
 
         summary = run_distill(cfg, fresh=args.fresh)
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
-    elif args.command == "serve":
-        cmd_serve(cfg, args)
-    elif args.command == "run":
-        cmd_run(cfg, args)
+    if not elsewhere:
+        mark_done(cfg, args.command)
 
 
 def cmd_plan(cfg: PipelineConfig, args) -> None:
