@@ -110,29 +110,6 @@ def submit(address: str, *entrypoint: str, timeout_s: int = 600) -> tuple[str, s
     return status or "TIMEOUT", logs
 
 
-@pytest.mark.slow
-def test_pipeline_job_succeeds_and_writes_every_stage(head, tiny_corpus, tmp_path):
-    status, logs = submit(
-        head,
-        "python",
-        "rayjobs/pipeline.py",
-        "--config",
-        "configs/tiny.yaml",
-        f"runs_dir={tmp_path}",
-        f"data.input=[{tiny_corpus}/*.jsonl]",
-        f"serve.port={free_port()}",
-        *QUICK,
-    )
-    # on a cluster the endpoint outlives the job; take it down so the next jobs get the head's CPUs
-    subprocess.run([str(BIN / "serve"), "shutdown", "-a", head, "-y"], env=_env(), capture_output=True, timeout=120)
-    assert status == "SUCCEEDED", logs[-3000:]
-    run = tmp_path / "tiny"
-    assert (run / "curate" / "stats.json").is_file()
-    assert (run / "train" / "final" / "model" / "adapter_config.json").is_file()
-    assert (run / "quantize" / "awq" / "config.json").is_file()
-    assert "POST http://127.0.0.1" in logs and "/generate" in logs
-
-
 def test_failing_job_reports_failed_with_our_message(head, tmp_path):
     status, logs = submit(
         head, "python", "rayjobs/quantize.py", "--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", timeout_s=300
@@ -142,15 +119,17 @@ def test_failing_job_reports_failed_with_our_message(head, tmp_path):
 
 
 @pytest.mark.slow
-def test_each_stage_runs_as_its_own_job(head, tiny_corpus, tmp_path):
-    """The per-stage RayJobs of cluster/kuberay run these same entrypoints, one after another."""
+def test_each_stage_runs_as_its_own_job_then_the_pipeline_job_skips_what_they_did(head, tiny_corpus, tmp_path):
+    """The per-stage RayJobs of cluster/kuberay run these same entrypoints, one after another. The whole
+    pipeline's job, submitted again over their outputs (a resubmitted job), redoes none of their stages
+    and serves the model they made."""
     common = [
         "--config",
         "configs/tiny.yaml",
         f"runs_dir={tmp_path}",
         f"data.input=[{tiny_corpus}/*.jsonl]",
         *QUICK,
-        "quantize.enabled=false",  # AWQ runs in the pipeline job above and in tests/test_stages.py
+        "quantize.enabled=false",  # AWQ has its own tests (tests/test_stages.py, the README walkthrough)
         "distill.max_steps=4",
     ]
     outputs = {
@@ -164,3 +143,12 @@ def test_each_stage_runs_as_its_own_job(head, tiny_corpus, tmp_path):
         assert status == "SUCCEEDED", (stage, logs[-3000:])
         assert (tmp_path / "tiny" / stage / output).is_file(), stage
         assert f"{stage} outputs: {tmp_path}/tiny/{stage}" in logs
+
+    status, logs = submit(head, "python", "rayjobs/pipeline.py", *common, f"serve.port={free_port()}")
+    # on a cluster the endpoint outlives the job; take it down so the next jobs get the head's CPUs
+    subprocess.run([str(BIN / "serve"), "shutdown", "-a", head, "-y"], env=_env(), capture_output=True, timeout=120)
+    assert status == "SUCCEEDED", logs[-3000:]
+    for stage in ("curate", "train", "quantize"):
+        assert f"{stage}: done earlier with these settings and inputs, skipped" in logs, stage
+    assert (tmp_path / "tiny" / "train" / "final" / "model" / "adapter_config.json").is_file()
+    assert "POST http://127.0.0.1" in logs and "/generate" in logs
