@@ -119,12 +119,13 @@ def test_cluster_docs_quote_the_planners_numbers():
 def test_the_plan_counts_the_master_copy_and_the_reduce_bucket_deepspeed_allocates(monkeypatch):
     """What DeepSpeed's estimators leave out, read from a real engine: ZeRO-2 and ZeRO-3 clone the weights into
     an fp32 master partition even when they train in fp32, and reduce gradients through a bucket of
-    `reduce_bucket_size` elements (a GPU allocates it whole)."""
+    `reduce_bucket_size` elements (a GPU allocates it whole); ZeRO-3 keeps at most the live parameters we set
+    gathered."""
     import deepspeed
     import torch
     import torch.distributed as dist
 
-    from pipeline.plan import REDUCE_BUCKET, reduce_bucket
+    from pipeline.plan import REDUCE_BUCKET, ZERO3_LIVE_PARAMETERS, reduce_bucket
     from pipeline.train.strategy import deepspeed_config
 
     for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29577", "RANK": "0", "WORLD_SIZE": "1"}.items():
@@ -137,13 +138,15 @@ def test_the_plan_counts_the_master_copy_and_the_reduce_bucket_deepspeed_allocat
                 REPO / "configs/tiny.yaml", [f"train.zero_stage={stage}", "train.full_finetune=true"]
             ).train
             model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 4))
-            _, optimizer, _, _ = deepspeed.initialize(model=model, config=deepspeed_config(train, micro_batch=1))
+            engine, optimizer, _, _ = deepspeed.initialize(model=model, config=deepspeed_config(train, micro_batch=1))
             if stage == 2:
                 master, weights = optimizer.single_partition_of_fp32_groups[0], optimizer.bit16_groups_flat[0]
             else:
                 master, weights = optimizer.fp32_partitioned_groups_flat[0], optimizer.fp16_partitioned_groups_flat[0]
             assert master.data_ptr() != weights.data_ptr() and torch.equal(master, weights), stage
             assert optimizer.reduce_bucket_size == REDUCE_BUCKET
+            zero = engine._config.zero_config
+            assert stage == 2 or zero.max_live_parameters == zero.max_reuse_distance == ZERO3_LIVE_PARAMETERS
             shape = count_shape(PRESETS["tiny-dense"](512))
             optim_bytes = model_states(shape, train, workers=1)["optimizer"]
             assert optim_bytes == 12 * shape.total

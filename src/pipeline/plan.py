@@ -35,6 +35,9 @@ CPU_RESERVED = 1 * GB  # a Ray Train worker's Python, torch and Ray before the m
 FUSED_CHUNK_TOKENS = 2048  # train/fused_loss.py: logits exist for this many tokens at a time
 VLLM_MEMORY_SHARE = 0.85  # serving/engines.py: vLLM's gpu_memory_utilization
 REDUCE_BUCKET = 5 * 10**8  # DeepSpeed's reduce_bucket_size (elements): gradients are reduced through it
+# ZeRO-3's stage3_max_live_parameters and stage3_max_reuse_distance, which train/strategy.py sets: DeepSpeed's
+# default (1e9) keeps a 1B model gathered whole from forward to backward, more than the worker's own share
+ZERO3_LIVE_PARAMETERS = 10**8
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,13 @@ def reduce_bucket(shape: Shape, train: TrainConfig) -> int:
     return elements * (2 if train.resolved_precision != "fp32" else 4)
 
 
+def live_parameters(shape: Shape, train: TrainConfig) -> int:
+    """ZeRO-3 keeps up to ZERO3_LIVE_PARAMETERS gathered parameters (those it will reuse soon) between modules."""
+    if train.strategy != "deepspeed" or train.zero_stage != 3:
+        return 0
+    return min(shape.total, ZERO3_LIVE_PARAMETERS) * (2 if train.resolved_precision != "fp32" else 4)
+
+
 def stage_memory(shape: Shape, train: TrainConfig, spec: StageSpec, seq_len: int, workers: int, first: bool) -> Memory:
     states = model_states(shape, train, workers)
     decoder, logits = activations_per_sample(shape, train, seq_len)
@@ -196,7 +206,7 @@ def stage_memory(shape: Shape, train: TrainConfig, spec: StageSpec, seq_len: int
             extra += 4 * shape.total
     if train.ewc.enabled and not first:
         extra += 8 * shape.trainable  # Fisher diagonal and anchor weights, fp32
-    extra += reduce_bucket(shape, train)
+    extra += reduce_bucket(shape, train) + live_parameters(shape, train)
     fused_chunk = FUSED_CHUNK_TOKENS * shape.vocab * 8 if train.fused_cross_entropy else 0
     return Memory(
         params=states["params"],

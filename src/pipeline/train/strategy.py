@@ -18,6 +18,7 @@ import torch.distributed as dist
 from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.config import TrainConfig
+from pipeline.plan import ZERO3_LIVE_PARAMETERS
 from pipeline.train.sharded_save import save_sharded_model
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,6 +32,8 @@ def autocast_dtype(train: TrainConfig) -> torch.dtype | None:
 def deepspeed_config(train: TrainConfig, micro_batch: int) -> dict:
     """Generated from our config; a user's DeepSpeed JSON (train.deepspeed_config) overrides any key."""
     zero = {"stage": train.zero_stage}
+    if train.zero_stage == 3:  # bound what stays gathered (pipeline/plan.py counts it)
+        zero["stage3_max_live_parameters"] = zero["stage3_max_reuse_distance"] = ZERO3_LIVE_PARAMETERS
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
     generated = {
