@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format bench-serve bench-curate bench-train clean help
+.PHONY: setup demo test test-fast lint format bench-serve bench-curate bench-train bench-memory clean help
 
 help:
 	@echo "make demo   - set up .venv, build the sample corpus, run curate -> train -> quantize -> serve"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench-serve - after make demo: serving QPS with @serve.batch on vs off (JSON)"
 	@echo "make bench-curate - fuzzy dedup on 200 MB vs the datasketch MinHashLSH loop (JSON)"
 	@echo "make bench-train - Ray Train recipe vs a plain PyTorch loop, same model and batch (JSON)"
+	@echo "make bench-memory - each worker's peak memory against the plan, 1B model, ZeRO-2/3 and FSDP2 (JSON)"
 	@echo "make clean  - remove runs/ and the generated corpus"
 
 setup: $(VENV)/.installed
@@ -55,6 +56,9 @@ bench-curate: setup  # ~10 minutes on 2 cores; builds its corpus from this machi
 
 bench-train: setup  # ~12 minutes on 2 cores (3 interleaved repeats)
 	$(PY) bench/train.py --steps 40 --out runs/bench-train.json
+
+bench-memory: setup  # ~20 minutes on 2 cores and most of 24 GiB: run it on an otherwise idle machine
+	$(PY) bench/memory.py --out runs/bench-memory.json
 
 bench-serve: setup  # after `make demo`: dynamic batching on vs off, concurrency 1 and 8
 	$(PY) bench/load.py --compare-batching --config configs/demo.yaml --duration 20 --out runs/bench-serve.json
