@@ -54,3 +54,10 @@ def test_a_stage_that_started_again_is_not_done_until_it_ends(tmp_path):
     finish(cfg, "curate", {})
     clear_done(cfg, "curate")  # what a run does first: killed now, its folder holds no finished stage
     assert finished(cfg, "curate") is None
+
+
+def test_a_run_without_a_corpus_marks_its_stages_too(tmp_path):
+    """The README's own-model path trains on instruction data alone: data.input matches no file."""
+    cfg = config(tmp_path)  # tmp_path holds no .jsonl
+    finish(cfg, "train", {"stage": "train"})
+    assert finished(cfg, "train") == {"stage": "train"}

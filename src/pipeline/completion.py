@@ -41,7 +41,10 @@ def _inputs(cfg: PipelineConfig, stage: str) -> dict[str, str]:
         from pipeline.curate.read import expand_inputs
 
         local = [p for p in cfg.data.input if "://" not in p]
-        return {f: path_digest(f) for f in expand_inputs(local)} if local else {}
+        try:
+            return {f: path_digest(f) for f in expand_inputs(local)} if local else {}
+        except FileNotFoundError:  # no corpus: a run on instruction data alone never curates
+            return {}
     paths = []
     if stage == "train":
         paths = [cfg.model.path] + [spec.data for spec in cfg.train.stages]
