@@ -30,6 +30,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from emit import emit  # noqa: E402
 
 from pipeline.curate.dedup_fuzzy import lsh_params  # noqa: E402
 from pipeline.curate.jaccard import dedup_quality, similar_pairs  # noqa: E402
@@ -179,10 +181,7 @@ def main() -> None:
         "speedup_mb_per_s": round(base_s / ours_s, 2),
         "ground_truth_seconds": round(truth_s, 1),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

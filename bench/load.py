@@ -22,6 +22,8 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the serve/ app, when run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from emit import emit  # noqa: E402
 
 
 def percentiles(values: list[float]) -> dict:
@@ -217,13 +219,6 @@ def main() -> None:
         plot(res, args.plot)
     res.pop("_timeline")
     emit(res, args.out)
-
-
-def emit(result: dict, path: str | None) -> None:
-    text = json.dumps(result, indent=2)
-    print(text)
-    if path:
-        Path(path).write_text(text + "\n")
 
 
 if __name__ == "__main__":

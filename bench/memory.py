@@ -42,6 +42,8 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from emit import emit  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.plan import GB, make_plan  # noqa: E402
@@ -226,11 +228,7 @@ def main() -> None:
         "checks": checks,
         "ok": bool(checks) and all(v is not False for c in checks.values() for v in c.values()),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     ray.shutdown()
 
 

@@ -36,6 +36,8 @@ import ray.train
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from emit import emit  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import PRESETS  # noqa: E402
@@ -231,11 +233,7 @@ def main() -> None:
     if args.gpu:
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["mfu_plain"] = round(6 * n_params * plain["tokens_per_s"] / H100_BF16_FLOPS, 4)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     ray.shutdown()
 
 
