@@ -1,7 +1,7 @@
 """Memory per worker, measured against the plan: a ~1B-parameter dense model trained for a few steps by the
 real recipe on 2 Ray Train workers, under ZeRO-2, ZeRO-3 and FSDP2, with LoRA and as a full fine-tune.
 
-    python bench/memory.py [--out runs/bench-memory.json]     # make bench-memory; ~25 minutes on 2 cores
+    python bench/memory.py [--out runs/bench-memory.json]     # make bench-memory; ~22 minutes on 2 cores
 
 The base is built by the script (random init, an HF folder with safetensors in bf16). Each run is
 `pipeline.train.fit`, the function the train stage calls: loading (ZeRO-3 inside deepspeed.zero.Init,
@@ -18,7 +18,7 @@ down) and is listed with the plan's figure. `"ok": true` only when
   (a) every measured worker peak is within 25% of the plan, and
   (b) under ZeRO-3 and FSDP2, every LoRA worker's peak stays below half the model's fp32 bytes: no worker
       ever held the whole model. Counted above what the worker's process held before the model was built
-      (Python with torch, Ray and transformers: about 0.9 GiB that does not grow with the model; the
+      (Python with torch, Ray and transformers: about 0.6 GiB that does not grow with the model; the
       recipe records it per worker). A full fine-tune cannot meet (b) on 2 workers by arithmetic: AdamW's
       state alone is 8 bytes per parameter, 4 per worker, over the 2 of half the fp32 model.
 Prints one JSON object.
@@ -48,6 +48,7 @@ from emit import emit  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.plan import GB, make_plan  # noqa: E402
 from pipeline.train.fit import fit  # noqa: E402
+from pipeline.train.memory import status_bytes  # noqa: E402
 from pipeline.train.recipe_config import recipe_config  # noqa: E402
 
 GIB = 2**30
@@ -107,22 +108,12 @@ class WorkerPeaks:
                     worker = (proc.cmdline() or [""])[0].startswith("ray::RayTrainWorker")
                 except psutil.Error:  # it ended while being looked at
                     continue
-                peak = high_water_mark(proc.pid) if worker else 0
+                peak = status_bytes("VmHWM", proc.pid) if worker else 0
                 if peak:
                     self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), peak)
 
     def per_worker(self) -> list[int]:
         return sorted(self.peaks.values(), reverse=True)
-
-
-def high_water_mark(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:  # the process ended between listing and reading
-        pass
-    return 0
 
 
 def one_run(name: str, overrides: list[str], base: Path, rows: np.ndarray, tmp: Path, room: int) -> dict:

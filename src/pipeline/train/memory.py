@@ -29,12 +29,20 @@ def peak_memory(device: torch.device) -> dict:
     return {name: round(int(fullest) / GIB, 3)}
 
 
+def status_bytes(field: str, pid: int | str = "self") -> int:
+    """A memory figure of /proc/<pid>/status (VmRSS, VmHWM, ...) in bytes; 0 for a process that has ended."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def resident_bytes() -> int:
     """This process's resident set (VmRSS), memory-mapped checkpoint pages included."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return status_bytes("VmRSS")
 
 
 def whole_bytes(param: torch.nn.Parameter) -> int:
@@ -75,7 +83,8 @@ class LoadReport:
         mine = torch.tensor([growth, held, before], dtype=torch.int64, device=device)
         everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(everyone, mine)
-        return cls(*([int(t[i]) for t in everyone] for i in range(2)), whole, [int(t[2]) for t in everyone])
+        growths, helds, befores = ([int(t[i]) for t in everyone] for i in range(3))
+        return cls(growths, helds, whole, befores)
 
     def metrics(self) -> dict:
         return {
