@@ -135,7 +135,7 @@ def model_states(shape: Shape, train: TrainConfig, workers: int) -> dict[str, in
     half = train.resolved_precision != "fp32"
     sharded = train.shards_parameters
     if train.strategy == "deepspeed":
-        weight = 2 if half else 4  # DeepSpeed casts the module to bf16/fp16
+        weight = weight_bytes(train)  # DeepSpeed casts the module to bf16/fp16
         grad = 4 + (2 if half and train.zero_stage < 3 else 0)
         stage = train.zero_stage
         optim = 8 + 4  # AdamW moments and an fp32 master copy, which DeepSpeed clones even from fp32 weights
@@ -178,6 +178,11 @@ def activations_per_sample(shape: Shape, train: TrainConfig, seq_len: int) -> tu
     return int(decoder), int(logits)
 
 
+def weight_bytes(train: TrainConfig) -> int:
+    """Bytes per element of what DeepSpeed keeps in the module's dtype (weights, gathered and bucketed)."""
+    return 2 if train.resolved_precision != "fp32" else 4
+
+
 def reduce_bucket(shape: Shape, train: TrainConfig) -> int:
     """ZeRO-1/2/3 reduce gradients through a buffer of REDUCE_BUCKET elements in the weights' dtype, which
     DeepSpeed's estimators leave out. A GPU allocates it whole; on a CPU only the part that gradients fill
@@ -185,14 +190,14 @@ def reduce_bucket(shape: Shape, train: TrainConfig) -> int:
     if train.strategy != "deepspeed" or train.zero_stage == 0:
         return 0
     elements = REDUCE_BUCKET if train.use_gpu else min(shape.trainable, REDUCE_BUCKET)
-    return elements * (2 if train.resolved_precision != "fp32" else 4)
+    return elements * weight_bytes(train)
 
 
 def live_parameters(shape: Shape, train: TrainConfig) -> int:
     """ZeRO-3 keeps up to ZERO3_LIVE_PARAMETERS gathered parameters (those it will reuse soon) between modules."""
     if train.strategy != "deepspeed" or train.zero_stage != 3:
         return 0
-    return min(shape.total, ZERO3_LIVE_PARAMETERS) * (2 if train.resolved_precision != "fp32" else 4)
+    return min(shape.total, ZERO3_LIVE_PARAMETERS) * weight_bytes(train)
 
 
 def stage_memory(shape: Shape, train: TrainConfig, spec: StageSpec, seq_len: int, workers: int, first: bool) -> Memory:
