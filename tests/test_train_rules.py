@@ -229,3 +229,34 @@ def test_a_frozen_base_and_deepspeed_models_load_in_16_bits():
         assert dtype(f"train.strategy={strategy}", "train.zero_stage=null") == torch.bfloat16  # LoRA
         assert dtype(f"train.strategy={strategy}", "train.zero_stage=null", "train.full_finetune=true") == torch.float32
     assert load_dtype(load_config(TINY).train) == torch.float32  # CPU workers: fp32
+
+
+def test_a_checkpoint_is_whole_only_when_every_ranks_manifest_matches_its_files(tmp_path):
+    """What a resume checks before loading: each rank's manifest is there and every file it lists has
+    the size and SHA-256 that rank wrote. The damage is named, so the warning can say which file."""
+    from pipeline.train.checkpoint_manifest import damage, write_manifest
+
+    for rank, files in enumerate([{"state.json": b"{}", "model/adapter.safetensors": b"w" * 64}, {"shard1.pt": b"s"}]):
+        rank_dir = tmp_path / f"rank{rank}"  # what each rank had before Ray gathered the folders into one
+        for name, data in files.items():
+            (rank_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (rank_dir / name).write_bytes(data)
+        write_manifest(rank_dir, rank, world_size=2)
+    whole = tmp_path / "checkpoint"
+    for rank_dir in (tmp_path / "rank0", tmp_path / "rank1"):
+        for path in rank_dir.rglob("*"):
+            if path.is_file():
+                (whole / path.relative_to(rank_dir)).parent.mkdir(parents=True, exist_ok=True)
+                (whole / path.relative_to(rank_dir)).write_bytes(path.read_bytes())
+    assert damage(whole) is None
+
+    weights = whole / "model" / "adapter.safetensors"
+    weights.write_bytes(b"w" * 32)
+    assert damage(whole) == "model/adapter.safetensors has 32 bytes, 64 were written"
+    weights.write_bytes(b"x" * 64)
+    assert damage(whole) == "model/adapter.safetensors does not hold what was written (its SHA-256 differs)"
+    weights.write_bytes(b"w" * 64)
+    (whole / "shard1.pt").unlink()
+    assert damage(whole) == "shard1.pt is missing"
+    (whole / "manifest.rank1.json").unlink()
+    assert damage(whole).startswith("manifest.rank1.json is missing or unreadable")

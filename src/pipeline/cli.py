@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, keys_help, load_config
-from pipeline.errors import QualityGateError
+from pipeline.errors import CheckpointDamagedError, QualityGateError
 
 log = logging.getLogger("pipeline")
 DEMO_TOKENS = 32
@@ -326,7 +326,8 @@ def dispatch(args) -> None:
 
 
 # errors whose message is written for the user: shown whole; others show their type and last line
-USER_ERRORS = (ConfigError, OSError, QualityGateError)  # OSError: a missing input, an unwritable or full disk
+# OSError: a missing input, an unwritable or full disk
+USER_ERRORS = (ConfigError, OSError, QualityGateError, CheckpointDamagedError)
 
 
 def describe(error: BaseException) -> str:

@@ -28,9 +28,11 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import TrainConfig
+from pipeline.errors import CheckpointDamagedError
 from pipeline.loading import empty_model, load_model, load_model_config
 from pipeline.train import fused_loss
 from pipeline.train.batch_size import choose_batch_size
+from pipeline.train.checkpoint_manifest import candidates, damage, write_manifest
 from pipeline.train.ewc import EWC
 from pipeline.train.memory import LoadMeter, peak_memory
 from pipeline.train.objectives import causal_lm, make_objective
@@ -123,6 +125,7 @@ class State:
     evals_without_gain: int = 0
     stopped_early: bool = False
     resumed_at: list = field(default_factory=list)  # the step of each restart from a checkpoint
+    passed_over: list = field(default_factory=list)  # damaged checkpoints a restart did not load, and why
 
     def record_eval(self, loss: float, train: TrainConfig) -> None:
         if loss < self.best_eval - train.early_stopping_min_delta:
@@ -134,14 +137,26 @@ class State:
 
 
 def resume(engine) -> State:
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return State()
-    with checkpoint.as_directory() as d:
-        engine.load(d)
-        state = State(**json.loads((Path(d) / "state.json").read_text()))
-    state.resumed_at.append(state.step)
-    return state
+    """From the latest checkpoint, or the newest whole one before it when that one is damaged."""
+    damaged = []
+    for checkpoint in candidates(ray.train.get_checkpoint()):
+        with checkpoint.as_directory() as d:
+            if problem := damage(Path(d)):
+                damaged.append(f"{Path(checkpoint.path).name}: {problem}")
+                continue
+            engine.load(d)
+            state = State(**json.loads((Path(d) / "state.json").read_text()))
+        if damaged and dist.get_rank() == 0:
+            log.warning("passed over damaged checkpoints (%s); resuming from step %d", "; ".join(damaged), state.step)
+        state.resumed_at.append(state.step)
+        state.passed_over.extend(damaged)
+        return state
+    if damaged:
+        raise CheckpointDamagedError(
+            f"no whole checkpoint to resume from in {Path(checkpoint.path).parent}: {'; '.join(damaged)} "
+            "(--fresh starts the stage over)"
+        )
+    return State()
 
 
 def save_checkpoint(engine, state: State, metrics: dict) -> None:
@@ -150,6 +165,7 @@ def save_checkpoint(engine, state: State, metrics: dict) -> None:
         engine.save_model(Path(tmp) / "model")  # the adapter, or the whole model
         if dist.get_rank() == 0:
             (Path(tmp) / "state.json").write_text(json.dumps(asdict(state)))
+        write_manifest(Path(tmp), dist.get_rank(), dist.get_world_size())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
