@@ -31,6 +31,7 @@ from pipeline.serving.engine import Tokenizer
 from pipeline.serving.generator import Generator
 from pipeline.serving.metrics import ServeMetrics
 from pipeline.serving.openai_format import APIError, ChunkWriter, completion_body, error_response
+from pipeline.serving.request_limits import RequestLimits
 from pipeline.serving.schemas import ChatRequest, CompletionRequest, GenerateRequest, ServeArgs
 from pipeline.serving.types import Completion, Sampling, StopCutter
 
@@ -39,6 +40,7 @@ api = FastAPI(
     title="llm-pipeline",
     description="Generation from the model the pipeline trained, with an OpenAI-compatible subset under /v1.",
 )
+api.add_middleware(RequestLimits)  # added before the middleware below, so inside it: its 413s and 431s are counted too
 OPEN_ROUTES = {"/healthz", "/docs", "/openapi.json", "/redoc"}
 REPLICA_DIED = (RayActorError, ActorUnavailableError)
 RETRIES = 3  # tries on other model replicas after one died under a request
@@ -110,6 +112,7 @@ class LLMServer:
         self.tokens = Tokenizer(args.model_dir, args.trust_remote_code)  # prompt lengths and chat templates
         self.metrics = api.state.metrics = ServeMetrics()
         self.in_flight = 0
+        api.state.limits = (args.max_header_bytes, args.max_body_bytes)
         key = os.environ.get(args.api_key_env)
         # only a digest is kept: the key itself never sits in the Serve config or replica state
         api.state.key_sha256 = args.api_key_sha256 or (hashlib.sha256(key.encode()).hexdigest() if key else None)

@@ -424,6 +424,10 @@ class ReplicaSettings(Section):
     api_key_env: str = Field("PIPELINE_API_KEY", description="env var holding the API key; unset = no key")
     max_new_tokens: int = Field(256, ge=1, description="cap on tokens a request may ask for")
     max_prompt_tokens: int = Field(1024, ge=1)
+    max_header_bytes: int = Field(32_768, ge=1024, description="requests whose headers are larger get 431")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="a request body over this is refused (413) before it is parsed"
+    )
 
     @model_validator(mode="after")
     def _replica_range(self) -> ReplicaSettings:

@@ -12,6 +12,17 @@ from pipeline.config import PipelineConfig, ReplicaSettings
 from pipeline.train.formats import message_content
 
 
+def _unicode(text: str) -> str:
+    """JSON can spell a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode. Pydantic refuses
+    one in a str field; the text parts of a chat message are dicts it does not look into."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = f"at character {e.start} ({text[e.start]!a})"
+        raise ValueError(f"holds a lone surrogate {where}: not valid Unicode text") from None
+    return text
+
+
 def _stop_list(v):
     return [] if v is None else [v] if isinstance(v, str) else v
 
@@ -120,7 +131,7 @@ class ChatMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _text_of_parts(cls, content):
-        return message_content(content, "content")  # a non-text part is refused with its type
+        return _unicode(message_content(content, "content"))  # a non-text part is refused with its type
 
     def plain(self) -> dict:
         return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
