@@ -53,3 +53,25 @@ def test_a_local_runs_dir_is_used_in_place(tmp_path):
     cfg = load_config(TINY, [f"runs_dir={tmp_path}"])
     with staged(cfg, reads=["curate"], writes=["train"]) as local:
         assert local is cfg
+
+
+def test_a_full_disk_under_a_wrapped_error_is_reported_with_its_disk_and_the_partial_output_removed(tmp_path):
+    """Ray Data raises a full disk inside its own error (retry advice, the cause chained): the stage's
+    error names the disk and what was being written, and the partial <stage>.tmp is gone."""
+    import errno
+
+    from pipeline.runtime import atomic_dir, disk_full
+
+    class TaskError(Exception):  # the shape of Ray's wrapper: the worker's exception in `.cause`
+        def __init__(self, cause):
+            super().__init__("Failed to apply UDF transform after 1/1 attempts")
+            self.cause = cause
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert disk_full(TaskError(full)) and not disk_full(TaskError(OSError(errno.EACCES, "denied")))
+    with pytest.raises(OSError) as raised, atomic_dir(tmp_path / "curate") as tmp:
+        (tmp / "part-0.parquet").write_bytes(b"half")
+        raise TaskError(full)
+    assert raised.value.errno == errno.ENOSPC
+    assert str(raised.value).startswith(f"[Errno 28] no space left on the disk of {tmp_path} while writing curate (")
+    assert not (tmp_path / "curate").exists() and not (tmp_path / "curate.tmp").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -39,6 +40,25 @@ def rows_per_batch(ds: ray.data.Dataset, target_bytes: int = 32 << 20) -> int:
     return max(1, int(target_bytes * ds.count() / max(ds.size_bytes(), 1)))
 
 
+def free_bytes(path: Path) -> int:
+    """Free space on the disk that holds `path` (or would: the nearest folder above it that exists)."""
+    path = Path(path)
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """Whether a full disk is behind `error`, however Ray wrapped it (a task's cause, a chained error)."""
+    for _ in range(10):  # a wrapper's chain is short; the bound guards against a cycle
+        if error is None:
+            return False
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return False
+
+
 @contextmanager
 def atomic_dir(final: Path):
     """Yield a temporary sibling directory that replaces `final` only when the block succeeds,
@@ -49,8 +69,15 @@ def atomic_dir(final: Path):
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):  # the bare error names no disk; Ray Data's wraps it in retry advice
+            free = free_bytes(final.parent) / 2**20
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the disk of {final.parent} while writing {final.name} "
+                f"({free:.1f} MiB free once the partial output was removed); nothing of it was kept",
+            ) from e
         raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

@@ -66,3 +66,13 @@ def candidates(latest: ray.train.Checkpoint | None) -> list[ray.train.Checkpoint
     folders = [i for i in fs.get_file_info(pafs.FileSelector(parent)) if i.type == pafs.FileType.Directory]
     older = sorted(i.path for i in folders if i.base_name.startswith("checkpoint_") and i.base_name < name)
     return [latest, *(ray.train.Checkpoint(path, filesystem=fs) for path in reversed(older))]
+
+
+def newest_whole(run_dir: Path) -> tuple[Path, int, int] | None:
+    """(folder, step, bytes) of the newest whole checkpoint in a run's local storage folder."""
+    for folder in sorted(run_dir.glob("checkpoint_*"), reverse=True):
+        if folder.is_dir() and damage(folder) is None:
+            manifests = [json.loads(m.read_text())["files"] for m in folder.glob("manifest.rank*.json")]
+            size = sum(f["bytes"] for files in manifests for f in files.values())
+            return folder, json.loads((folder / "state.json").read_text())["step"], size
+    return None
