@@ -127,3 +127,14 @@ def derived_config(base: PipelineConfig, tmp: Path, *overrides: str) -> Pipeline
     cfg = tiny_config(tmp, Path(base.data.input[0]).parent, *overrides)
     shutil.copytree(base.stage_dir("curate"), cfg.stage_dir("curate"))
     return cfg
+
+
+def logged_losses(tensorboard_dir: Path) -> dict[int, float]:
+    """The training loss rank 0 logged to TensorBoard so far, by step (read while a run goes on)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not tensorboard_dir.is_dir():
+        return {}
+    events = EventAccumulator(str(tensorboard_dir)).Reload()
+    scalars = events.Scalars("train/loss") if "train/loss" in events.Tags()["scalars"] else []
+    return {e.step: e.value for e in scalars}

@@ -11,18 +11,9 @@ import time
 import psutil
 import pytest
 
-from conftest import derived_config
+from conftest import derived_config, logged_losses
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
-
-
-def logged_steps(tensorboard_dir) -> list[int]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    if not tensorboard_dir.is_dir():
-        return []
-    events = EventAccumulator(str(tensorboard_dir)).Reload()
-    return [e.step for e in events.Scalars("train/loss")] if "train/loss" in events.Tags()["scalars"] else []
 
 
 def test_a_sigkilled_training_worker_resumes_from_its_last_checkpoint(tiny_run, tmp_path):
@@ -41,7 +32,7 @@ def test_a_sigkilled_training_worker_resumes_from_its_last_checkpoint(tiny_run, 
     runner = threading.Thread(target=lambda: result.update(run_train(cfg)))
     runner.start()
     tensorboard = cfg.stage_dir("train") / "pretrain" / "tensorboard"
-    while not logged_steps(tensorboard) or max(logged_steps(tensorboard)) < 8:  # past the step-5 checkpoint
+    while max(logged_losses(tensorboard), default=0) < 8:  # past the step-5 checkpoint
         assert runner.is_alive(), "training ended before the worker could be killed"
         time.sleep(0.5)
     # Ray titles a worker's process ray::RayTrainWorker (the state API would need the dashboard)
@@ -52,7 +43,7 @@ def test_a_sigkilled_training_worker_resumes_from_its_last_checkpoint(tiny_run, 
     ]
     assert len(workers) == 2, workers
     os.kill(workers[0], signal.SIGKILL)
-    killed_at = max(logged_steps(tensorboard))
+    killed_at = max(logged_losses(tensorboard))
     runner.join(timeout=600)
     assert result, "the run did not complete after the kill"
 
