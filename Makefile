@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format bench-serve bench-curate bench-train bench-memory clean help
+.PHONY: setup demo test test-fast lint format bench-serve bench-curate bench-train bench-memory bench-soak clean help
 
 help:
 	@echo "make demo   - set up .venv, build the sample corpus, run curate -> train -> quantize -> serve"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench-curate - fuzzy dedup on 200 MB vs the datasketch MinHashLSH loop (JSON)"
 	@echo "make bench-train - Ray Train recipe vs a plain PyTorch loop, same model and batch (JSON)"
 	@echo "make bench-memory - each worker's peak memory against the plan, 1B model, ZeRO-2/3 and FSDP2 (JSON)"
+	@echo "make bench-soak - 2,000 training steps and 20,000 requests: memory growth and latency drift (JSON)"
 	@echo "make clean  - remove runs/ and the generated corpus"
 
 setup: $(VENV)/.installed
@@ -59,6 +60,9 @@ bench-train: setup  # ~12 minutes on 2 cores (3 interleaved repeats)
 
 bench-memory: setup  # ~22 minutes on 2 cores and most of 24 GiB: run it on an otherwise idle machine
 	$(PY) bench/memory.py --out runs/bench-memory.json
+
+bench-soak: setup  # ~30 minutes on 2 cores: builds the tiny run itself
+	$(PY) bench/soak.py --requests 20000 --steps 2000 --out runs/bench-soak.json
 
 bench-serve: setup  # after `make demo`: dynamic batching on vs off, concurrency 1 and 8
 	$(PY) bench/load.py --compare-batching --config configs/demo.yaml --duration 20 --out runs/bench-serve.json

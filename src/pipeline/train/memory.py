@@ -18,15 +18,18 @@ GIB = 2**30
 
 
 def peak_memory(device: torch.device) -> dict:
-    """The fullest worker's peak so far (a collective: every worker calls it), the one that runs out
-    first: GPU memory allocated on CUDA, else the resident set size."""
+    """The fullest worker's memory now and its peak so far (a collective: every worker calls it), the
+    one that runs out first: GPU memory allocated on CUDA, else the resident set size. The peak shows
+    what a run needs; the current figure shows whether it grows (a leak) or only spiked (a checkpoint)."""
     if torch.cuda.is_available():
-        name, peak = "peak_memory_gib", torch.cuda.max_memory_allocated()
+        names = ("memory_gib", "peak_memory_gib")
+        values = (torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated())
     else:
-        name, peak = "peak_rss_gib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    fullest = torch.tensor(peak, dtype=torch.int64, device=device)
+        names = ("rss_gib", "peak_rss_gib")
+        values = (resident_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    fullest = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(fullest, op=dist.ReduceOp.MAX)
-    return {name: round(int(fullest) / GIB, 3)}
+    return {name: round(int(v) / GIB, 3) for name, v in zip(names, fullest.tolist())}
 
 
 def status_bytes(field: str, pid: int | str = "self") -> int:
