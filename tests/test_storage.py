@@ -68,7 +68,7 @@ def test_a_full_disk_under_a_wrapped_error_is_reported_with_its_disk_and_the_par
             self.cause = cause
 
     full = OSError(errno.ENOSPC, "No space left on device")
-    assert disk_full(TaskError(full)) and not disk_full(TaskError(OSError(errno.EACCES, "denied")))
+    assert disk_full(TaskError(full)) is full and disk_full(TaskError(OSError(errno.EACCES, "denied"))) is None
     with pytest.raises(OSError) as raised, atomic_dir(tmp_path / "curate") as tmp:
         (tmp / "part-0.parquet").write_bytes(b"half")
         raise TaskError(full)

@@ -334,7 +334,11 @@ def describe(error: BaseException) -> str:
     """One message for any failure: the error a Ray task or training worker raised, not its wrapper."""
     while True:
         failures = getattr(error, "worker_failures", None)  # Ray Train: a worker group's errors by rank
-        cause = next(iter(failures.values())) if failures else getattr(error, "cause", None)  # RayTaskError
+        cause = (
+            next(iter(failures.values()))
+            if failures
+            else getattr(error, "controller_failure", None) or getattr(error, "cause", None)  # RayTaskError
+        )
         if cause is None or cause is error:
             break
         error = cause

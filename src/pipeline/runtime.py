@@ -48,15 +48,21 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def disk_full(error: BaseException | None) -> bool:
-    """Whether a full disk is behind `error`, however Ray wrapped it (a task's cause, a chained error)."""
+def disk_full(error: BaseException | None) -> OSError | None:
+    """The full-disk error behind `error`, however Ray wrapped it: a Ray Train worker's or controller's
+    failure, a task's cause, a chained exception."""
     for _ in range(10):  # a wrapper's chain is short; the bound guards against a cycle
-        if error is None:
-            return False
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return True
-        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
-    return False
+        if error is None or (isinstance(error, OSError) and error.errno == errno.ENOSPC):
+            return error
+        failures = getattr(error, "worker_failures", None)
+        error = (
+            (next(iter(failures.values())) if failures else None)
+            or getattr(error, "controller_failure", None)
+            or getattr(error, "cause", None)
+            or error.__cause__
+            or error.__context__
+        )
+    return None
 
 
 @contextmanager
@@ -71,7 +77,7 @@ def atomic_dir(final: Path):
         yield tmp
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full(e):  # the bare error names no disk; Ray Data's wraps it in retry advice
+        if disk_full(e) is not None:  # the bare error names no disk; Ray Data's wraps it in retry advice
             free = free_bytes(final.parent) / 2**20
             raise OSError(
                 errno.ENOSPC,

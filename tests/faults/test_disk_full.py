@@ -40,6 +40,14 @@ def fill(path, leave_bytes: int):
     return filler
 
 
+def registered_checkpoint(storage) -> bool:
+    """A checkpoint is on disk and Ray Train's controller has recorded it (the disk is filled after
+    that: a record cut off mid-write is Ray's own file, which a resume could not read)."""
+    written = [p.parent.name for p in storage.glob("*/checkpoint_2*/state.json")]
+    records = list(storage.glob("*/checkpoint_manager_snapshot.json"))
+    return bool(written and records) and written[0] in records[0].read_text()
+
+
 def test_a_checkpoint_write_on_a_full_disk_names_the_path_and_a_rerun_resumes(tiny_run, tmp_path):
     from pipeline.cli import describe
     from pipeline.train.checkpoint_manifest import newest_whole
@@ -59,7 +67,7 @@ def test_a_checkpoint_write_on_a_full_disk_names_the_path_and_a_rerun_resumes(ti
 
         runner = threading.Thread(target=train)
         runner.start()
-        while not list(out.glob("ray/*/checkpoint_2*/state.json")):
+        while not registered_checkpoint(out / "ray"):
             assert runner.is_alive(), f"training ended before its first checkpoint: {failure}"
             time.sleep(0.05)
         filler = fill(disk, 64 * 1024)  # the next checkpoint (4.4 MiB) cannot be written

@@ -14,6 +14,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.config import PipelineConfig
 from pipeline.plots import plot_loss
+from pipeline.runtime import disk_full
+from pipeline.train.disk_full import explain
 from pipeline.train.recipe import train_loop
 from pipeline.train.recipe_config import RecipeConfig
 
@@ -99,6 +101,7 @@ def fit(
     recipe = recipe.model_copy(update={"output_dir": str(out)})
     train = cfg.train
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    run, storage = start_or_resume(cfg, recipe, out, fresh), checkpoint_storage(cfg, out)
     trainer = TorchTrainer(
         functools.partial(train_loop, recipe),
         scaling_config=ScalingConfig(
@@ -107,13 +110,18 @@ def fit(
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         datasets=datasets,
         run_config=RunConfig(
-            name=start_or_resume(cfg, recipe, out, fresh),
-            storage_path=checkpoint_storage(cfg, out),
+            name=run,
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=2),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        if (full := disk_full(e)) is None:
+            raise
+        raise explain(full, None if "://" in storage else Path(storage) / run, out) from e
     final = out / "final"
     shutil.rmtree(final, ignore_errors=True)
     result.checkpoint.to_directory(str(final))

@@ -33,7 +33,6 @@ from pipeline.loading import empty_model, load_model, load_model_config
 from pipeline.train import fused_loss
 from pipeline.train.batch_size import choose_batch_size
 from pipeline.train.checkpoint_manifest import candidates, damage, write_manifest
-from pipeline.train.disk_full import explain_disk_full
 from pipeline.train.ewc import EWC
 from pipeline.train.memory import LoadMeter, peak_memory
 from pipeline.train.objectives import causal_lm, make_objective
@@ -265,7 +264,6 @@ def profiler(config: RecipeConfig, rank: int):
     )
 
 
-@explain_disk_full
 def train_loop(config: RecipeConfig) -> None:
     train = config.train
     if not train.use_gpu:
