@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +140,11 @@ def logged_losses(tensorboard_dir: Path) -> dict[int, float]:
     events = EventAccumulator(str(tensorboard_dir)).Reload()
     scalars = events.Scalars("train/loss") if "train/loss" in events.Tags()["scalars"] else []
     return {e.step: e.value for e in scalars}
+
+
+def tiny_curate(runs_dir: Path, corpus: Path) -> subprocess.CompletedProcess:
+    """`pipeline curate` on the tiny config as a user runs it: its own process, output captured."""
+    command = [sys.executable, "-m", "pipeline.cli", "curate", "--config", str(TINY), f"runs_dir={runs_dir}"]
+    return subprocess.run(
+        [*command, f"data.input=[{corpus}/*.jsonl]"], capture_output=True, text=True, cwd=REPO, timeout=300
+    )

@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, keys_help, load_config
-from pipeline.errors import CheckpointDamagedError, QualityGateError
+from pipeline.errors import CheckpointDamagedError, QualityGateError, inner
 
 log = logging.getLogger("pipeline")
 DEMO_TOKENS = 32
@@ -333,12 +333,7 @@ USER_ERRORS = (ConfigError, OSError, QualityGateError, CheckpointDamagedError)
 def describe(error: BaseException) -> str:
     """One message for any failure: the error a Ray task or training worker raised, not its wrapper."""
     while True:
-        failures = getattr(error, "worker_failures", None)  # Ray Train: a worker group's errors by rank
-        cause = (
-            next(iter(failures.values()))
-            if failures
-            else getattr(error, "controller_failure", None) or getattr(error, "cause", None)  # RayTaskError
-        )
+        cause = inner(error)
         if cause is None or cause is error:
             break
         error = cause

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import ray
 
+from pipeline.errors import inner
+
 log = logging.getLogger("pipeline")
 
 
@@ -54,14 +56,7 @@ def disk_full(error: BaseException | None) -> OSError | None:
     for _ in range(10):  # a wrapper's chain is short; the bound guards against a cycle
         if error is None or (isinstance(error, OSError) and error.errno == errno.ENOSPC):
             return error
-        failures = getattr(error, "worker_failures", None)
-        error = (
-            (next(iter(failures.values())) if failures else None)
-            or getattr(error, "controller_failure", None)
-            or getattr(error, "cause", None)
-            or error.__cause__
-            or error.__context__
-        )
+        error = inner(error) or error.__cause__ or error.__context__
     return None
 
 

@@ -7,13 +7,12 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from conftest import REPO, derived_config
+from conftest import derived_config, tiny_curate
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -90,22 +89,7 @@ def test_a_checkpoint_write_on_a_full_disk_names_the_path_and_a_rerun_resumes(ti
 def test_curate_on_a_full_disk_leaves_nothing_that_looks_complete(tiny_corpus, tmp_path):
     with small_disk(tmp_path / "disk", 8) as disk:
         fill(disk, 16 * 1024)
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.cli",
-                "curate",
-                "--config",
-                "configs/tiny.yaml",
-                f"runs_dir={disk}/runs",
-                f"data.input=[{tiny_corpus}/*.jsonl]",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=300,
-        )
+        out = tiny_curate(disk / "runs", tiny_corpus)
         error = out.stderr.strip().splitlines()[-1]
         print(f"\nFIGURE disk full during curate: exit {out.returncode}, {error}")
         runs = disk / "runs" / "tiny"

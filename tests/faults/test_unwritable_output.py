@@ -1,12 +1,9 @@
 """An output directory that cannot be written: a clear error naming the path, no traceback, and no
 half-written stage folder left looking complete (stages write to <stage>.tmp and rename on success)."""
 
-import subprocess
-import sys
-
 import pytest
 
-from conftest import REPO
+from conftest import tiny_curate
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -14,22 +11,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 def test_unwritable_runs_dir_is_a_clear_error_naming_the_path(tmp_path, tiny_corpus):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the runs folder should be")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "curate",
-            "--config",
-            "configs/tiny.yaml",
-            f"runs_dir={blocker}/runs",
-            f"data.input=[{tiny_corpus}/*.jsonl]",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    out = tiny_curate(blocker / "runs", tiny_corpus)
     print(f"\nFIGURE unwritable output: exit {out.returncode}, stderr: {out.stderr.strip().splitlines()[-1]}")
     assert out.returncode == 2
     assert "pipeline curate: error:" in out.stderr and str(blocker) in out.stderr
