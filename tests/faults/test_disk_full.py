@@ -41,7 +41,7 @@ def fill(path, leave_bytes: int):
 
 def registered_checkpoint(storage) -> bool:
     """A checkpoint is on disk and Ray Train's controller has recorded it (the disk is filled after
-    that: a record cut off mid-write is Ray's own file, which a resume could not read)."""
+    that: a record cut off mid-write is Ray's own file, and how a resume reads one is not tested here)."""
     written = [p.parent.name for p in storage.glob("*/checkpoint_2*/state.json")]
     records = list(storage.glob("*/checkpoint_manager_snapshot.json"))
     return bool(written and records) and written[0] in records[0].read_text()
