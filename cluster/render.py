@@ -128,7 +128,8 @@ def rayjob(profile: dict, stage: str, inline_cluster: bool) -> dict:
 
 def serve_config(profile: dict) -> dict:
     cfg = load_config(ROOT.parent / profile["config"], overrides(profile))
-    args = ServeArgs.from_config(cfg, f"{RUNS}/{cfg.name}/quantize/awq")
+    run = f"{RUNS}/{cfg.name}"
+    args = ServeArgs.from_config(cfg, f"{run}/quantize/awq", adapters_dir=f"{run}/adapters")
     # no runtime_env: the image has the repo installed, and Serve takes only remote working_dirs
     return {
         "proxy_location": "EveryNode",

@@ -4,8 +4,9 @@ and prompts, and retries a call whose model replica died on a live one, so a rep
 fail the requests it was serving.
 
 Routes: POST /generate, POST /v1/completions, POST /v1/chat/completions (both with SSE streaming),
-GET /v1/models, GET /healthz, GET /metrics. Run it with `pipeline serve --config FILE`, with
-`serve run serve.app:build_app model_dir=DIR`, or from a RayService serveConfigV2
+GET /v1/models, GET /healthz, GET /metrics. The base model and each LoRA adapter under `adapters_dir`
+are models of their own: the OpenAI `model` field (and /generate's) picks one. Run it with
+`pipeline serve --config FILE`, with `serve run serve.app:build_app model_dir=DIR`, or from a RayService serveConfigV2
 (import_path: serve.app:build_app, args: the fields of ServeArgs).
 """
 
@@ -27,6 +28,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.serving.adapters import find_adapters
 from pipeline.serving.engine import Tokenizer
 from pipeline.serving.generator import Generator
 from pipeline.serving.metrics import ServeMetrics
@@ -110,6 +112,7 @@ class LLMServer:
     def __init__(self, args: ServeArgs, generator: DeploymentHandle):
         self.args, self.generator = args, generator
         self.tokens = Tokenizer(args.model_dir, args.trust_remote_code)  # prompt lengths and chat templates
+        self.adapters = find_adapters(args.adapters_dir, args.model_name)  # the replicas load the same folders
         self.metrics = api.state.metrics = ServeMetrics()
         self.in_flight = 0
         api.state.limits = (args.max_header_bytes, args.max_body_bytes)
@@ -118,15 +121,20 @@ class LLMServer:
         api.state.key_sha256 = args.api_key_sha256 or (hashlib.sha256(key.encode()).hexdigest() if key else None)
 
     # ---- plumbing shared by every route -------------------------------------------------------
-    def _check_model(self, name: str) -> None:
-        if name != self.args.model_name:
+    def _adapter(self, name: str | None) -> str | None:
+        """The adapter a request's `model` names; None for the base model."""
+        if name is None or name == self.args.model_name:
+            return None
+        if name not in self.adapters:
+            served = ", ".join(repr(n) for n in (self.args.model_name, *self.adapters))
             raise APIError(
                 404,
-                f"model {name!r} does not exist; this server has {self.args.model_name!r}",
+                f"model {name!r} does not exist; this server has {served}",
                 "invalid_request_error",
                 "model_not_found",
                 "model",
             )
+        return name
 
     def _sampling(
         self, prompt: str, max_tokens: int | None, temperature: float, top_p: float, stop: list[str], **more
@@ -209,8 +217,10 @@ class LLMServer:
                     raise
                 self._replica_died(attempt, e)
 
-    async def _sse(self, prompt: str, sampling: Sampling, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-        writer, cutter, first = ChunkWriter(self.args.model_name, chat), StopCutter(sampling.stop), True
+    async def _sse(
+        self, model: str, prompt: str, sampling: Sampling, chat: bool, include_usage: bool
+    ) -> AsyncIterator[str]:
+        writer, cutter, first = ChunkWriter(model, chat), StopCutter(sampling.stop), True
         async for piece in self._pieces(prompt, sampling):
             if text := cutter.feed(piece):
                 yield writer.piece(text, first=first)
@@ -240,10 +250,12 @@ class LLMServer:
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             logprobs=req.logprob_alternatives(),
+            adapter=self._adapter(req.model),
         )
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(prompt, sampling, chat, include), media_type="text/event-stream")
+            events = self._sse(req.model, prompt, sampling, chat, include)
+            return StreamingResponse(events, media_type="text/event-stream")
         # n choices sample apart: a seeded request gives choice i the seed + i
         choices = await asyncio.gather(
             *(
@@ -253,7 +265,7 @@ class LLMServer:
         )
         # usage counts the returned text as a stream of it would be counted
         completion_tokens = sum(self.tokens.count_tokens(c.text) for c in choices)
-        return completion_body(self.args.model_name, choices, chat, self.tokens.count_tokens(prompt), completion_tokens)
+        return completion_body(req.model, choices, chat, self.tokens.count_tokens(prompt), completion_tokens)
 
     # ---- routes ---------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -267,15 +279,16 @@ class LLMServer:
 
     @api.get("/v1/models")
     async def models(self) -> dict:
-        return {
-            "object": "list",
-            "data": [{"id": self.args.model_name, "object": "model", "created": 0, "owned_by": "llm-pipeline"}],
-        }
+        """The base model, then its adapters; `parent` names an adapter's base, as vLLM lists LoRA models."""
+        base = {"id": self.args.model_name, "object": "model", "created": 0, "owned_by": "llm-pipeline"}
+        adapters = [{**base, "id": name, "parent": base["id"]} for name in self.adapters]
+        return {"object": "list", "data": [base, *adapters]}
 
     @api.post("/generate")
     async def generate(self, req: GenerateRequest):
         async def handle():
-            s = self._sampling(req.prompt, req.max_new_tokens, req.temperature, req.top_p, req.stop)
+            adapter = self._adapter(req.model)
+            s = self._sampling(req.prompt, req.max_new_tokens, req.temperature, req.top_p, req.stop, adapter=adapter)
             c = await self._complete(req.prompt, s)
             return {
                 "text": c.text,
@@ -289,7 +302,6 @@ class LLMServer:
     @api.post("/v1/completions")
     async def completions(self, req: CompletionRequest):
         async def handle():
-            self._check_model(req.model)
             return await self._openai(req.prompt, req, req.max_tokens, chat=False)
 
         return await self._admit(handle)
@@ -297,7 +309,6 @@ class LLMServer:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatRequest):
         async def handle():
-            self._check_model(req.model)
             prompt = self.tokens.apply_chat_template([m.plain() for m in req.messages])
             return await self._openai(prompt, req, req.max_completion_tokens or req.max_tokens, chat=True)
 

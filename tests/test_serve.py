@@ -1,23 +1,34 @@
-"""The serve/ app on a real local Ray Serve (127.0.0.1), serving the tiny run's AWQ model: every
-route over plain HTTP and through the official openai client, errors, API key, batching,
-queue limit, timeout and autoscaling."""
+"""The serve/ app on a real local Ray Serve (127.0.0.1), serving the tiny run's AWQ model with two
+LoRA adapters beside it: every route over plain HTTP and through the official openai client, adapters
+picked by `model` and mixed in one batch, errors, API key, batching, queue limit, timeout and
+autoscaling."""
 
 import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
 import requests
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from ray import serve
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+from pipeline.config import ConfigError
+from pipeline.digest import path_digest
+from pipeline.handoff import merged_model_dir, served_model_dir, trained_model
+from pipeline.loading import load_model, load_tokenizer, write_adapter_record
 from pipeline.serving.deploy import serve_args, wait_healthy
+from pipeline.serving.transformers_engine import load_with_adapters
 from serve.app import build_app
 
 pytestmark = pytest.mark.integration
 
 KEY = "test-key-123"
+ADAPTERS = ("alpha", "beta")
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -31,11 +42,31 @@ def start_app(cfg, name: str, **overrides) -> str:
     return url
 
 
+def lora_adapter(base: Path, out: Path, seed: int) -> Path:
+    """A peft LoRA adapter on `base` whose B matrices are random instead of zero, so that it changes the
+    answers; its record names its base, as training's does."""
+    torch.manual_seed(seed)
+    model = load_model(AutoModelForCausalLM, base)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(out)
+    write_adapter_record(out, base, path_digest(base))
+    return out
+
+
 @pytest.fixture(scope="module")
-def app(tiny_run):
+def adapters(tiny_run, tmp_path_factory) -> Path:
+    """Two adapters on the run's 16-bit model, which the served 4-bit model was quantized from."""
+    folder = tmp_path_factory.mktemp("adapters")
+    for seed, name in enumerate(ADAPTERS):
+        lora_adapter(merged_model_dir(tiny_run), folder / name, seed)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def app(tiny_run, adapters):
     os.environ[tiny_run.serve.api_key_env] = KEY  # serve_args hashes it; the replicas never see it
     try:
-        url = start_app(tiny_run, "main", max_batch_size=8, batch_wait_timeout_s=0.2)
+        url = start_app(tiny_run, "main", max_batch_size=8, batch_wait_timeout_s=0.2, adapters_dir=str(adapters))
     finally:
         del os.environ[tiny_run.serve.api_key_env]
     yield url, tiny_run.name
@@ -160,13 +191,13 @@ def test_openai_parameters_are_honoured_or_refused_by_name(app):
 def test_official_openai_client(app):
     url, model = app
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
-    assert [m.id for m in client.models.list()] == [model]
+    assert [m.id for m in client.models.list()] == [model, *ADAPTERS]
     c = client.completions.create(model=model, prompt="Permission", max_tokens=6, temperature=0)
     assert c.usage.completion_tokens <= 6 and isinstance(c.choices[0].text, str)
     chat = client.chat.completions.create(
-        model=model, max_tokens=6, messages=[{"role": "user", "content": "Which licence?"}]
+        model="alpha", max_tokens=6, messages=[{"role": "user", "content": "Which licence?"}]
     )
-    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.role == "assistant" and chat.model == "alpha"
     pieces = list(
         client.chat.completions.create(
             model=model,
@@ -344,3 +375,68 @@ def test_autoscaling_up_under_load_and_back_down(tiny_run, app):
         time.sleep(2)
     assert running() == 1, "did not scale back down after the load stopped"
     serve.delete("scaled")
+
+
+PROMPT = "Permission is hereby granted"
+
+
+def greedy_alone(tiny_run, adapters: Path, names: list[str], max_new_tokens: int) -> dict[str, str]:
+    """Reference answers from peft itself, outside the server: each model's greedy text, one at a time."""
+    awq = served_model_dir(tiny_run)
+    tokenizer = load_tokenizer(awq)
+    unpacked = CompressedTensorsConfig(run_compressed=False)  # peft adds LoRA to unpacked 4-bit weights
+    model = PeftModel.from_pretrained(
+        load_model(AutoModelForCausalLM, awq, quantization_config=unpacked), adapters / "alpha", adapter_name="alpha"
+    )
+    model.load_adapter(str(adapters / "beta"), adapter_name="beta")
+    answers = {}
+    for name in names:
+        enc = tokenizer(PROMPT, return_tensors="pt")
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            adapter_names=[name if name in ADAPTERS else "__base__"],
+        )
+        answers[name] = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return answers
+
+
+def test_adapters_are_models_beside_the_base_and_a_batch_may_mix_them(app, tiny_run, adapters):
+    url, name = app
+    listed = requests.get(f"{url}/v1/models", headers=AUTH, timeout=10).json()["data"]
+    assert [m["id"] for m in listed] == [name, *ADAPTERS]
+    assert all(m["parent"] == name for m in listed[1:])
+    models = [name, *ADAPTERS]
+    expected = greedy_alone(tiny_run, adapters, models, max_new_tokens=10)
+    assert len(set(expected.values())) == 3, expected  # the adapters change the answer
+
+    def ask(model: str) -> str:
+        body = {"model": model, "prompt": PROMPT, "max_tokens": 10, "temperature": 0}
+        response = post(url, "/v1/completions", body)
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == model
+        return response.json()["choices"][0]["text"]
+
+    assert {m: ask(m) for m in models} == expected  # one at a time
+    with ThreadPoolExecutor(9) as pool:  # together: batches that mix the three
+        mixed = list(pool.map(ask, models * 3))
+    assert mixed == [expected[m] for m in models * 3]
+    generate = post(url, "/generate", {"model": "beta", "prompt": PROMPT, "max_new_tokens": 10}).json()
+    assert generate["text"] == expected["beta"]
+
+
+def test_an_unknown_adapter_is_a_404_naming_the_models_served(app):
+    url, name = app
+    for path, body in (("/v1/completions", {"prompt": "hi"}), ("/generate", {"prompt": "hi"})):
+        response = post(url, path, {**body, "model": "gamma"})
+        assert response.status_code == 404
+        message = response.json()["error"]["message"]
+        assert "'gamma'" in message and all(f"'{m}'" in message for m in (name, *ADAPTERS)), message
+
+
+def test_an_adapter_trained_on_another_base_is_refused_at_load(tiny_run, tmp_path):
+    """The run's pretrained base is not the model it served: an adapter of that base does not fit."""
+    other = lora_adapter(trained_model(tiny_run).base_model, tmp_path / "elsewhere", seed=3)
+    with pytest.raises(ConfigError, match="was trained on the base model in .* and .* is another model"):
+        load_with_adapters(str(served_model_dir(tiny_run)), False, {"elsewhere": other})

@@ -5,12 +5,17 @@ import asyncio
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline.config import ConfigError
+from pipeline.digest import path_digest
+from pipeline.loading import check_adapter_base, write_adapter_record, write_quantized_record
+from pipeline.serving.adapters import find_adapters
 from pipeline.serving.batching import BatchMerger
-from pipeline.serving.engines import choose_engine, vllm_engine_args
+from pipeline.serving.engines import choose_engine, vllm_engine_args, vllm_lora_args
 from pipeline.serving.openai_format import ChunkWriter
 from pipeline.serving.types import Completion, Sampling, StopCutter, truncate_at_stop
 
@@ -131,6 +136,50 @@ def test_engine_selection_and_vllm_arguments():
         "trust_remote_code": False,
     }
     assert vllm_engine_args("/m", 2048, 64, trust_remote_code=True)["trust_remote_code"] is True
+    lora = {"max_loras": 2, "max_lora_rank": 16}
+    assert vllm_engine_args("/m", 2048, 64, False, lora) == {
+        **args,
+        "model": "/m",
+        "tokenizer": "/m",
+        "enable_lora": True,
+        **lora,
+    }
+
+
+def fake_adapter(folder: Path, rank: int) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "peft_type": "LORA"}))
+    return folder
+
+
+def test_adapters_are_the_folders_holding_one_and_vllm_is_sized_for_them(tmp_path):
+    assert find_adapters(None, "base") == {} and find_adapters(str(tmp_path / "none yet"), "base") == {}
+    a, b = fake_adapter(tmp_path / "b-legal", 8), fake_adapter(tmp_path / "a-support", 32)
+    (tmp_path / "notes").mkdir()  # a folder without adapter_config.json is not an adapter
+    assert find_adapters(str(tmp_path), "base") == {"a-support": b, "b-legal": a}
+    assert vllm_lora_args({}, 8, 64) is None
+    assert vllm_lora_args(find_adapters(str(tmp_path), "base"), 8, 64) == {"max_loras": 2, "max_lora_rank": 64}
+    with pytest.raises(ConfigError, match=r"over serve.max_lora_rank=16 \(a-support has rank 32\)"):
+        vllm_lora_args(find_adapters(str(tmp_path), "base"), 8, 16)
+    fake_adapter(tmp_path / "base", 8)
+    with pytest.raises(ConfigError, match="named like the base model"):
+        find_adapters(str(tmp_path), "base")
+
+
+def test_a_quantized_model_stands_for_its_16_bit_source(tmp_path):
+    """An adapter trained on the 16-bit model fits its 4-bit export, and nothing else."""
+    merged, awq, other = (tmp_path / n for n in ("merged", "awq", "other"))
+    for folder, weights in ((merged, b"16-bit"), (awq, b"4-bit"), (other, b"another")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(weights)
+    adapter = fake_adapter(tmp_path / "adapter", 8)
+    write_adapter_record(adapter, merged, path_digest(merged))
+    write_quantized_record(awq, merged)
+    assert json.loads((awq / "pipeline.json").read_text())["quantized_from"] == "../merged"
+    check_adapter_base(adapter, merged)
+    check_adapter_base(adapter, awq)
+    with pytest.raises(ConfigError, match=f"trained on the base model in {merged}"):
+        check_adapter_base(adapter, other)
 
 
 def test_openai_requests_refuse_what_the_server_does_not_implement():

@@ -428,6 +428,8 @@ class ReplicaSettings(Section):
     max_body_bytes: int = Field(
         1_048_576, ge=1024, description="a request body over this is refused (413) before it is parsed"
     )
+    max_loras: int = Field(8, ge=1, description="vLLM: LoRA adapters held on a GPU at once (least recently used out)")
+    max_lora_rank: int = Field(64, ge=1, description="vLLM: the largest LoRA rank among the adapters served")
 
     @model_validator(mode="after")
     def _replica_range(self) -> ReplicaSettings:

@@ -5,6 +5,7 @@ curate    runs/<name>/curate/kept/                 curated Parquet shards
 train     runs/<name>/train/metrics.json            "base_model" and "adapter": the trained model
 quantize  runs/<name>/quantize/merged/              the 16-bit model (distillation's default teacher)
           runs/<name>/quantize/quant_report.json    "serve_model": the folder to serve, or null (gate failed)
+adapters  runs/<name>/adapters/<adapter>/          LoRA adapters served beside the model, a folder each
 """
 
 from __future__ import annotations
@@ -73,3 +74,9 @@ def served_model_dir(cfg: PipelineConfig) -> Path:
             f"({report['gate']}); rerun `pipeline quantize --force` to serve it anyway"
         )
     return path.parent / report["serve_model"]
+
+
+def adapters_dir(cfg: PipelineConfig) -> Path | None:
+    """The folder of the run's LoRA adapters, served beside its model; None while it has none."""
+    folder = cfg.stage_dir("adapters")
+    return folder if folder.is_dir() else None

@@ -5,6 +5,7 @@ code shipped with a model (`auto_map`) runs only when `model.trust_remote_code` 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from pipeline.config import ConfigError
@@ -55,26 +56,55 @@ def load_model_config(path: str | Path, trust_remote_code: bool = False, **kwarg
     return _from_pretrained(AutoConfig.from_pretrained, path, trust_remote_code, **kwargs)
 
 
-def load_adapter(model, path: str | Path, **kwargs):
-    """A peft adapter onto `model`, from adapter_model.safetensors only, and only onto the base it was
-    trained on when the adapter says which (pipeline.json, written by training)."""
+RECORD = "pipeline.json"  # beside an adapter: the base it was trained on; beside a 4-bit model: its 16-bit source
+
+
+def write_adapter_record(adapter: Path, base_model: str | Path, base_digest: str) -> None:
+    (adapter / RECORD).write_text(json.dumps({"base_model": str(base_model), "base_digest": base_digest}, indent=2))
+
+
+def write_quantized_record(quantized: Path, source: Path) -> None:
+    """A quantized model stands for the 16-bit model it was made from: an adapter trained on that model
+    serves on this one (adapters stay 16-bit over a 4-bit base, as vLLM serves them)."""
+    from pipeline.digest import path_digest
+
+    # relative: the two usually sit in one stage folder, which is renamed when it is complete
+    record = {"quantized_from": os.path.relpath(source, quantized), "quantized_from_digest": path_digest(source)}
+    (quantized / RECORD).write_text(json.dumps(record, indent=2))
+
+
+def model_fingerprints(model: Path) -> set[str]:
+    """The fingerprints an adapter's base may carry to fit `model`: its own, and its 16-bit source's."""
+    from pipeline.digest import path_digest
+
+    record = model / RECORD
+    source = json.loads(record.read_text()).get("quantized_from_digest") if record.is_file() else None
+    return {path_digest(model)} | ({source} if source else set())
+
+
+def load_adapter(model, path: str | Path, adapter_name: str = "default", **kwargs):
+    """A peft adapter onto `model` (a plain model, or a peft model that holds others already), from
+    adapter_model.safetensors only, and only onto the base it was trained on when the adapter says which
+    (pipeline.json, written by training)."""
     from peft import PeftModel
 
     _refuse_pickles(Path(path), "adapter", ("adapter_model.bin",))
     check_adapter_base(Path(path), Path(model.name_or_path))
-    return PeftModel.from_pretrained(model, str(path), **kwargs)
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(path), adapter_name=adapter_name, **kwargs)
+        return model
+    return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, **kwargs)
 
 
 def check_adapter_base(adapter: Path, base: Path) -> None:
-    from pipeline.digest import path_digest
-
-    record = adapter / "pipeline.json"
+    record = adapter / RECORD
     if not record.is_file() or not base.is_dir():
         return
     trained_on = json.loads(record.read_text())
-    if trained_on.get("base_digest") and trained_on["base_digest"] != path_digest(base):
+    fits = model_fingerprints(base)
+    if trained_on.get("base_digest") and trained_on["base_digest"] not in fits:
         raise ConfigError(
             f"the adapter in {adapter} was trained on the base model in {trained_on['base_model']} "
             f"(fingerprint {trained_on['base_digest']}), and {base} is another model (fingerprint "
-            f"{path_digest(base)}): apply it to the base it was trained on, or train it again"
+            f"{', '.join(sorted(fits))}): apply it to the base it was trained on, or train it again"
         )

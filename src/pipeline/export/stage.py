@@ -17,7 +17,7 @@ from pipeline.export.awq import check_supported, quantize_awq
 from pipeline.export.evaluate import measure
 from pipeline.handoff import QUANT_REPORT, curated_dir, trained_model
 from pipeline.heldout import split_texts
-from pipeline.loading import load_tokenizer
+from pipeline.loading import load_tokenizer, write_quantized_record
 from pipeline.merge import merge_adapter
 from pipeline.runtime import atomic_dir
 from pipeline.train.data import instruction_texts
@@ -83,6 +83,7 @@ def _quantize(cfg: PipelineConfig, calib: list[str], held_out: list[str], source
         }
         if settings.enabled:
             awq = quantize_awq(merged, out / "awq", calib, settings, trust)
+            write_quantized_record(awq, merged)
             quantized = measure(awq, held_out, settings.calib_seq_len, trust)
             report.update(quantized="awq", **{f"quantized_{k}": v for k, v in quantized.items()})
             report["size_ratio"] = round(report["quantized_bytes"] / report["merged_bytes"], 4)

@@ -11,7 +11,7 @@ import requests
 from ray import serve
 
 from pipeline.config import PipelineConfig
-from pipeline.handoff import served_model_dir
+from pipeline.handoff import adapters_dir, served_model_dir
 from pipeline.serving.schemas import ServeArgs
 
 log = logging.getLogger("pipeline.serve")
@@ -19,10 +19,11 @@ APP_NAME = "llm"
 
 
 def serve_args(cfg: PipelineConfig) -> ServeArgs:
-    """The replicas' settings for the model this config's last quantize stage produced; the API key
-    (from serve.api_key_env) travels only as its SHA-256."""
+    """The replicas' settings for the model this config's last quantize stage produced and the run's
+    adapters; the API key (from serve.api_key_env) travels only as its SHA-256."""
     key = os.environ.get(cfg.serve.api_key_env)
-    return ServeArgs.from_config(cfg, served_model_dir(cfg), hashlib.sha256(key.encode()).hexdigest() if key else None)
+    digest = hashlib.sha256(key.encode()).hexdigest() if key else None
+    return ServeArgs.from_config(cfg, served_model_dir(cfg), digest, adapters_dir(cfg))
 
 
 def deploy(cfg: PipelineConfig) -> str:

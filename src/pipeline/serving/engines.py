@@ -4,11 +4,15 @@ requirements-vllm.txt), transformers everywhere else."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from pipeline.config import ConfigError
+from pipeline.serving.adapters import find_adapters
 from pipeline.serving.engine import Engine
 from pipeline.serving.schemas import ServeArgs
 
@@ -31,10 +35,14 @@ def choose_engine(requested: str, vllm_present: bool | None = None) -> str:
     return requested
 
 
-def vllm_engine_args(model_dir: str, max_model_len: int, max_num_seqs: int, trust_remote_code: bool) -> dict:
+def vllm_engine_args(
+    model_dir: str, max_model_len: int, max_num_seqs: int, trust_remote_code: bool, lora: dict | None = None
+) -> dict:
     """AsyncEngineArgs for vLLM. Our AWQ output is compressed-tensors, which vLLM detects from the
-    model's config.json; vLLM batches continuously, so the transformers engine's batcher is not used."""
+    model's config.json; vLLM batches continuously, so the transformers engine's batcher is not used.
+    `lora`: enable_lora's settings when there are adapters (each request names its own LoRARequest)."""
     return {
+        **({"enable_lora": True, **lora} if lora else {}),
         "model": model_dir,
         "tokenizer": model_dir,
         "max_model_len": max_model_len,
@@ -45,15 +53,31 @@ def vllm_engine_args(model_dir: str, max_model_len: int, max_num_seqs: int, trus
     }
 
 
+def vllm_lora_args(adapters: dict[str, Path], max_loras: int, max_lora_rank: int) -> dict | None:
+    """vLLM holds at most `max_loras` adapters on the GPU at once (least recently used out); the rank
+    bound must cover every adapter's, and it sizes vLLM's LoRA buffers."""
+    if not adapters:
+        return None
+    ranks = {name: json.loads((path / "adapter_config.json").read_text())["r"] for name, path in adapters.items()}
+    too_big = {name: r for name, r in ranks.items() if r > max_lora_rank}
+    if too_big:
+        ranks = ", ".join(f"{name} has rank {r}" for name, r in too_big.items())
+        raise ConfigError(f"LoRA adapters over serve.max_lora_rank={max_lora_rank} ({ranks}): raise it")
+    return {"max_loras": min(max_loras, len(adapters)), "max_lora_rank": max_lora_rank}
+
+
 def load_engine(args: ServeArgs, on_batch: Callable[[int], None], max_model_len: int = 2048) -> Engine:
     kind = choose_engine(args.engine)
-    log.info("serving %s with the %s engine", args.model_dir, kind)
+    adapters = find_adapters(args.adapters_dir, args.model_name)
+    log.info("serving %s with the %s engine, adapters: %s", args.model_dir, kind, ", ".join(adapters) or "none")
     if kind == "vllm":
         from pipeline.serving.vllm_engine import VLLMEngine
 
-        return VLLMEngine(vllm_engine_args(args.model_dir, max_model_len, args.max_queue, args.trust_remote_code))
+        lora = vllm_lora_args(adapters, args.max_loras, args.max_lora_rank)
+        engine_args = vllm_engine_args(args.model_dir, max_model_len, args.max_queue, args.trust_remote_code, lora)
+        return VLLMEngine(engine_args, adapters)
     from pipeline.serving.transformers_engine import TransformersEngine
 
     return TransformersEngine(
-        args.model_dir, args.trust_remote_code, args.max_batch_size, args.batch_wait_timeout_s, on_batch
+        args.model_dir, args.trust_remote_code, adapters, args.max_batch_size, args.batch_wait_timeout_s, on_batch
     )

@@ -29,6 +29,7 @@ def _stop_list(v):
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, min_length=1, description="an adapter's name; default: the base model")
     prompt: str = Field(..., min_length=1)
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy")
@@ -153,13 +154,21 @@ class ServeArgs(ReplicaSettings):
 
     model_dir: str
     model_name: str = "llm-pipeline"
+    adapters_dir: str | None = Field(None, description="LoRA adapters served beside the base, a folder each")
     trust_remote_code: bool = False
     api_key_sha256: str | None = None
 
     @classmethod
-    def from_config(cls, cfg: PipelineConfig, model_dir: str | Path, api_key_sha256: str | None = None) -> ServeArgs:
+    def from_config(
+        cls,
+        cfg: PipelineConfig,
+        model_dir: str | Path,
+        api_key_sha256: str | None = None,
+        adapters_dir: str | Path | None = None,
+    ) -> ServeArgs:
         return cls(
             model_dir=str(model_dir),
+            adapters_dir=str(adapters_dir) if adapters_dir else None,
             model_name=cfg.name,
             trust_remote_code=cfg.model.trust_remote_code,
             api_key_sha256=api_key_sha256,

@@ -1,17 +1,21 @@
 """The transformers engine (CPU, or a GPU without vLLM): concurrent requests are merged into one
 `model.generate` call over the whole batch (left padding, batching.py); a stream generates alone,
-token by token, in a thread."""
+token by token, in a thread. With LoRA adapters the model is a peft model holding them all, and a
+batch may mix them: peft applies each row's adapter (`adapter_names`), so batching still pays off."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from pipeline.loading import load_model, load_tokenizer
+from pipeline.loading import load_adapter, load_model, load_tokenizer
+from pipeline.serving.adapters import BASE
 from pipeline.serving.batching import BatchMerger
 from pipeline.serving.engine import Engine
 from pipeline.serving.types import Completion, Sampling, TokenLogprob, truncate_at_stop
@@ -30,11 +34,32 @@ class OpenAIPenalties(LogitsProcessor):
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
+def load_with_adapters(model_dir: str, trust_remote_code: bool, adapters: dict[str, Path]):
+    """The base model, wrapped in one peft model with every adapter when there are any. peft adds LoRA to
+    a layer's `weight`, which a compressed-tensors 4-bit layer holds packed; so under adapters its 4-bit
+    values are unpacked once at load (the same rounded numbers, in 16 bits)."""
+    kwargs = {}
+    if adapters and _compressed_tensors(Path(model_dir)):
+        from transformers import CompressedTensorsConfig
+
+        kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
+    model = load_model(AutoModelForCausalLM, model_dir, trust_remote_code, **kwargs)
+    for name, path in adapters.items():
+        model = load_adapter(model, path, adapter_name=name)  # refuses one trained on another base
+    return model
+
+
+def _compressed_tensors(model_dir: Path) -> bool:
+    config = json.loads((model_dir / "config.json").read_text())
+    return config.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
+
+
 class TransformersEngine(Engine):
     def __init__(
         self,
         model_dir: str,
         trust_remote_code: bool,
+        adapters: dict[str, Path] | None = None,
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.02,
         on_batch: Callable[[int], None] = lambda n: None,
@@ -43,7 +68,8 @@ class TransformersEngine(Engine):
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = load_model(AutoModelForCausalLM, model_dir, trust_remote_code).to(self.device).eval()
+        self.adapters = dict(adapters or {})
+        self.model = load_with_adapters(model_dir, trust_remote_code, self.adapters).to(self.device).eval()
         self.merger = BatchMerger(self.generate_batch, max_batch_size, batch_wait_timeout_s, on_batch)
 
     async def complete(self, prompt: str, sampling: Sampling) -> Completion:
@@ -54,8 +80,10 @@ class TransformersEngine(Engine):
         while (piece := await asyncio.to_thread(next, pieces, done)) is not done:  # each wait off the event loop
             yield piece
 
-    def _generate_kwargs(self, s: Sampling, prompt_width: int) -> dict:
-        sampling = (
+    def _generate_kwargs(self, sampling: list[Sampling], prompt_width: int) -> dict:
+        """For one group (sampling settings alike but for the adapter): the first row's settings."""
+        s = sampling[0]
+        choice = (
             {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
             if s.temperature > 0
             else {"do_sample": False}
@@ -64,8 +92,9 @@ class TransformersEngine(Engine):
         processors = [OpenAIPenalties(prompt_width, s.presence_penalty, s.frequency_penalty)] if penalties else []
         return {
             "pad_token_id": self.tokenizer.pad_token_id,
+            **({"adapter_names": [row.adapter or BASE for row in sampling]} if self.adapters else {}),
             "logits_processor": LogitsProcessorList(processors),
-            **sampling,
+            **choice,
         }
 
     @torch.no_grad()
@@ -91,7 +120,7 @@ class TransformersEngine(Engine):
             max_new_tokens=max(s.max_new_tokens for s in sampling),
             return_dict_in_generate=True,
             output_logits=first.logprobs is not None,
-            **self._generate_kwargs(first, width),
+            **self._generate_kwargs(sampling, width),
         )
         completions = []
         for row, (tokens, mask, s) in enumerate(zip(out.sequences, enc["attention_mask"], sampling)):
@@ -137,7 +166,7 @@ class TransformersEngine(Engine):
             **enc,
             max_new_tokens=sampling.max_new_tokens,
             streamer=streamer,
-            **self._generate_kwargs(sampling, enc["input_ids"].shape[1]),
+            **self._generate_kwargs([sampling], enc["input_ids"].shape[1]),
         )
         thread = threading.Thread(target=torch.no_grad()(self.model.generate), kwargs=kwargs, daemon=True)
         thread.start()

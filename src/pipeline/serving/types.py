@@ -16,6 +16,7 @@ class Sampling:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from a token already generated
     frequency_penalty: float = 0.0  # and this times the number of times it was
     logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k likeliest alternatives
+    adapter: str | None = None  # the LoRA adapter that answers (not a sampling setting: a batch may mix them)
 
     def group(self) -> tuple:
         """Requests that can share one model.generate call have the same group."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from pipeline.loading import load_tokenizer
 from pipeline.serving.engine import Engine
@@ -37,10 +38,13 @@ def token_logprobs(token_ids: list[int], positions: list[dict]) -> list[TokenLog
 
 
 class VLLMEngine(Engine):
-    def __init__(self, engine_args: dict):
+    def __init__(self, engine_args: dict, adapters: dict[str, Path]):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
+        from vllm.lora.request import LoRARequest
 
         self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_args))
+        # vLLM tells adapters apart by a positive integer id
+        self.loras = {name: LoRARequest(name, i, str(path)) for i, (name, path) in enumerate(adapters.items(), 1)}
         self.tokenizer = load_tokenizer(engine_args["tokenizer"], engine_args["trust_remote_code"])
 
     @staticmethod
@@ -50,7 +54,8 @@ class VLLMEngine(Engine):
         return SamplingParams(**sampling_params(s))
 
     async def _outputs(self, prompt: str, s: Sampling):
-        async for out in self.engine.generate(prompt, self._params(s), request_id=uuid.uuid4().hex):
+        lora = self.loras[s.adapter] if s.adapter else None
+        async for out in self.engine.generate(prompt, self._params(s), request_id=uuid.uuid4().hex, lora_request=lora):
             yield out
 
     async def complete(self, prompt: str, sampling: Sampling) -> Completion:

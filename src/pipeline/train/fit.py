@@ -13,6 +13,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.config import PipelineConfig
+from pipeline.loading import write_adapter_record
 from pipeline.plots import plot_loss
 from pipeline.runtime import disk_full
 from pipeline.train.disk_full import explain
@@ -40,7 +41,6 @@ def run_name(cfg: PipelineConfig, recipe: RecipeConfig, out: Path) -> str:
 
 
 RUN_RECORD = "run.json"  # in the stage folder: which Ray Train run it last used, and what that run read
-ADAPTER_RECORD = "pipeline.json"  # beside an adapter: the base it was trained on
 
 
 def _storage(location: str) -> tuple[pafs.FileSystem, str]:
@@ -126,8 +126,7 @@ def fit(
     shutil.rmtree(final, ignore_errors=True)
     result.checkpoint.to_directory(str(final))
     if (final / "model" / "adapter_config.json").is_file():  # an adapter says which base it belongs to
-        base = {"base_model": recipe.base_model, "base_digest": recipe.inputs.get("base_model")}
-        (final / "model" / ADAPTER_RECORD).write_text(json.dumps(base, indent=2))
+        write_adapter_record(final / "model", recipe.base_model, recipe.inputs.get("base_model"))
     history = json.loads((final / "state.json").read_text())["history"]
     plot_loss({out.name: history}, out / "loss.png")
     return final, history
