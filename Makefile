@@ -7,15 +7,16 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format bench-serve bench-curate bench-train bench-memory bench-soak clean help
+.PHONY: setup demo test test-fast lint format bench-serve bench-adapters bench-curate bench-train bench-memory bench-soak clean help
 
 help:
 	@echo "make demo   - set up .venv, build the sample corpus, run curate -> train -> quantize -> serve"
-	@echo "make test   - set up .venv and run the whole test suite (unit + integration, ~20 minutes on 2 cores)"
+	@echo "make test   - set up .venv and run the whole test suite (unit + integration, ~60 minutes on 2 cores)"
 	@echo "make test-fast - the unit tests only: no Ray, under 2 minutes"
 	@echo "make lint   - ruff check and ruff format --check (CI runs it first)"
 	@echo "make format - ruff format and the safe ruff fixes, in place"
 	@echo "make bench-serve - after make demo: serving QPS with @serve.batch on vs off (JSON)"
+	@echo "make bench-adapters - after make demo: QPS with requests spread over 8 LoRA adapters vs on one (JSON)"
 	@echo "make bench-curate - fuzzy dedup on 200 MB vs the datasketch MinHashLSH loop (JSON)"
 	@echo "make bench-train - Ray Train recipe vs a plain PyTorch loop, same model and batch (JSON)"
 	@echo "make bench-memory - each worker's peak memory against the plan, 1B model, ZeRO-2/3 and FSDP2 (JSON)"
@@ -66,6 +67,9 @@ bench-soak: setup  # ~30 minutes on 2 cores: builds the tiny run itself
 
 bench-serve: setup  # after `make demo`: dynamic batching on vs off, concurrency 1 and 8
 	$(PY) bench/load.py --compare-batching --config configs/demo.yaml --duration 20 --out runs/bench-serve.json
+
+bench-adapters: setup  # after `make demo`: one replica, concurrency 8, 1 adapter vs 8 (mixed batches)
+	$(PY) bench/load.py --compare-adapters 8 --config configs/demo.yaml --duration 30 --out runs/bench-adapters.json
 
 clean:
 	rm -rf runs data/corpus

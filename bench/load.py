@@ -2,9 +2,13 @@
 
   python bench/load.py --url http://127.0.0.1:8000 --concurrency 8 --duration 20 [--stream] [--plot load.png]
   python bench/load.py --compare-batching [--config configs/demo.yaml]   # batching on vs off, c=1 and c=8
+  python bench/load.py --compare-adapters 8 [--config configs/demo.yaml]  # 1 adapter vs requests over 8
 
 --compare-batching deploys the model of the config's last run twice on a local Ray (one replica
 each, @serve.batch max 8 vs 1) and measures both at concurrency 1 and 8 in the same run.
+--compare-adapters N serves that model on one replica with N LoRA adapters (rank 8 on q/k/v/o, random
+weights: their values do not change the work) and measures QPS at concurrency 8 with every request
+on one adapter, then spread over all N (mixed batches), and the memory one loaded adapter takes.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def replica_counts(app: str | None) -> int | None:
 
 def run_load(
     url: str,
-    model: str,
+    model: str | list[str],
     concurrency: int,
     duration: float,
     max_tokens: int = 64,
@@ -80,9 +84,10 @@ def run_load(
     api_key: str | None = None,
     app: str | None = None,
 ) -> dict:
+    """`model`: one name, or several that the requests take in turn."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    models = [model] if isinstance(model, str) else model
     body = {
-        "model": model,
         "prompt": "Permission is hereby granted, free of charge,",
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -92,10 +97,11 @@ def run_load(
     t0 = time.perf_counter()
     deadline = t0 + duration
 
-    def client(_):
+    def client(i):
         with requests.Session() as s:
             while time.perf_counter() < deadline:
-                res = one_request(s, url, body, headers, stream)
+                i += 1
+                res = one_request(s, url, {**body, "model": models[i % len(models)]}, headers, stream)
                 with lock:
                     results.append(res)
 
@@ -187,6 +193,71 @@ def compare_batching(config: str, duration: float, max_tokens: int) -> dict:
     return out
 
 
+def random_adapter(base: Path, out: Path, seed: int) -> None:
+    """A LoRA adapter of the demo's shape with random weights (LoRA starts B at zero, which would skip nothing
+    in the work but could hide a path that treats an all-zero adapter specially)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.digest import path_digest
+    from pipeline.loading import load_model, write_adapter_record
+
+    torch.manual_seed(seed)
+    lora = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
+    get_peft_model(load_model(AutoModelForCausalLM, base), lora).save_pretrained(out)
+    write_adapter_record(out, base, path_digest(base))
+
+
+def adapter_bytes(model_dir: Path, adapters: dict[str, Path]) -> int:
+    """Memory one loaded adapter takes on a replica: its LoRA tensors as the engine holds them."""
+    from pipeline.serving.transformers_engine import load_with_adapters
+
+    model = load_with_adapters(str(model_dir), False, dict(list(adapters.items())[:1]))
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def compare_adapters(config: str, n_adapters: int, duration: float, max_tokens: int) -> dict:
+    import tempfile
+
+    from ray import serve
+
+    from pipeline.config import load_config
+    from pipeline.handoff import merged_model_dir
+    from pipeline.runtime import init_ray
+    from pipeline.serving.deploy import serve_args, wait_healthy
+    from serve.app import build_app
+
+    cfg = load_config(config)
+    folder = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
+    names = [f"adapter-{i}" for i in range(n_adapters)]
+    for i, name in enumerate(names):
+        random_adapter(merged_model_dir(cfg), folder / name, seed=i)
+    args = serve_args(cfg).model_dump()
+    init_ray()
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
+    one_replica = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1, "batch_wait_timeout_s": 0.03}
+    serve.run(
+        build_app({**args, **one_replica, "adapters_dir": str(folder)}), name="adapters", route_prefix="/adapters"
+    )
+    url = f"http://127.0.0.1:{cfg.serve.port}/adapters"
+    wait_healthy(url)
+    out = {"model": args["model_dir"], "cpus": os.cpu_count(), "adapters": n_adapters, "concurrency": 8, "runs": {}}
+    for run, models in (("base", [cfg.name]), ("one_adapter", names[:1]), (f"over_{n_adapters}_adapters", names)):
+        res = run_load(url, models, 8, duration, max_tokens)
+        res.pop("_timeline")
+        out["runs"][run] = res
+        print(f"{run}: {res['qps']} QPS, p50 {res['latency_s'].get('p50')} s", file=sys.stderr)
+    serve.shutdown()
+    one, spread = out["runs"]["one_adapter"]["qps"], out["runs"][f"over_{n_adapters}_adapters"]["qps"]
+    out["spread_vs_one_qps"] = round(spread / one, 3) if one else None
+    out["ok"] = bool(one) and spread >= 0.75 * one  # #17's target: within 25% of the single-adapter QPS
+    out["bytes_per_adapter"] = adapter_bytes(Path(args["model_dir"]), {n: folder / n for n in names})
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="base URL of a running endpoint")
@@ -200,14 +271,20 @@ def main() -> None:
     p.add_argument("--app", default="llm", help="Serve application name for replica counts")
     p.add_argument("--plot", help="write a PNG of QPS, latency and replicas over time")
     p.add_argument("--compare-batching", action="store_true")
+    p.add_argument(
+        "--compare-adapters", type=int, metavar="N", help="QPS over N LoRA adapters vs one (after make demo)"
+    )
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--out", help="also write the JSON here (Ray's worker logs share stdout)")
     args = p.parse_args()
     if args.compare_batching:
         emit(compare_batching(args.config, args.duration, args.max_tokens), args.out)
         return
+    if args.compare_adapters:
+        emit(compare_adapters(args.config, args.compare_adapters, args.duration, args.max_tokens), args.out)
+        return
     if not args.url:
-        p.error("--url or --compare-batching is required")
+        p.error("--url, --compare-batching or --compare-adapters is required")
     if args.ray_address:
         import ray
 

@@ -53,3 +53,17 @@ def test_stage_dirs_live_under_runs_name(tmp_path):
 def test_dedup_knobs_have_short_forms():
     cfg = load_config(None, ["dedup.threshold=0.85", "dedup.num_perm=64", "dedup.ngram=3"])
     assert (cfg.data.dedup.threshold, cfg.data.dedup.num_perm, cfg.data.dedup.ngram) == (0.85, 64, 3)
+
+
+def test_adapters_are_named_apart_and_learn_from_their_own_data():
+    one = "{name: support, stage: {kind: sft, data: data/instructions.jsonl}, lora: {r: 4}}"
+    cfg = load_config(DEFAULT_CONFIG, [f"adapters=[{one}]"])
+    assert cfg.adapter("support").lora.r == 4 and cfg.adapter("support").stage.kind == "sft"
+    with pytest.raises(ConfigError, match="no adapter 'sales' in this config; it has: support"):
+        cfg.adapter("sales")
+    with pytest.raises(ConfigError, match="distinct names"):
+        load_config(DEFAULT_CONFIG, [f"adapters=[{one}, {one}]"])
+    with pytest.raises(ConfigError, match="distinct names, none the run's own"):
+        load_config(DEFAULT_CONFIG, ["adapters=[{name: demo, stage: {kind: sft, data: data/instructions.jsonl}}]"])
+    with pytest.raises(ConfigError, match="stage kind sft or dpo"):
+        load_config(DEFAULT_CONFIG, ["adapters=[{name: x, stage: pretrain}]"])

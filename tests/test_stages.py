@@ -128,3 +128,58 @@ def test_quality_gate_stops_a_model_over_budget_unless_forced(tiny_run, tiny_cor
     forced = run_quantize(strict, force=True)
     assert forced["gate"]["forced"] is True
     assert served_model_dir(strict) == strict.stage_dir("quantize") / "awq"
+
+
+def test_adapters_train_on_the_runs_model_from_their_own_data_and_serve_on_its_4_bit_export(tiny_run, tmp_path):
+    """Two adapters (two tasks of the shipped instructions) on the run's 16-bit model: each lands as a
+    peft folder with its manifest, lowers its own held-out loss, fits the AWQ model the endpoint serves,
+    and changes its answers; a second run with the same inputs trains nothing."""
+    import shutil
+    from pathlib import Path
+
+    from pipeline.config import AdapterSpec, ConfigError
+    from pipeline.digest import path_digest
+    from pipeline.handoff import merged_model_dir, served_model_dir
+    from pipeline.loading import check_adapter_base, load_tokenizer
+    from pipeline.serving.transformers_engine import load_with_adapters
+    from pipeline.train.adapt import run_adapt
+
+    cfg = tiny_run.model_copy(deep=True)
+    cfg.runs_dir = str(tmp_path / "runs")
+    shutil.copytree(tiny_run.stage_dir("quantize"), cfg.stage_dir("quantize"))
+    records = [json.loads(line) for line in Path("data/instructions.jsonl").read_text().splitlines()]
+    lora = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "modules_to_save": []}
+    for name, task in (("counts", "license-count"), ("names", "upstream-name")):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records if r["task"] == task))
+        stage = {"kind": "sft", "data": str(data), "max_steps": 20, "lr": 5e-3}
+        cfg.adapters.append(AdapterSpec(name=name, stage=stage, lora=lora))
+    with pytest.raises(ConfigError, match="no adapter 'other' in this config; it has: counts, names"):
+        run_adapt(cfg, "other")
+
+    merged, awq = merged_model_dir(cfg), served_model_dir(cfg)
+    manifests = {spec.name: run_adapt(cfg, spec.name) for spec in cfg.adapters}
+    for name, m in manifests.items():
+        folder = cfg.stage_dir("adapters") / name
+        assert {"adapter_config.json", "adapter_model.safetensors", "pipeline.json", "manifest.json"} <= {
+            f.name for f in folder.iterdir()
+        }
+        assert m["base_digest"] == path_digest(merged) and m["data"]["digest"] == path_digest(
+            tmp_path / f"{name}.jsonl"
+        )
+        assert m["metrics"]["steps"] == 20 and m["lora"]["r"] == 8
+        assert m["metrics"]["eval_loss_last"] < 0.97 * m["metrics"]["eval_loss_before"], m["metrics"]  # ~5% in 20 steps
+        check_adapter_base(folder, awq)  # trained on the 16-bit model, it fits its 4-bit export
+
+    adapters = {name: cfg.stage_dir("adapters") / name for name in manifests}
+    model = load_with_adapters(str(awq), False, adapters)
+    tokenizer = load_tokenizer(awq)
+    enc = tokenizer(["[TASK] license-count\n[INPUT] package gpgsm\n[OUTPUT] "] * 3, return_tensors="pt")
+    with torch.no_grad():  # one batch, a row per model: the tiny model's greedy text is mostly newlines
+        logits = model(**enc, adapter_names=["__base__", "counts", "names"]).logits[:, -1]
+    assert min((logits[i] - logits[j]).abs().max() for i, j in ((0, 1), (0, 2), (1, 2))) > 0.1, logits
+
+    weights = adapters["counts"] / "adapter_model.safetensors"
+    written = weights.stat().st_mtime_ns
+    assert run_adapt(cfg, "counts") == manifests["counts"]  # same base, data and settings: nothing trained
+    assert weights.stat().st_mtime_ns == written

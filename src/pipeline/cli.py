@@ -1,4 +1,4 @@
-"""`pipeline {sample-data,curate,train,quantize,distill,serve,run,plan}`: one command per stage, and `run` for all.
+"""`pipeline {sample-data,curate,train,quantize,distill,adapt,serve,run,plan}`: a command per stage; `run` for all.
 
 Every stage reads the previous stage's folder and writes its own under runs/<name>/<stage>/.
 """
@@ -27,6 +27,7 @@ EPILOG = """examples:
   pipeline train --config my.yaml train.max_steps=200 train.lora.r=8
   pipeline curate --input 'corpus/*.jsonl.gz' --output /data/curated dedup.threshold=0.85
   pipeline distill distill.student_preset=tiny-dense distill.temperature=2
+  pipeline adapt --config configs/demo.yaml adapter=support   one LoRA adapter of the config (default: all)
   pipeline serve                             serve the last run's model on 127.0.0.1:8000 until Ctrl-C
   pipeline plan --config configs/66b-zero3.yaml train.zero_stage=2   does it fit? (memory per GPU)
 
@@ -40,8 +41,9 @@ SECTIONS = {
     "train": ["name", "runs_dir", "model", "train"],
     "quantize": ["name", "runs_dir", "quantize"],
     "distill": ["name", "runs_dir", "distill"],
+    "adapt": ["name", "runs_dir", "train", "adapters"],
     "serve": ["name", "runs_dir", "serve"],
-    "run": ["name", "runs_dir", "data", "model", "train", "quantize", "distill", "serve"],
+    "run": ["name", "runs_dir", "data", "model", "train", "quantize", "distill", "adapters", "serve"],
     "plan": ["name", "model", "train", "quantize", "serve"],
 }
 
@@ -58,8 +60,10 @@ def _parser() -> argparse.ArgumentParser:
         "train": "fine-tune the model with LoRA on Ray Train + DeepSpeed",
         "quantize": "merge the adapter and quantize to AWQ 4-bit (llm-compressor)",
         "distill": "train a smaller student on the merged model's soft targets (Ray Train)",
+        "adapt": "train the config's LoRA adapters on the run's model, each from its own data (Ray Train); "
+        "`pipeline serve` serves them beside it",
         "serve": "serve the exported model on Ray Serve until interrupted",
-        "run": "curate -> train -> quantize [-> distill] -> serve, then print a generation and a summary",
+        "run": "curate -> train -> quantize [-> distill] [-> adapt] -> serve, then print a generation and a summary",
         "plan": "memory per worker for each training stage and per serving replica, with a fits verdict "
         "(starts nothing)",
     }
@@ -91,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="also rewrite OUT/instructions.jsonl and OUT/preferences.jsonl (the repo ships both)",
             )
+        if name == "adapt":
+            s.add_argument(
+                "--adapter",
+                action="append",
+                metavar="NAME",
+                help="an adapter of the config's `adapters` to train (repeatable; `adapter=NAME` works too; "
+                "default: all)",
+            )
         if name == "run":
             s.add_argument("--keep-serving", action="store_true", help="leave the endpoint up at the end")
         if name == "plan":
@@ -101,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="start training even when the memory plan says a stage does not fit",
             )
-        if name in ("train", "distill", "run"):
+        if name in ("train", "distill", "adapt", "run"):
             s.add_argument(
                 "--fresh", action="store_true", help="discard the checkpoints of earlier runs instead of resuming them"
             )
@@ -183,10 +195,13 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
             f"distilled student: KL to teacher {distill['kl_to_teacher_before']} -> "
             f"{distill['kl_to_teacher_after']} in {distill['student']}"
         )
+    adapters = cmd_adapt(cfg, [spec.name for spec in cfg.adapters], args.fresh)
     url = deploy(cfg)
-    prompt = sample_prompt(cfg)
-    reply = generate(url, prompt, DEMO_TOKENS, os.environ.get(cfg.serve.api_key_env))
-    print(f"\nPOST {url}/generate {{'prompt': {prompt!r}}}\n-> {json.dumps(reply)}\n")
+    prompt, key = sample_prompt(cfg), os.environ.get(cfg.serve.api_key_env)
+    for model in [None, *adapters]:  # the same question to the model and to each of its adapters
+        reply = generate(url, prompt, DEMO_TOKENS, key, model)
+        print(f"\nPOST {url}/generate {{'prompt': {prompt!r}, 'model': {model or cfg.name!r}}}\n-> {json.dumps(reply)}")
+    print()
     print(
         _table(
             [
@@ -209,6 +224,13 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
                     f"{quant['merged_perplexity']:.2f} -> {quant.get('quantized_perplexity', '-')} "
                     f"({quant.get('perplexity_change', 0):+.2%})",
                 ),
+                *(
+                    (
+                        f"adapter {name}: held-out loss",
+                        f"{m['metrics'].get('eval_loss_before', '-')} -> {m['metrics'].get('eval_loss_last', '-')}",
+                    )
+                    for name, m in adapters.items()
+                ),
                 ("endpoint", f"{url}/generate"),
                 ("wall time", f"{time.time() - t0:.0f} s"),
             ]
@@ -224,9 +246,16 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
     serve.shutdown()
 
 
+def cmd_adapt(cfg: PipelineConfig, names: list[str], fresh: bool) -> dict[str, dict]:
+    """Each named adapter (skipped when made earlier from the same inputs); their manifests by name."""
+    from pipeline.train.adapt import run_adapt
+
+    return {name: run_adapt(cfg, name, fresh) for name in names}
+
+
 def sample_prompt(cfg: PipelineConfig) -> str:
-    """serve.demo_prompt, or a held-out prompt of the run's own instruction data, or the start of a held-out
-    curated document: something this model was trained to continue, not the demo's licence text."""
+    """serve.demo_prompt, or a held-out prompt of the run's (or its adapters') instruction data, or the start
+    of a held-out curated document: something this model was trained to continue, not the demo's licence text."""
     from pipeline.handoff import trained_model
     from pipeline.heldout import split_texts
     from pipeline.loading import load_tokenizer
@@ -234,7 +263,8 @@ def sample_prompt(cfg: PipelineConfig) -> str:
 
     if cfg.serve.demo_prompt:
         return cfg.serve.demo_prompt
-    files = [(spec.data, spec.kind) for spec in cfg.train.stages if spec.kind != "pretrain"]
+    stages = [*cfg.train.stages, *(adapter.stage for adapter in cfg.adapters)]
+    files = [(spec.data, spec.kind) for spec in stages if spec.kind != "pretrain"]
     tokenizer = load_tokenizer(trained_model(cfg).base_model, cfg.model.trust_remote_code)
     if files and (prompt := held_out_prompt(files, tokenizer)):
         return prompt
@@ -259,8 +289,12 @@ STAGE_IO = {
     "train": (["curate"], ["train"]),
     "quantize": (["curate", "train"], ["quantize"]),
     "distill": (["curate", "quantize"], ["distill"]),
-    "serve": (["quantize"], []),
-    "run": (["curate", "train", "quantize", "distill"], ["curate", "train", "quantize", "distill"]),  # reads: to skip
+    "adapt": (["quantize", "adapters"], ["adapters"]),
+    "serve": (["quantize", "adapters"], []),
+    "run": (
+        ["curate", "train", "quantize", "distill", "adapters"],
+        ["curate", "train", "quantize", "distill", "adapters"],
+    ),
 }
 
 
@@ -271,6 +305,13 @@ def run_command(cfg: PipelineConfig, args) -> None:
         return cmd_serve(cfg, args)
     if args.command == "run":
         return cmd_run(cfg, args)
+    if args.command == "adapt":  # each adapter keeps its own record of what it was made from (train/adapt.py)
+        names = args.adapter or [spec.name for spec in cfg.adapters]
+        if not names:
+            raise ConfigError("this config lists no `adapters`: add one (name, stage: {kind: sft, data: FILE})")
+        manifests = cmd_adapt(cfg, names, args.fresh)
+        print(json.dumps({name: m["metrics"] for name, m in manifests.items()}, indent=2, default=str))
+        return None
     # a single stage: its marker says so once it ends, so that a later `pipeline run` skips it
     elsewhere = getattr(args, "input", None) or getattr(args, "output", None)  # not the config's stage
     if not elsewhere:
@@ -306,6 +347,10 @@ def cmd_plan(cfg: PipelineConfig, args) -> None:
 def dispatch(args) -> None:
     if args.command == "sample-data":
         return cmd_sample_data(args)
+    if args.command == "adapt":  # `adapter=NAME` reads like an override but names an adapter
+        picked = [o.partition("=")[2] for o in args.overrides if o.startswith("adapter=")]
+        args.adapter = (args.adapter or []) + picked
+        args.overrides = [o for o in args.overrides if not o.startswith("adapter=")]
     cfg = load_config(args.config, args.overrides)
     if args.command == "plan":
         return cmd_plan(cfg, args)

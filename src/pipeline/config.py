@@ -450,6 +450,21 @@ class ServeConfig(ReplicaSettings):
     )
 
 
+class AdapterSpec(Section):
+    """A LoRA adapter trained on the run's own model (its 16-bit export, quantize/merged) from its own data,
+    and served beside that model under its name: one base, an adapter per customer, persona or task."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="its folder, and its model name at the endpoint")
+    stage: StageSpec = Field(..., description="what it learns: {kind: sft, data: FILE} or {kind: dpo, data: FILE}")
+    lora: LoraSettings | None = Field(None, description="default: train.lora")
+
+    @model_validator(mode="after")
+    def _own_data(self) -> AdapterSpec:
+        if self.stage.kind == "pretrain":
+            raise ValueError(f"adapter {self.name}: an adapter learns from its own data: stage kind sft or dpo")
+        return self
+
+
 class PipelineConfig(Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$", description="run name: outputs go to runs_dir/name/")
     runs_dir: str = Field("runs", description="local path, mount, or pyarrow.fs URI such as s3://bucket/runs")
@@ -459,6 +474,24 @@ class PipelineConfig(Section):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list, description="LoRA adapters on the run's model: `pipeline adapt`, and `pipeline run`"
+    )
+
+    @model_validator(mode="after")
+    def _adapter_names(self) -> PipelineConfig:
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names) or self.name in names:
+            raise ValueError(f"adapters need distinct names, none the run's own ({self.name!r}); got {names}")
+        return self
+
+    def adapter(self, name: str) -> AdapterSpec:
+        for spec in self.adapters:
+            if spec.name == name:
+                return spec
+        raise ConfigError(
+            f"no adapter {name!r} in this config; it has: {', '.join(a.name for a in self.adapters) or 'none'}"
+        )
 
     def stage_dir(self, stage: str) -> Path:
         """A stage's local folder (a URI runs_dir is staged locally first: pipeline.storage)."""

@@ -53,10 +53,10 @@ def wait_healthy(url: str, timeout_s: float = 120) -> None:
         time.sleep(0.5)
 
 
-def generate(url: str, prompt: str, max_new_tokens: int, api_key: str | None = None) -> dict:
+def generate(url: str, prompt: str, max_new_tokens: int, api_key: str | None = None, model: str | None = None) -> dict:
+    """One greedy answer from /generate; `model`: an adapter's name (default: the base model)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    r = requests.post(
-        f"{url}/generate", json={"prompt": prompt, "max_new_tokens": max_new_tokens}, headers=headers, timeout=120
-    )
+    body = {"prompt": prompt, "max_new_tokens": max_new_tokens, **({"model": model} if model else {})}
+    r = requests.post(f"{url}/generate", json=body, headers=headers, timeout=120)
     r.raise_for_status()
     return r.json()

@@ -140,6 +140,7 @@ def history_summary(history: list[dict]) -> dict:
         "loss_first": history[0]["loss"],
         "loss_last": history[-1]["loss"],
         **({"eval_loss_best": min(evals), "eval_loss_last": evals[-1]} if evals else {}),
+        **({"eval_loss_before": history[0]["eval_loss_before"]} if "eval_loss_before" in history[0] else {}),
         **({"previous_eval_loss_last": previous[-1]} if previous else {}),
         "stopped_early": any(h.get("stopped_early") for h in history),
         "tokens_per_s": round(sum(h["tokens_per_s"] for h in history) / len(history), 1),

@@ -297,6 +297,8 @@ def train_loop(config: RecipeConfig) -> None:
         ray.train.get_dataset_shard("previous_eval"), train.eval_batches, micro, device
     )
     meter = Meter(config.output_dir, rank, micro * config.model.seq_len)
+    # the held-out loss of the model as it came in: what the run improved on (an adapter's manifest quotes it)
+    before = evaluate(engine, objective, held_out) if state.step == 0 else None
 
     with profiler(config, rank) as prof:
         while state.step < train.max_steps and not state.stopped_early:
@@ -313,6 +315,8 @@ def train_loop(config: RecipeConfig) -> None:
             if train.inject_fault_at_step == state.step and rank == 0 and not state.resumed_at:
                 raise RuntimeError(f"fault drill: worker 0 fails at step {state.step} (train.inject_fault_at_step)")
             extra = {"batch_size": micro, **switches, **loaded.metrics()} if state.step == 1 else {}
+            if state.step == 1 and before is not None:
+                extra["eval_loss_before"] = before
             if state.step % train.eval_every == 0 and (eval_loss := evaluate(engine, objective, held_out)) is not None:
                 state.record_eval(eval_loss, train)
                 extra.update(eval_loss=eval_loss, **({"stopped_early": True} if state.stopped_early else {}))

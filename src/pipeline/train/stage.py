@@ -111,6 +111,22 @@ def run_train(cfg: PipelineConfig, fresh: bool = False) -> dict:
     if not cfg.train.full_finetune:
         trust = cfg.model.trust_remote_code
         check_lora_targets(load_model_config(base, trust), cfg.train.lora, str(base), trust)
+    final, summaries, histories = train_stages(cfg, base, out, fresh)
+    shutil.rmtree(out / "final", ignore_errors=True)
+    shutil.copytree(final.model.parent, out / "final")
+    plot_loss(histories, out / "loss.png")
+    return write_trained(
+        cfg,
+        TrainedModel(final.base_model, out / "final" / "model"),
+        {"stages": summaries, **history_summary(histories[cfg.train.stages[-1].name])},
+    )
+
+
+def train_stages(
+    cfg: PipelineConfig, base: Path, out: Path, fresh: bool
+) -> tuple[TrainedModel, list[dict], dict[str, list[dict]]]:
+    """cfg.train.stages in turn from `base`, each in out/<stage>/: the last stage's model (and the base
+    it applies to), each stage's summary, and each stage's loss history."""
     previous, summaries, histories = None, [], {}
     planned = planned_micro_batches(cfg, base)
     for i, spec in enumerate(cfg.train.stages):
@@ -139,11 +155,4 @@ def run_train(cfg: PipelineConfig, fresh: bool = False) -> dict:
         )
         previous, histories[spec.name] = TrainedModel(start, final / "model"), history
         summaries.append({k: v for k, v in summary.items() if k != "history"})
-    shutil.rmtree(out / "final", ignore_errors=True)
-    shutil.copytree(final, out / "final")
-    plot_loss(histories, out / "loss.png")
-    return write_trained(
-        cfg,
-        TrainedModel(previous.base_model, out / "final" / "model"),
-        {"stages": summaries, **history_summary(histories[spec.name])},
-    )
+    return previous, summaries, histories
