@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import shutil
-from pathlib import Path
 
 from pipeline.config import AdapterSpec, PipelineConfig
 from pipeline.digest import path_digest
@@ -37,16 +36,18 @@ def adapter_config(cfg: PipelineConfig, spec: AdapterSpec) -> PipelineConfig:
     return cfg.model_copy(update={"train": train})
 
 
-def identity(cfg: PipelineConfig, spec: AdapterSpec, base: Path) -> str:
+def identity(adapting: PipelineConfig, base_digest: str, data_digest: str) -> str:
     """What the adapter is made from: the base's and the data's fingerprints and every setting that trains it."""
-    what = [path_digest(base), path_digest(spec.stage.data), adapter_config(cfg, spec).train.model_dump(mode="json")]
+    what = [base_digest, data_digest, adapting.train.model_dump(mode="json")]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_adapt(cfg: PipelineConfig, name: str, fresh: bool = False) -> dict:
     """Train one adapter (unless one made from the same inputs and settings is there); its manifest."""
-    spec, base = cfg.adapter(name), merged_model_dir(cfg)
-    out, made_from = cfg.stage_dir("adapters") / name, identity(cfg, spec, base)
+    spec, base, out = cfg.adapter(name), merged_model_dir(cfg), cfg.stage_dir("adapters") / name
+    adapting = adapter_config(cfg, spec)
+    base_digest, data_digest = path_digest(base), path_digest(spec.stage.data)
+    made_from = identity(adapting, base_digest, data_digest)
     if not fresh and (out / MANIFEST).is_file():
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest["identity"] == made_from:
@@ -54,7 +55,6 @@ def run_adapt(cfg: PipelineConfig, name: str, fresh: bool = False) -> dict:
             return manifest
     for served in SERVED_FILES[::-1] + (MANIFEST,):  # the folder stops being an adapter first
         (out / served).unlink(missing_ok=True)
-    adapting = adapter_config(cfg, spec)
     trust = cfg.model.trust_remote_code
     check_lora_targets(load_model_config(base, trust), adapting.train.lora, str(base), trust)
     trained, (summary,), _ = train_stages(adapting, base, out, fresh)
@@ -64,8 +64,8 @@ def run_adapt(cfg: PipelineConfig, name: str, fresh: bool = False) -> dict:
         "adapter": name,
         "identity": made_from,
         "base_model": str(base),
-        "base_digest": path_digest(base),
-        "data": {"path": str(spec.stage.data), "digest": path_digest(spec.stage.data), "kind": spec.stage.kind},
+        "base_digest": base_digest,
+        "data": {"path": str(spec.stage.data), "digest": data_digest, "kind": spec.stage.kind},
         "lora": adapting.train.lora.model_dump(mode="json"),
         "metrics": summary,
     }
