@@ -193,14 +193,13 @@ def compare_batching(config: str, duration: float, max_tokens: int) -> dict:
     return out
 
 
-def random_adapter(base: Path, out: Path, seed: int) -> None:
-    """A LoRA adapter of the demo's shape with random weights (LoRA starts B at zero, which would skip nothing
-    in the work but could hide a path that treats an all-zero adapter specially)."""
+def random_adapter(base: Path, base_digest: str, out: Path, seed: int) -> None:
+    """A LoRA adapter of the demo's shape with random weights instead of LoRA's all-zero B, so that it
+    changes the answers as a trained one does."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from pipeline.digest import path_digest
     from pipeline.loading import load_model, write_adapter_record
 
     torch.manual_seed(seed)
@@ -208,14 +207,14 @@ def random_adapter(base: Path, out: Path, seed: int) -> None:
         r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
     )
     get_peft_model(load_model(AutoModelForCausalLM, base), lora).save_pretrained(out)
-    write_adapter_record(out, base, path_digest(base))
+    write_adapter_record(out, base, base_digest)
 
 
-def adapter_bytes(model_dir: Path, adapters: dict[str, Path]) -> int:
+def adapter_bytes(model_dir: Path, name: str, adapter: Path) -> int:
     """Memory one loaded adapter takes on a replica: its LoRA tensors as the engine holds them."""
     from pipeline.serving.transformers_engine import load_with_adapters
 
-    model = load_with_adapters(str(model_dir), False, dict(list(adapters.items())[:1]))
+    model = load_with_adapters(str(model_dir), False, {name: adapter})
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
 
 
@@ -225,6 +224,7 @@ def compare_adapters(config: str, n_adapters: int, duration: float, max_tokens: 
     from ray import serve
 
     from pipeline.config import load_config
+    from pipeline.digest import path_digest
     from pipeline.handoff import merged_model_dir
     from pipeline.runtime import init_ray
     from pipeline.serving.deploy import serve_args, wait_healthy
@@ -233,8 +233,10 @@ def compare_adapters(config: str, n_adapters: int, duration: float, max_tokens: 
     cfg = load_config(config)
     folder = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
     names = [f"adapter-{i}" for i in range(n_adapters)]
+    base = merged_model_dir(cfg)
+    base_digest = path_digest(base)
     for i, name in enumerate(names):
-        random_adapter(merged_model_dir(cfg), folder / name, seed=i)
+        random_adapter(base, base_digest, folder / name, seed=i)
     args = serve_args(cfg).model_dump()
     init_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
@@ -254,7 +256,7 @@ def compare_adapters(config: str, n_adapters: int, duration: float, max_tokens: 
     one, spread = out["runs"]["one_adapter"]["qps"], out["runs"][f"over_{n_adapters}_adapters"]["qps"]
     out["spread_vs_one_qps"] = round(spread / one, 3) if one else None
     out["ok"] = bool(one) and spread >= 0.75 * one  # #17's target: within 25% of the single-adapter QPS
-    out["bytes_per_adapter"] = adapter_bytes(Path(args["model_dir"]), {n: folder / n for n in names})
+    out["bytes_per_adapter"] = adapter_bytes(Path(args["model_dir"]), names[0], folder / names[0])
     return out
 
 

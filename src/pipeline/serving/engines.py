@@ -61,8 +61,8 @@ def vllm_lora_args(adapters: dict[str, Path], max_loras: int, max_lora_rank: int
     ranks = {name: json.loads((path / "adapter_config.json").read_text())["r"] for name, path in adapters.items()}
     too_big = {name: r for name, r in ranks.items() if r > max_lora_rank}
     if too_big:
-        ranks = ", ".join(f"{name} has rank {r}" for name, r in too_big.items())
-        raise ConfigError(f"LoRA adapters over serve.max_lora_rank={max_lora_rank} ({ranks}): raise it")
+        listed = ", ".join(f"{name} has rank {r}" for name, r in too_big.items())
+        raise ConfigError(f"LoRA adapters over serve.max_lora_rank={max_lora_rank} ({listed}): raise it")
     return {"max_loras": min(max_loras, len(adapters)), "max_lora_rank": max_lora_rank}
 
 
