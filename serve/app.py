@@ -4,8 +4,10 @@ and prompts, and retries a call whose model replica died on a live one, so a rep
 fail the requests it was serving.
 
 Routes: POST /generate, POST /v1/completions, POST /v1/chat/completions (both with SSE streaming),
-GET /v1/models, GET /healthz, GET /metrics. The base model and each LoRA adapter under `adapters_dir`
-are models of their own: the OpenAI `model` field (and /generate's) picks one. Run it with
+GET /v1/models, GET /healthz, GET /metrics, POST /v1/adapters/reload, DELETE /v1/adapters/{name}.
+The base model and each LoRA adapter under `adapters_dir` are models of their own: the OpenAI `model`
+field (and /generate's) picks one. Adapters added to or rewritten in that folder are served without a
+restart (pipeline/serving/adapters.py). Run it with
 `pipeline serve --config FILE`, with `serve run serve.app:build_app model_dir=DIR`, or from a RayService serveConfigV2
 (import_path: serve.app:build_app, args: the fields of ServeArgs).
 """
@@ -18,6 +20,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,7 +31,8 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.serving.adapters import find_adapters
+from pipeline.loading import model_fingerprints
+from pipeline.serving.adapters import Adapter, AdapterCatalog, withdraw
 from pipeline.serving.engine import Tokenizer
 from pipeline.serving.generator import Generator
 from pipeline.serving.metrics import ServeMetrics
@@ -112,7 +116,17 @@ class LLMServer:
     def __init__(self, args: ServeArgs, generator: DeploymentHandle):
         self.args, self.generator = args, generator
         self.tokens = Tokenizer(args.model_dir, args.trust_remote_code)  # prompt lengths and chat templates
-        self.adapters = find_adapters(args.adapters_dir, args.model_name)  # the replicas load the same folders
+        base, lora = Path(args.model_dir), bool(args.adapters_dir)
+        self.adapters = AdapterCatalog(
+            args.adapters_dir,
+            args.model_name,
+            base,
+            model_fingerprints(base) if lora else set(),
+            self._load,
+            args.adapters_scan_s,
+        )
+        # served from the start, each loaded on a replica by the first request for it
+        self.adapters.served = self.adapters.scan()
         self.metrics = api.state.metrics = ServeMetrics()
         self.in_flight = 0
         api.state.limits = (args.max_header_bytes, args.max_body_bytes)
@@ -121,12 +135,13 @@ class LLMServer:
         api.state.key_sha256 = args.api_key_sha256 or (hashlib.sha256(key.encode()).hexdigest() if key else None)
 
     # ---- plumbing shared by every route -------------------------------------------------------
-    def _adapter(self, name: str | None) -> str | None:
-        """The adapter a request's `model` names; None for the base model."""
+    async def _adapter(self, name: str | None) -> str | None:
+        """The model id of the adapter a request's `model` names; None for the base model."""
+        self.adapters.refresh_if_stale()
         if name is None or name == self.args.model_name:
             return None
-        if name not in self.adapters:
-            served = ", ".join(repr(n) for n in (self.args.model_name, *self.adapters))
+        if (model_id := await self.adapters.model_id(name)) is None:
+            served = ", ".join(repr(n) for n in (self.args.model_name, *self.adapters.served))
             raise APIError(
                 404,
                 f"model {name!r} does not exist; this server has {served}",
@@ -134,7 +149,21 @@ class LLMServer:
                 "model_not_found",
                 "model",
             )
-        return name
+        return model_id
+
+    async def _load(self, adapter: Adapter) -> None:
+        """Load a new adapter version on a model replica, which Serve then sends its requests to."""
+        try:
+            await self.generator.options(multiplexed_model_id=adapter.model_id).load.remote()
+        except REPLICA_DIED:
+            raise
+        except Exception as e:  # a replica's error arrives wrapped: report its own message
+            raise RuntimeError(str(getattr(e, "cause", None) or e)) from e
+
+    def _on(self, sampling: Sampling, stream: bool = False) -> DeploymentHandle:
+        """The model replicas, or those that hold the request's adapter when any do."""
+        options = {"multiplexed_model_id": sampling.adapter} if sampling.adapter else {}
+        return self.generator.options(stream=stream, **options)
 
     def _sampling(
         self, prompt: str, max_tokens: int | None, temperature: float, top_p: float, stop: list[str], **more
@@ -195,7 +224,7 @@ class LLMServer:
     async def _complete(self, prompt: str, sampling: Sampling) -> Completion:
         for attempt in range(RETRIES + 1):
             try:
-                c = await self.generator.complete.remote(prompt, sampling)
+                c = await self._on(sampling).complete.remote(prompt, sampling)
                 break
             except REPLICA_DIED as e:
                 self._replica_died(attempt, e)
@@ -208,7 +237,7 @@ class LLMServer:
         for attempt in range(RETRIES + 1):
             started = False
             try:
-                async for piece in self.generator.options(stream=True).stream.remote(prompt, sampling):
+                async for piece in self._on(sampling, stream=True).stream.remote(prompt, sampling):
                     started = True
                     yield piece
                 return
@@ -250,7 +279,7 @@ class LLMServer:
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             logprobs=req.logprob_alternatives(),
-            adapter=self._adapter(req.model),
+            adapter=await self._adapter(req.model),
         )
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
@@ -280,14 +309,40 @@ class LLMServer:
     @api.get("/v1/models")
     async def models(self) -> dict:
         """The base model, then its adapters; `parent` names an adapter's base, as vLLM lists LoRA models."""
+        self.adapters.refresh_if_stale()
         base = {"id": self.args.model_name, "object": "model", "created": 0, "owned_by": "llm-pipeline"}
-        adapters = [{**base, "id": name, "parent": base["id"]} for name in self.adapters]
+        adapters = [{**base, "id": name, "parent": base["id"]} for name in self.adapters.served]
         return {"object": "list", "data": [base, *adapters]}
+
+    @api.post("/v1/adapters/reload")
+    async def reload_adapters(self) -> dict:
+        """Look at the adapters folder now: new and rewritten adapters are served once loaded (a rewritten
+        one answers with its old version until then), removed ones no more. Says what changed and why an
+        adapter was refused."""
+        return await self._adapters_dir_or_400(self.adapters.sync)
+
+    @api.delete("/v1/adapters/{name}")
+    async def delete_adapter(self, name: str) -> dict:
+        """Stop serving an adapter: its folder moves to <adapters_dir>/.withdrawn/, from where moving it back
+        (and a reload) serves it again."""
+
+        async def withdrawn():
+            if name not in self.adapters.served:
+                await self._adapter(name)  # 404 naming what is served, unless it has just arrived
+            moved = withdraw(self.args.adapters_dir, name)
+            return {"deleted": name, "moved_to": str(moved), **await self.adapters.sync()}
+
+        return await self._adapters_dir_or_400(withdrawn)
+
+    async def _adapters_dir_or_400(self, action) -> dict:
+        if not self.args.adapters_dir:
+            raise APIError(400, "this server was started without an adapters folder (serve args: adapters_dir)")
+        return await action()
 
     @api.post("/generate")
     async def generate(self, req: GenerateRequest):
         async def handle():
-            adapter = self._adapter(req.model)
+            adapter = await self._adapter(req.model)
             s = self._sampling(req.prompt, req.max_new_tokens, req.temperature, req.top_p, req.stop, adapter=adapter)
             c = await self._complete(req.prompt, s)
             return {

@@ -59,6 +59,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+def lora_adapter(base: Path, out: Path, seed: int) -> Path:
+    """A peft LoRA adapter on `base` whose B matrices are random instead of zero, so that it changes the
+    answers; its record names its base, as training's does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.digest import path_digest
+    from pipeline.loading import load_model, write_adapter_record
+
+    torch.manual_seed(seed)
+    model = load_model(AutoModelForCausalLM, base)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(out)
+    write_adapter_record(out, base, path_digest(base))
+    return out
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     from pipeline.runtime import init_ray

@@ -5,6 +5,8 @@ autoscaling."""
 
 import json
 import os
+import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,15 +14,15 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from ray import serve
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+from conftest import lora_adapter
 from pipeline.config import ConfigError
-from pipeline.digest import path_digest
 from pipeline.handoff import merged_model_dir, served_model_dir, trained_model
-from pipeline.loading import load_model, load_tokenizer, write_adapter_record
+from pipeline.loading import load_model, load_tokenizer
+from pipeline.serving.adapters import BASE, WITHDRAWN
 from pipeline.serving.deploy import serve_args, wait_healthy
 from pipeline.serving.transformers_engine import load_with_adapters
 from serve.app import build_app
@@ -40,17 +42,6 @@ def start_app(cfg, name: str, **overrides) -> str:
     url = f"http://127.0.0.1:{cfg.serve.port}/{name}"
     wait_healthy(url)
     return url
-
-
-def lora_adapter(base: Path, out: Path, seed: int) -> Path:
-    """A peft LoRA adapter on `base` whose B matrices are random instead of zero, so that it changes the
-    answers; its record names its base, as training's does."""
-    torch.manual_seed(seed)
-    model = load_model(AutoModelForCausalLM, base)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(out)
-    write_adapter_record(out, base, path_digest(base))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -380,26 +371,34 @@ def test_autoscaling_up_under_load_and_back_down(tiny_run, app):
 PROMPT = "Permission is hereby granted"
 
 
-def greedy_alone(tiny_run, adapters: Path, names: list[str], max_new_tokens: int) -> dict[str, str]:
-    """Reference answers from peft itself, outside the server: each model's greedy text, one at a time."""
+def greedy_alone(tiny_run, adapters: dict[str, Path], max_new_tokens: int = 10) -> dict[str, str]:
+    """Reference answers from peft itself, outside the server: the base model's greedy text (under the
+    run's name) and each adapter's, one at a time."""
     awq = served_model_dir(tiny_run)
     tokenizer = load_tokenizer(awq)
     unpacked = CompressedTensorsConfig(run_compressed=False)  # peft adds LoRA to unpacked 4-bit weights
-    model = PeftModel.from_pretrained(
-        load_model(AutoModelForCausalLM, awq, quantization_config=unpacked), adapters / "alpha", adapter_name="alpha"
-    )
-    model.load_adapter(str(adapters / "beta"), adapter_name="beta")
+    model = load_model(AutoModelForCausalLM, awq, quantization_config=unpacked)
+    for name, path in adapters.items():
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(model, path, adapter_name=name)
     answers = {}
-    for name in names:
+    for name in [tiny_run.name, *adapters]:
         enc = tokenizer(PROMPT, return_tensors="pt")
         out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            adapter_names=[name if name in ADAPTERS else "__base__"],
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, adapter_names=[name if name in adapters else BASE]
         )
         answers[name] = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return answers
+
+
+def ask(url: str, model: str, max_tokens: int = 10) -> str:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+    response = post(url, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == model
+    return response.json()["choices"][0]["text"]
 
 
 def test_adapters_are_models_beside_the_base_and_a_batch_may_mix_them(app, tiny_run, adapters):
@@ -408,19 +407,11 @@ def test_adapters_are_models_beside_the_base_and_a_batch_may_mix_them(app, tiny_
     assert [m["id"] for m in listed] == [name, *ADAPTERS]
     assert all(m["parent"] == name for m in listed[1:])
     models = [name, *ADAPTERS]
-    expected = greedy_alone(tiny_run, adapters, models, max_new_tokens=10)
+    expected = greedy_alone(tiny_run, {a: adapters / a for a in ADAPTERS})
     assert len(set(expected.values())) == 3, expected  # the adapters change the answer
-
-    def ask(model: str) -> str:
-        body = {"model": model, "prompt": PROMPT, "max_tokens": 10, "temperature": 0}
-        response = post(url, "/v1/completions", body)
-        assert response.status_code == 200, response.text
-        assert response.json()["model"] == model
-        return response.json()["choices"][0]["text"]
-
-    assert {m: ask(m) for m in models} == expected  # one at a time
+    assert {m: ask(url, m) for m in models} == expected  # one at a time
     with ThreadPoolExecutor(9) as pool:  # together: batches that mix the three
-        mixed = list(pool.map(ask, models * 3))
+        mixed = list(pool.map(lambda m: ask(url, m), models * 3))
     assert mixed == [expected[m] for m in models * 3]
     generate = post(url, "/generate", {"model": "beta", "prompt": PROMPT, "max_new_tokens": 10}).json()
     assert generate["text"] == expected["beta"]
@@ -440,3 +431,75 @@ def test_an_adapter_trained_on_another_base_is_refused_at_load(tiny_run, tmp_pat
     other = lora_adapter(trained_model(tiny_run).base_model, tmp_path / "elsewhere", seed=3)
     with pytest.raises(ConfigError, match="was trained on the base model in .* and .* is another model"):
         load_with_adapters(str(served_model_dir(tiny_run)), False, {"elsewhere": other})
+
+
+def loaded_adapters(url: str) -> float:
+    metrics = requests.get(f"{url}/metrics", headers=AUTH, timeout=10).text
+    return float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("llm_adapters_loaded ")))
+
+
+def test_adapters_arrive_change_and_leave_without_a_restart(tiny_run, app, tmp_path):
+    """A server on a folder of its own, with room for two loaded adapters on its one replica: an adapter
+    added to the folder answers after a reload (behind the API key); one rewritten while requests for it
+    run answers with its old version until the new one has loaded, and no request fails; DELETE takes one
+    off the server and keeps its files; three adapters through two slots still answer as peft does."""
+    base16, folder = merged_model_dir(tiny_run), tmp_path / "adapters"
+    first = {"alpha": lora_adapter(base16, folder / "alpha", seed=0)}
+    os.environ[tiny_run.serve.api_key_env] = KEY
+    try:
+        url = start_app(
+            tiny_run, "hot", adapters_dir=str(folder), max_loras=2, adapters_scan_s=0, max_replicas=1, num_cpus=0.25
+        )
+    finally:
+        del os.environ[tiny_run.serve.api_key_env]
+    name = tiny_run.name
+    new = {a: lora_adapter(base16, tmp_path / "new" / a, seed) for a, seed in (("alpha", 7), ("gamma", 5), ("beta", 1))}
+    old_answers, new_answers = greedy_alone(tiny_run, first), greedy_alone(tiny_run, new)
+    assert ask(url, "alpha") == old_answers["alpha"] != new_answers["alpha"]
+
+    # added: served after a reload, which needs the key
+    shutil.copytree(new["gamma"], folder / "gamma")
+    assert post(url, "/v1/adapters/reload", {}, headers={}).status_code == 401
+    report = post(url, "/v1/adapters/reload", {}).json()
+    assert report["added"] == ["gamma"] and report["served"] == ["alpha", "gamma"], report
+    assert ask(url, "gamma") == new_answers["gamma"]
+
+    # rewritten under load: every request answers, with the old version or the new one
+    stop = threading.Event()
+
+    def keep_asking() -> list[str]:
+        answers = [ask(url, "alpha")]
+        while not stop.is_set():
+            answers.append(ask(url, "alpha"))
+        return answers
+
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(keep_asking) for _ in range(4)]
+        time.sleep(0.5)
+        for f in new["alpha"].iterdir():
+            shutil.copy(f, folder / "alpha" / f.name)
+        report = post(url, "/v1/adapters/reload", {}).json()
+        time.sleep(0.5)
+        stop.set()
+        during = [answer for r in running for answer in r.result()]
+    assert report["replaced"] == ["alpha"], report
+    assert old_answers["alpha"] in during and set(during) <= {old_answers["alpha"], new_answers["alpha"]}, during
+    assert ask(url, "alpha") == new_answers["alpha"]
+
+    # deleted: off the server, files kept aside
+    gone = requests.delete(f"{url}/v1/adapters/gamma", headers=AUTH, timeout=30).json()
+    assert gone["removed"] == ["gamma"] and Path(gone["moved_to"]).parent == folder / WITHDRAWN, gone
+    assert (Path(gone["moved_to"]) / "adapter_model.safetensors").is_file()
+    assert post(url, "/v1/completions", {"model": "gamma", "prompt": PROMPT}).status_code == 404
+    assert requests.delete(f"{url}/v1/adapters/gamma", headers=AUTH, timeout=30).status_code == 404
+
+    # three adapters, two slots: the least recently used one is unloaded and loaded again when asked for
+    shutil.copytree(new["beta"], folder / "beta")
+    shutil.copytree(new["gamma"], folder / "delta")
+    assert post(url, "/v1/adapters/reload", {}).json()["served"] == ["alpha", "beta", "delta"]
+    listed = requests.get(f"{url}/v1/models", headers=AUTH, timeout=10).json()["data"]
+    assert [m["id"] for m in listed] == [name, "alpha", "beta", "delta"]
+    for model in ["alpha", "beta", "delta"] * 2:
+        assert ask(url, model) == new_answers["gamma" if model == "delta" else model], model
+        assert loaded_adapters(url) <= 2
+    serve.delete("hot")

@@ -3,20 +3,32 @@ the OpenAI stream format, the batch merger under concurrent requests, and engine
 
 import asyncio
 import json
+import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 
+from conftest import lora_adapter
 from pipeline.config import ConfigError
 from pipeline.digest import path_digest
 from pipeline.loading import check_adapter_base, write_adapter_record, write_quantized_record
-from pipeline.serving.adapters import find_adapters
+from pipeline.serving.adapters import (
+    Adapter,
+    AdapterCatalog,
+    check_lora_rank,
+    check_servable,
+    find_adapters,
+    withdraw,
+)
 from pipeline.serving.batching import BatchMerger
 from pipeline.serving.engines import choose_engine, vllm_engine_args, vllm_lora_args
 from pipeline.serving.openai_format import ChunkWriter
+from pipeline.serving.transformers_engine import TransformersEngine
 from pipeline.serving.types import Completion, Sampling, StopCutter, truncate_at_stop
 
 
@@ -153,17 +165,18 @@ def fake_adapter(folder: Path, rank: int) -> Path:
 
 
 def test_adapters_are_the_folders_holding_one_and_vllm_is_sized_for_them(tmp_path):
-    assert find_adapters(None, "base") == {} and find_adapters(str(tmp_path / "none yet"), "base") == {}
+    assert find_adapters(None) == {} and find_adapters(str(tmp_path / "none yet")) == {}
     a, b = fake_adapter(tmp_path / "b-legal", 8), fake_adapter(tmp_path / "a-support", 32)
     (tmp_path / "notes").mkdir()  # a folder without adapter_config.json is not an adapter
-    assert find_adapters(str(tmp_path), "base") == {"a-support": b, "b-legal": a}
-    assert vllm_lora_args({}, 8, 64) is None
-    assert vllm_lora_args(find_adapters(str(tmp_path), "base"), 8, 64) == {"max_loras": 2, "max_lora_rank": 64}
-    with pytest.raises(ConfigError, match=r"over serve.max_lora_rank=16 \(a-support has rank 32\)"):
-        vllm_lora_args(find_adapters(str(tmp_path), "base"), 8, 16)
-    fake_adapter(tmp_path / "base", 8)
-    with pytest.raises(ConfigError, match="named like the base model"):
-        find_adapters(str(tmp_path), "base")
+    assert find_adapters(str(tmp_path)) == {"a-support": b, "b-legal": a}
+    assert vllm_lora_args(None, 8, 64) is None  # LoRA is on whenever adapters may arrive, before any has
+    assert vllm_lora_args(str(tmp_path / "none yet"), 8, 64) == {"max_loras": 8, "max_lora_rank": 64}
+    check_lora_rank(b, 32)
+    with pytest.raises(ConfigError, match=r"a-support has LoRA rank 32, over serve.max_lora_rank=16"):
+        check_lora_rank(b, 16)
+    for clash in ("base", "__base__"):
+        with pytest.raises(ConfigError, match="named like the base model"):
+            check_servable(clash, fake_adapter(tmp_path / clash, 8), "base", tmp_path, set())
 
 
 def test_a_quantized_model_stands_for_its_16_bit_source(tmp_path):
@@ -275,3 +288,105 @@ def test_vllm_gets_every_sampling_setting():
         "frequency_penalty": 0.1,
         "logprobs": 2,
     }
+
+
+def catalog_on(folder: Path, base: Path, refuse: set[str] = frozenset()) -> tuple[AdapterCatalog, list[str]]:
+    """A catalog whose loading succeeds except for adapters named in `refuse`; `loads` records each."""
+    loads = []
+
+    async def load(adapter: Adapter) -> None:
+        if adapter.name in refuse:
+            raise ValueError(f"cannot load {adapter.name}")
+        loads.append(adapter.model_id)
+
+    return AdapterCatalog(str(folder), "base", base, {path_digest(base)}, load, every_s=0), loads
+
+
+def test_the_catalog_serves_an_adapter_version_only_once_it_has_loaded(tmp_path):
+    base, other = tmp_path / "base-model", tmp_path / "other-model"
+    for model in (base, other):
+        model.mkdir()
+        (model / "model.safetensors").write_bytes(model.name.encode())
+    folder = tmp_path / "adapters"
+    for name in ("alpha", "beta"):
+        write_adapter_record(fake_adapter(folder / name, 8), base, path_digest(base))
+    write_adapter_record(fake_adapter(folder / "stranger", 8), other, path_digest(other))
+    fake_adapter(folder / "base", 8)
+    catalog, loads = catalog_on(folder, base)
+
+    async def scenario():
+        first = await catalog.sync()
+        assert first["added"] == ["alpha", "beta"] and first["served"] == ["alpha", "beta"]
+        assert "trained on the base model in" in first["refused"]["stranger"]
+        assert "named like the base model" in first["refused"]["base"]
+        assert loads == [catalog.served["alpha"].model_id, catalog.served["beta"].model_id]
+        alpha_v1 = catalog.served["alpha"].model_id
+
+        (folder / "alpha" / "adapter_config.json").write_text(json.dumps({"r": 16, "peft_type": "LORA"}))
+        shutil.rmtree(folder / "beta")
+        changed = await catalog.sync()
+        assert changed["replaced"] == ["alpha"] and changed["removed"] == ["beta"] and changed["served"] == ["alpha"]
+        assert catalog.served["alpha"].model_id != alpha_v1 and loads[-1] == catalog.served["alpha"].model_id
+        assert await catalog.sync() == {**changed, "added": [], "replaced": [], "removed": []}  # nothing new: no load
+        assert len(loads) == 3
+
+        # a rewrite that fails to load leaves the old version answering; a new one that fails is not served
+        catalog.load = catalog_on(folder, base, refuse={"alpha", "gamma"})[0].load
+        before = catalog.served["alpha"]
+        (folder / "alpha" / "adapter_config.json").write_text(json.dumps({"r": 4, "peft_type": "LORA"}))
+        write_adapter_record(fake_adapter(folder / "gamma", 8), base, path_digest(base))
+        failed = await catalog.sync()
+        assert failed["replaced"] == [] and failed["added"] == [] and catalog.served == {"alpha": before}
+        assert failed["refused"]["gamma"] == "cannot load gamma" and failed["refused"]["alpha"] == "cannot load alpha"
+        assert await catalog.model_id("alpha") == before.model_id
+        catalog.scanned_at = 0  # a name not served looks at the folder again (at most once a second)
+        assert await catalog.model_id("nobody") is None
+
+    asyncio.run(scenario())
+
+
+def test_delete_moves_an_adapter_out_of_the_served_folder_and_keeps_it(tmp_path):
+    fake_adapter(tmp_path / "alpha", 8)
+    moved = withdraw(str(tmp_path), "alpha")
+    assert not (tmp_path / "alpha").exists() and (moved / "adapter_config.json").is_file()
+    assert find_adapters(str(tmp_path)) == {}  # .withdrawn/ holds no adapter of its own
+    fake_adapter(tmp_path / "alpha", 8)
+    assert withdraw(str(tmp_path), "alpha") != moved  # withdrawn twice: two folders
+
+
+def test_the_engine_loads_and_unloads_adapters_while_it_serves(tiny_model_dir, tmp_path):
+    """Real peft on the tiny model: an adapter loaded while serving answers as peft does alone, a batch
+    mixes it with the base, an adapter removed while a request uses it is unloaded when that request is
+    done, and after the last one the engine holds the plain model again."""
+    alpha, beta = (lora_adapter(tiny_model_dir, tmp_path / n, seed) for seed, n in enumerate(("alpha", "beta")))
+    engine = TransformersEngine(str(tiny_model_dir), False, lora=True, max_batch_size=4, batch_wait_timeout_s=0.05)
+    greedy = Sampling(max_new_tokens=8)
+
+    async def answers(*adapters):
+        done = await asyncio.gather(*(engine.complete("Permission is", replace(greedy, adapter=a)) for a in adapters))
+        return [c.text for c in done]
+
+    async def scenario():
+        base_alone = (await answers(None))[0]
+        await engine.add_adapter("alpha@1", alpha)
+        await engine.add_adapter("beta@1", beta)
+        alone = {a: (await answers(a))[0] for a in ("alpha@1", "beta@1")}
+        assert len({base_alone, *alone.values()}) == 3
+        assert await answers(None, "alpha@1", "beta@1", "alpha@1") == [base_alone, *alone.values(), alone["alpha@1"]]
+
+        running = asyncio.ensure_future(answers("alpha@1"))
+        await asyncio.sleep(0)  # the request is counted as alpha's user before alpha is removed
+        await asyncio.to_thread(engine.remove_adapter, "alpha@1")
+        assert "alpha@1" in engine.adapters  # still in use
+        assert await running == [alone["alpha@1"]]
+        for _ in range(100):
+            if "alpha@1" not in engine.adapters:
+                break
+            await asyncio.sleep(0.01)
+        assert list(engine.adapters) == ["beta@1"] and isinstance(engine.model, PeftModel)
+        with pytest.raises(RuntimeError, match="adapter alpha@1 is not loaded"):
+            await answers("alpha@1")
+        await asyncio.to_thread(engine.remove_adapter, "beta@1")
+        assert not isinstance(engine.model, PeftModel) and await answers(None) == [base_alone]
+
+    asyncio.run(scenario())

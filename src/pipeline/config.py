@@ -428,7 +428,14 @@ class ReplicaSettings(Section):
     max_body_bytes: int = Field(
         1_048_576, ge=1024, description="a request body over this is refused (413) before it is parsed"
     )
-    max_loras: int = Field(8, ge=1, description="vLLM: LoRA adapters held on a GPU at once (least recently used out)")
+    max_loras: int = Field(
+        8, ge=1, description="LoRA adapters a replica holds loaded at once (least recently used out)"
+    )
+    adapters_scan_s: float = Field(
+        10,
+        ge=0,
+        description="look at the adapters folder again this often for changes; 0: only on POST /v1/adapters/reload",
+    )
     max_lora_rank: int = Field(64, ge=1, description="vLLM: the largest LoRA rank among the adapters served")
 
     @model_validator(mode="after")

@@ -82,26 +82,27 @@ def model_fingerprints(model: Path) -> set[str]:
     return {path_digest(model)} | ({source} if source else set())
 
 
-def load_adapter(model, path: str | Path, adapter_name: str = "default", **kwargs):
+def load_adapter(model, path: str | Path, adapter_name: str = "default", fits: set[str] | None = None, **kwargs):
     """A peft adapter onto `model` (a plain model, or a peft model that holds others already), from
     adapter_model.safetensors only, and only onto the base it was trained on when the adapter says which
-    (pipeline.json, written by training)."""
+    (pipeline.json, written by training). `fits`: the base's model_fingerprints, when already known."""
     from peft import PeftModel
 
     _refuse_pickles(Path(path), "adapter", ("adapter_model.bin",))
-    check_adapter_base(Path(path), Path(model.name_or_path))
+    check_adapter_base(Path(path), Path(model.name_or_path), fits)
     if isinstance(model, PeftModel):
         model.load_adapter(str(path), adapter_name=adapter_name, **kwargs)
         return model
     return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, **kwargs)
 
 
-def check_adapter_base(adapter: Path, base: Path) -> None:
+def check_adapter_base(adapter: Path, base: Path, fits: set[str] | None = None) -> None:
+    """`fits`: model_fingerprints(base), passed by a server that checks many adapters against one base."""
     record = adapter / RECORD
     if not record.is_file() or not base.is_dir():
         return
     trained_on = json.loads(record.read_text())
-    fits = model_fingerprints(base)
+    fits = model_fingerprints(base) if fits is None else fits
     if trained_on.get("base_digest") and trained_on["base_digest"] not in fits:
         raise ConfigError(
             f"the adapter in {adapter} was trained on the base model in {trained_on['base_model']} "

@@ -1,11 +1,13 @@
 """The interface every generation engine gives a model replica: two async calls, `complete` and
-`stream`, plus the tokenizer's token counting and chat template. Engines: transformers_engine.py
+`stream`, the loading and unloading of LoRA adapters while it serves, plus the tokenizer's token
+counting and chat template. Engines: transformers_engine.py
 (CPU, or GPU without vLLM) and vllm_engine.py (GPU); engines.py picks one."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from pipeline.loading import load_tokenizer
 from pipeline.serving.types import Completion, Sampling
@@ -45,3 +47,11 @@ class Engine(TokenizerOps, ABC):
     @abstractmethod
     def stream(self, prompt: str, sampling: Sampling) -> AsyncIterator[str]:
         """The answer's text, piece by piece as it is generated (an async generator)."""
+
+    @abstractmethod
+    async def add_adapter(self, model_id: str, path: Path) -> None:
+        """Load the adapter in `path`; requests name it by `model_id` (Sampling.adapter)."""
+
+    @abstractmethod
+    def remove_adapter(self, model_id: str) -> None:
+        """Unload it once the requests that use it have finished (called from any thread)."""

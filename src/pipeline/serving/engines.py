@@ -4,15 +4,11 @@ requirements-vllm.txt), transformers everywhere else."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError
-from pipeline.serving.adapters import find_adapters
 from pipeline.serving.engine import Engine
 from pipeline.serving.schemas import ServeArgs
 
@@ -53,31 +49,25 @@ def vllm_engine_args(
     }
 
 
-def vllm_lora_args(adapters: dict[str, Path], max_loras: int, max_lora_rank: int) -> dict | None:
-    """vLLM holds at most `max_loras` adapters on the GPU at once (least recently used out); the rank
-    bound must cover every adapter's, and it sizes vLLM's LoRA buffers."""
-    if not adapters:
+def vllm_lora_args(adapters_dir: str | None, max_loras: int, max_lora_rank: int) -> dict | None:
+    """With an adapters folder to serve, LoRA is on from the start (adapters may arrive later): vLLM holds
+    at most `max_loras` on the GPU at once and sizes its LoRA buffers for `max_lora_rank`."""
+    if not adapters_dir:
         return None
-    ranks = {name: json.loads((path / "adapter_config.json").read_text())["r"] for name, path in adapters.items()}
-    too_big = {name: r for name, r in ranks.items() if r > max_lora_rank}
-    if too_big:
-        listed = ", ".join(f"{name} has rank {r}" for name, r in too_big.items())
-        raise ConfigError(f"LoRA adapters over serve.max_lora_rank={max_lora_rank} ({listed}): raise it")
-    return {"max_loras": min(max_loras, len(adapters)), "max_lora_rank": max_lora_rank}
+    return {"max_loras": max_loras, "max_lora_rank": max_lora_rank}
 
 
 def load_engine(args: ServeArgs, on_batch: Callable[[int], None], max_model_len: int = 2048) -> Engine:
     kind = choose_engine(args.engine)
-    adapters = find_adapters(args.adapters_dir, args.model_name)
-    log.info("serving %s with the %s engine, adapters: %s", args.model_dir, kind, ", ".join(adapters) or "none")
+    log.info("serving %s with the %s engine, adapters from %s", args.model_dir, kind, args.adapters_dir or "nowhere")
     if kind == "vllm":
         from pipeline.serving.vllm_engine import VLLMEngine
 
-        lora = vllm_lora_args(adapters, args.max_loras, args.max_lora_rank)
-        engine_args = vllm_engine_args(args.model_dir, max_model_len, args.max_queue, args.trust_remote_code, lora)
-        return VLLMEngine(engine_args, adapters)
+        lora = vllm_lora_args(args.adapters_dir, args.max_loras, args.max_lora_rank)
+        return VLLMEngine(vllm_engine_args(args.model_dir, max_model_len, args.max_queue, args.trust_remote_code, lora))
     from pipeline.serving.transformers_engine import TransformersEngine
 
+    lora = bool(args.adapters_dir)
     return TransformersEngine(
-        args.model_dir, args.trust_remote_code, adapters, args.max_batch_size, args.batch_wait_timeout_s, on_batch
+        args.model_dir, args.trust_remote_code, lora, args.max_batch_size, args.batch_wait_timeout_s, on_batch
     )

@@ -1,20 +1,27 @@
 """The transformers engine (CPU, or a GPU without vLLM): concurrent requests are merged into one
 `model.generate` call over the whole batch (left padding, batching.py); a stream generates alone,
-token by token, in a thread. With LoRA adapters the model is a peft model holding them all, and a
-batch may mix them: peft applies each row's adapter (`adapter_names`), so batching still pays off."""
+token by token, in a thread. With LoRA adapters the model is a peft model holding those loaded, and a
+batch may mix them: peft applies each row's adapter (`adapter_names`), so batching still pays off.
+Adapters come and go while the replica serves (Serve's multiplexing loads them on demand, least recently
+used out): a change to the model waits for the generations running on it, and an adapter is unloaded
+only when no request waiting or running still uses it."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from pipeline.loading import load_adapter, load_model, load_tokenizer
+from pipeline.loading import load_adapter, load_model, load_tokenizer, model_fingerprints
 from pipeline.serving.adapters import BASE
 from pipeline.serving.batching import BatchMerger
 from pipeline.serving.engine import Engine
@@ -34,16 +41,21 @@ class OpenAIPenalties(LogitsProcessor):
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
-def load_with_adapters(model_dir: str, trust_remote_code: bool, adapters: dict[str, Path]):
-    """The base model, wrapped in one peft model with every adapter when there are any. peft adds LoRA to
-    a layer's `weight`, which a compressed-tensors 4-bit layer holds packed; so under adapters its 4-bit
-    values are unpacked once at load (the same rounded numbers, in 16 bits)."""
+def load_base(model_dir: str, trust_remote_code: bool, lora: bool):
+    """The base model, ready for LoRA adapters when `lora`. peft adds LoRA to a layer's `weight`, which a
+    compressed-tensors 4-bit layer holds packed; so its 4-bit values are unpacked once at load (the same
+    rounded numbers, in 16 bits)."""
     kwargs = {}
-    if adapters and _compressed_tensors(Path(model_dir)):
+    if lora and _compressed_tensors(Path(model_dir)):
         from transformers import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
-    model = load_model(AutoModelForCausalLM, model_dir, trust_remote_code, **kwargs)
+    return load_model(AutoModelForCausalLM, model_dir, trust_remote_code, **kwargs)
+
+
+def load_with_adapters(model_dir: str, trust_remote_code: bool, adapters: dict[str, Path]):
+    """The base model, wrapped in one peft model with every adapter when there are any."""
+    model = load_base(model_dir, trust_remote_code, bool(adapters))
     for name, path in adapters.items():
         model = load_adapter(model, path, adapter_name=name)  # refuses one trained on another base
     return model
@@ -54,35 +66,124 @@ def _compressed_tensors(model_dir: Path) -> bool:
     return config.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
 
 
+class ModelLock:
+    """Many generations at once (a batch, streams), or one change to the model with none running; a
+    change that waits goes before generations that arrive after it."""
+
+    def __init__(self):
+        self.cond, self.readers, self.writers = threading.Condition(), 0, 0
+
+    @contextmanager
+    def generating(self):
+        with self.cond:
+            self.cond.wait_for(lambda: not self.writers)
+            self.readers += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.readers -= 1
+                self.cond.notify_all()
+
+    @contextmanager
+    def changing(self):
+        with self.cond:
+            self.writers += 1
+            self.cond.wait_for(lambda: not self.readers)
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.writers -= 1
+                self.cond.notify_all()
+
+
 class TransformersEngine(Engine):
     def __init__(
         self,
         model_dir: str,
         trust_remote_code: bool,
-        adapters: dict[str, Path] | None = None,
+        lora: bool = False,
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.02,
         on_batch: Callable[[int], None] = lambda n: None,
     ):
+        """`lora`: adapters may be loaded (the base is then loaded for them)."""
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.adapters = dict(adapters or {})
-        self.model = load_with_adapters(model_dir, trust_remote_code, self.adapters).to(self.device).eval()
+        self.model = load_base(model_dir, trust_remote_code, lora).to(self.device).eval()
+        self.fits = model_fingerprints(Path(model_dir)) if lora else set()  # once, for every adapter
+        self.lock, self.names = ModelLock(), itertools.count()
+        self.adapters: dict[str, str] = {}  # model id -> its name inside the peft model (no dots allowed there)
+        self.users: Counter[str] = Counter()  # model id -> requests waiting or running with it
+        self.retired: set[str] = set()  # unloaded as soon as its last user is done
+        self.bookkeeping = threading.Lock()
         self.merger = BatchMerger(self.generate_batch, max_batch_size, batch_wait_timeout_s, on_batch)
 
     async def complete(self, prompt: str, sampling: Sampling) -> Completion:
-        return await self.merger.run(prompt, sampling)
+        with self._using(sampling.adapter):
+            return await self.merger.run(prompt, sampling)
 
     async def stream(self, prompt: str, sampling: Sampling) -> AsyncIterator[str]:
-        pieces, done = self._stream_in_thread(prompt, sampling), object()
-        while (piece := await asyncio.to_thread(next, pieces, done)) is not done:  # each wait off the event loop
-            yield piece
+        with self._using(sampling.adapter):
+            pieces, done = self._stream_in_thread(prompt, sampling), object()
+            while (piece := await asyncio.to_thread(next, pieces, done)) is not done:  # each wait off the loop
+                yield piece
+
+    # ---- adapters loaded and unloaded while serving -----------------------------------------------
+    async def add_adapter(self, model_id: str, path: Path) -> None:
+        await asyncio.to_thread(self._add, model_id, path)
+
+    def _add(self, model_id: str, path: Path) -> None:
+        with self.bookkeeping:
+            self.retired.discard(model_id)  # asked for again before its unloading came round
+            if model_id in self.adapters:
+                return
+        name = f"lora{next(self.names)}"
+        with self.lock.changing():
+            self.model = load_adapter(self.model, path, adapter_name=name, fits=self.fits).eval()
+            with self.bookkeeping:
+                self.adapters[model_id] = name
+
+    def remove_adapter(self, model_id: str) -> None:
+        with self.bookkeeping:
+            self.retired.add(model_id)
+        self._unload_if_idle(model_id)
+
+    def _unload_if_idle(self, model_id: str) -> None:
+        with self.lock.changing(), self.bookkeeping:
+            if model_id not in self.retired or self.users[model_id] or model_id not in self.adapters:
+                return
+            self.retired.discard(model_id)
+            name = self.adapters.pop(model_id)
+            if self.adapters:
+                self.model.delete_adapter(name)
+            else:  # peft cannot hold zero adapters: after the last one, the plain model again
+                self.model = self.model.unload()
+
+    @contextmanager
+    def _using(self, model_id: str | None):
+        if model_id is None:
+            yield
+            return
+        with self.bookkeeping:
+            if model_id not in self.adapters:
+                raise RuntimeError(f"adapter {model_id} is not loaded on this replica")
+            self.users[model_id] += 1
+        try:
+            yield
+        finally:
+            with self.bookkeeping:
+                self.users[model_id] -= 1
+                done = not self.users[model_id] and model_id in self.retired
+            if done:  # off the event loop: the unloading waits for the batch running now
+                asyncio.get_running_loop().run_in_executor(None, self._unload_if_idle, model_id)
 
     def _generate_kwargs(self, sampling: list[Sampling], prompt_width: int) -> dict:
         """For one group (sampling settings alike but for the adapter): the first row's settings."""
-        s = sampling[0]
+        s, lora = sampling[0], isinstance(self.model, PeftModel)
         choice = (
             {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
             if s.temperature > 0
@@ -92,7 +193,7 @@ class TransformersEngine(Engine):
         processors = [OpenAIPenalties(prompt_width, s.presence_penalty, s.frequency_penalty)] if penalties else []
         return {
             "pad_token_id": self.tokenizer.pad_token_id,
-            **({"adapter_names": [row.adapter or BASE for row in sampling]} if self.adapters else {}),
+            **({"adapter_names": [self.adapters[r.adapter] if r.adapter else BASE for r in sampling]} if lora else {}),
             "logits_processor": LogitsProcessorList(processors),
             **choice,
         }
@@ -115,13 +216,14 @@ class TransformersEngine(Engine):
         width, first = enc["input_ids"].shape[1], sampling[0]
         if first.seed is not None:  # one generate runs at a time on a replica (the merger), so this is its seed
             torch.manual_seed(first.seed)
-        out = self.model.generate(
-            **enc,
-            max_new_tokens=max(s.max_new_tokens for s in sampling),
-            return_dict_in_generate=True,
-            output_logits=first.logprobs is not None,
-            **self._generate_kwargs(sampling, width),
-        )
+        with self.lock.generating():
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=max(s.max_new_tokens for s in sampling),
+                return_dict_in_generate=True,
+                output_logits=first.logprobs is not None,
+                **self._generate_kwargs(sampling, width),
+            )
         completions = []
         for row, (tokens, mask, s) in enumerate(zip(out.sequences, enc["attention_mask"], sampling)):
             new = tokens[width : width + s.max_new_tokens].tolist()
@@ -162,13 +264,14 @@ class TransformersEngine(Engine):
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        kwargs = dict(
-            **enc,
-            max_new_tokens=sampling.max_new_tokens,
-            streamer=streamer,
-            **self._generate_kwargs([sampling], enc["input_ids"].shape[1]),
-        )
-        thread = threading.Thread(target=torch.no_grad()(self.model.generate), kwargs=kwargs, daemon=True)
+        kwargs = dict(**enc, max_new_tokens=sampling.max_new_tokens, streamer=streamer)
+
+        @torch.no_grad()
+        def generate():
+            with self.lock.generating():
+                self.model.generate(**kwargs, **self._generate_kwargs([sampling], enc["input_ids"].shape[1]))
+
+        thread = threading.Thread(target=generate, daemon=True)
         thread.start()
         yield from streamer
         thread.join()

@@ -4,11 +4,13 @@ beside llm-compressor, so this module is only imported where `choose_engine` fou
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from pipeline.loading import load_tokenizer
+from pipeline.loading import check_adapter_base, load_tokenizer, model_fingerprints
+from pipeline.serving.adapters import check_lora_rank
 from pipeline.serving.engine import Engine
 from pipeline.serving.types import Completion, Sampling, TokenLogprob, truncate_at_stop
 
@@ -38,14 +40,28 @@ def token_logprobs(token_ids: list[int], positions: list[dict]) -> list[TokenLog
 
 
 class VLLMEngine(Engine):
-    def __init__(self, engine_args: dict, adapters: dict[str, Path]):
+    """Adapters: vLLM loads an adapter when a request first names its LoRARequest and keeps the least
+    recently used `max_loras` on the GPU (`max_cpu_loras` in host memory); this engine only keeps the
+    requests, one per model id, under a positive integer id, which is how vLLM tells adapters apart."""
+
+    def __init__(self, engine_args: dict):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
-        from vllm.lora.request import LoRARequest
 
         self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_args))
-        # vLLM tells adapters apart by a positive integer id
-        self.loras = {name: LoRARequest(name, i, str(path)) for i, (name, path) in enumerate(adapters.items(), 1)}
         self.tokenizer = load_tokenizer(engine_args["tokenizer"], engine_args["trust_remote_code"])
+        self.model_dir, self.max_lora_rank = Path(engine_args["model"]), engine_args.get("max_lora_rank", 0)
+        self.fits = model_fingerprints(self.model_dir) if engine_args.get("enable_lora") else set()
+        self.loras, self.ids = {}, itertools.count(1)
+
+    async def add_adapter(self, model_id: str, path: Path) -> None:
+        from vllm.lora.request import LoRARequest
+
+        check_adapter_base(path, self.model_dir, self.fits)
+        check_lora_rank(path, self.max_lora_rank)
+        self.loras.setdefault(model_id, LoRARequest(model_id, next(self.ids), str(path)))
+
+    def remove_adapter(self, model_id: str) -> None:
+        self.loras.pop(model_id, None)  # a request running with it holds its own reference
 
     @staticmethod
     def _params(s: Sampling):
