@@ -56,14 +56,26 @@ def test_dedup_knobs_have_short_forms():
 
 
 def test_adapters_are_named_apart_and_learn_from_their_own_data():
-    one = "{name: support, stage: {kind: sft, data: data/instructions.jsonl}, lora: {r: 4}}"
+    one = "{name: support, stages: [{kind: sft, data: data/instructions.jsonl}], lora: {r: 4}}"
     cfg = load_config(DEFAULT_CONFIG, [f"adapters=[{one}]"])
-    assert cfg.adapter("support").lora.r == 4 and cfg.adapter("support").stage.kind == "sft"
+    assert cfg.adapter("support").lora.r == 4 and cfg.adapter("support").stages[0].kind == "sft"
     with pytest.raises(ConfigError, match="no adapter 'sales' in this config; it has: support"):
         cfg.adapter("sales")
     with pytest.raises(ConfigError, match="distinct names"):
         load_config(DEFAULT_CONFIG, [f"adapters=[{one}, {one}]"])
     with pytest.raises(ConfigError, match="distinct names, none the run's own"):
-        load_config(DEFAULT_CONFIG, ["adapters=[{name: demo, stage: {kind: sft, data: data/instructions.jsonl}}]"])
-    with pytest.raises(ConfigError, match="stage kind sft or dpo"):
-        load_config(DEFAULT_CONFIG, ["adapters=[{name: x, stage: pretrain}]"])
+        load_config(DEFAULT_CONFIG, ["adapters=[{name: demo, stages: [{kind: sft, data: data/instructions.jsonl}]}]"])
+    with pytest.raises(ConfigError, match="stage kinds sft or dpo"):
+        load_config(DEFAULT_CONFIG, ["adapters=[{name: x, stages: [pretrain]}]"])
+    with pytest.raises(ConfigError, match="pretrain with `where`"):
+        load_config(DEFAULT_CONFIG, ["adapters=[{name: x, stages: [{kind: pretrain}]}]"])
+    part = load_config(DEFAULT_CONFIG, ["adapters=[{name: libs, stages: [{kind: pretrain, where: {id: 'lib*'}}]}]"])
+    assert part.adapter("libs").stages[0].where == {"id": "lib*"}
+    with pytest.raises(ConfigError, match="`where` picks curated documents for a pretrain stage"):
+        load_config(
+            DEFAULT_CONFIG,
+            ["adapters=[{name: x, stages: [{kind: sft, data: data/instructions.jsonl, where: {id: a}}]}]"],
+        )
+    twice = "{kind: sft, data: data/instructions.jsonl}"
+    with pytest.raises(ConfigError, match="stages need distinct names"):
+        load_config(DEFAULT_CONFIG, [f"adapters=[{{name: x, stages: [{twice}, {twice}]}}]"])

@@ -131,45 +131,82 @@ def test_quality_gate_stops_a_model_over_budget_unless_forced(tiny_run, tiny_cor
 
 
 def test_adapters_train_on_the_runs_model_from_their_own_data_and_serve_on_its_4_bit_export(tiny_run, tmp_path):
-    """Two adapters (two tasks of the shipped instructions) on the run's 16-bit model: each lands as a
-    peft folder with its manifest, lowers its own held-out loss, fits the AWQ model the endpoint serves,
-    and changes its answers; a second run with the same inputs trains nothing."""
+    """Two adapters (two tasks of the shipped instructions) trained at the same time on the run's 16-bit
+    model, the second then aligned on the shipped preferences (sft, then dpo), and a third on a part of
+    the curated corpus (pretrain where id matches c*): each lands as a peft folder with its manifest,
+    lowers its own held-out loss, fits the AWQ model the endpoint serves, and changes its answers; the
+    two-stage one is one adapter of twice the rank that changes the model as its stages did in turn; a
+    second run with the same inputs trains nothing."""
     import shutil
     from pathlib import Path
 
     from pipeline.config import AdapterSpec, ConfigError
     from pipeline.digest import path_digest
     from pipeline.handoff import merged_model_dir, served_model_dir
-    from pipeline.loading import check_adapter_base, load_tokenizer
+    from pipeline.loading import check_adapter_base, load_adapter, load_model, load_tokenizer
     from pipeline.serving.transformers_engine import load_with_adapters
-    from pipeline.train.adapt import run_adapt
+    from pipeline.train.adapt import run_adapt, run_adapters
 
     cfg = tiny_run.model_copy(deep=True)
     cfg.runs_dir = str(tmp_path / "runs")
-    shutil.copytree(tiny_run.stage_dir("quantize"), cfg.stage_dir("quantize"))
+    for stage in ("curate", "quantize"):
+        shutil.copytree(tiny_run.stage_dir(stage), cfg.stage_dir(stage))
     records = [json.loads(line) for line in Path("data/instructions.jsonl").read_text().splitlines()]
     lora = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "modules_to_save": []}
     for name, task in (("counts", "license-count"), ("names", "upstream-name")):
         data = tmp_path / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in records if r["task"] == task))
-        stage = {"kind": "sft", "data": str(data), "max_steps": 20, "lr": 5e-3}
-        cfg.adapters.append(AdapterSpec(name=name, stage=stage, lora=lora))
-    with pytest.raises(ConfigError, match="no adapter 'other' in this config; it has: counts, names"):
+        stages = [{"kind": "sft", "data": str(data), "max_steps": 20, "lr": 5e-3}]
+        if name == "names":
+            stages.append({"kind": "dpo", "data": "data/preferences.jsonl", "max_steps": 8, "lr": 5e-3})
+        cfg.adapters.append(AdapterSpec(name=name, stages=stages, lora=lora))
+    part = {"kind": "pretrain", "where": {"id": "c*"}, "max_steps": 10, "lr": 5e-3}  # packages named c*
+    cfg.adapters.append(AdapterSpec(name="c-packages", stages=[part], lora=lora))
+    with pytest.raises(ConfigError, match="no adapter 'other' in this config; it has: counts, names, c-packages"):
         run_adapt(cfg, "other")
 
     merged, awq = merged_model_dir(cfg), served_model_dir(cfg)
-    manifests = {spec.name: run_adapt(cfg, spec.name) for spec in cfg.adapters}
+    cfg.adapters_at_once = 2  # two worker groups of 1 CPU on the 2-CPU test cluster: the two instruction adapters
+    manifests = run_adapters(cfg, ["counts", "names"])
+    assert manifests["names"]["trained"]["started"] < manifests["counts"]["trained"]["finished"]
+    assert manifests["counts"]["trained"]["started"] < manifests["names"]["trained"]["finished"]  # at once
+    part = run_adapt(cfg, "c-packages")  # alone: it streams the corpus, whose read tasks need a free CPU
+    assert part["stages"][0]["where"] == {"id": "c*"} and part["metrics"][0]["steps"] == 10
+    assert part["quantized_base"]["eval_documents"] > 0  # scored on held-out documents of its part
+    assert part["metrics"][0]["eval_loss_last"] < part["metrics"][0]["eval_loss_before"], part["metrics"]
+    with pytest.raises(ConfigError, match=r"no curated document .* matches where=\{'id': 'nothing\*'\}; its fields"):
+        cfg.adapters[2].stages[0].where = {"id": "nothing*"}
+        run_adapt(cfg, "c-packages")
     for name, m in manifests.items():
         folder = cfg.stage_dir("adapters") / name
         assert {"adapter_config.json", "adapter_model.safetensors", "pipeline.json", "manifest.json"} <= {
             f.name for f in folder.iterdir()
         }
-        assert m["base_digest"] == path_digest(merged) and m["data"]["digest"] == path_digest(
-            tmp_path / f"{name}.jsonl"
-        )
-        assert m["metrics"]["steps"] == 20 and m["lora"]["r"] == 8
-        assert m["metrics"]["eval_loss_last"] < 0.97 * m["metrics"]["eval_loss_before"], m["metrics"]  # ~5% in 20 steps
+        assert m["base_digest"] == path_digest(merged)
+        assert m["stages"][0]["data_digest"] == path_digest(tmp_path / f"{name}.jsonl")
+        sft = m["metrics"][0]
+        assert sft["steps"] == 20 and m["lora"]["r"] == 8
+        assert sft["eval_loss_last"] < 0.97 * sft["eval_loss_before"], sft  # ~5% in 20 steps
         check_adapter_base(folder, awq)  # trained on the 16-bit model, it fits its 4-bit export
+        q = m["quantized_base"]  # the quality gate, per adapter: its held-out perplexity over either base
+        assert q["eval_documents"] > 0 and q["merged_perplexity"] > 1 and q["quantized_perplexity"] > 1, q
+        assert q["perplexity_change"] == round(q["quantized_perplexity"] / q["merged_perplexity"] - 1, 4)
+        assert q["passed"] == (q["perplexity_change"] <= cfg.quantize.max_ppl_increase)
+    assert [s["kind"] for s in manifests["names"]["stages"]] == ["sft", "dpo"] and manifests["names"]["rank"] == 16
+    assert manifests["counts"]["rank"] == 8 and manifests["names"]["metrics"][1]["steps"] == 8
+
+    # the stacked adapter on the run's model = the dpo stage's adapter on the model the sft stage left
+    dpo = cfg.stage_dir("adapters") / "names" / "dpo"
+    prompt = load_tokenizer(merged)(["[TASK] upstream-name\n[INPUT] package gpgsm\n[OUTPUT] "], return_tensors="pt")
+    with torch.no_grad():  # in float32: the two differ only by the sft model's rounding to bf16 when merged
+        run_model = load_model(AutoModelForCausalLM, merged, dtype=torch.float32)
+        before = run_model(**prompt).logits
+        stacked = load_adapter(run_model, cfg.stage_dir("adapters") / "names")(**prompt).logits
+        dpo_adapter = manifests["names"]["metrics"][1]["model"]
+        in_turn = load_adapter(load_model(AutoModelForCausalLM, dpo / "base", dtype=torch.float32), dpo_adapter)
+        in_turn = in_turn(**prompt).logits
+    gap, effect = (stacked - in_turn).abs().max(), (stacked - before).abs().max()
+    assert gap < 0.05 * effect, (gap, effect)
 
     adapters = {name: cfg.stage_dir("adapters") / name for name in manifests}
     model = load_with_adapters(str(awq), False, adapters)

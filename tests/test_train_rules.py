@@ -260,3 +260,28 @@ def test_a_checkpoint_is_whole_only_when_every_ranks_manifest_matches_its_files(
     assert damage(whole) == "shard1.pt is missing"
     (whole / "manifest.rank1.json").unlink()
     assert damage(whole).startswith("manifest.rank1.json is missing or unreadable")
+
+
+def test_where_picks_curated_documents_by_id_source_or_meta_globs():
+    from pipeline.train.data import document_matches
+
+    row = {"id": "libfoo/0", "source": "data/corpus/part-01.jsonl", "meta": '{"customer": "acme", "year": 2024}'}
+    assert document_matches(row, {})
+    assert document_matches(row, {"id": "lib*", "customer": "acme"})
+    assert document_matches(row, {"source": "*/part-0[01].jsonl", "year": "2024"})
+    assert not document_matches(row, {"id": "lib*", "customer": "globex"})
+    assert not document_matches({**row, "meta": ""}, {"customer": "*"})  # a field the document lacks
+    assert not document_matches(row, {"id": "LIB*"})  # globs are case-sensitive, as ids are
+
+
+def test_adapters_train_at_once_as_far_as_the_cluster_holds_their_worker_groups():
+    from pipeline.train.adapt import adapters_at_once
+
+    cfg = load_config(TINY)  # 2 workers of 0.5 CPU: a group takes 1 CPU
+    assert adapters_at_once(cfg, 5, {"CPU": 2}) == 1  # one CPU stays free for data tasks
+    assert adapters_at_once(cfg, 5, {"CPU": 16}) == 5 and adapters_at_once(cfg, 2, {"CPU": 16}) == 2
+    assert adapters_at_once(cfg, 5, {"CPU": 0.5}) == 1  # never none: one at a time waits for room
+    gpus = load_config(TINY, ["train.use_gpu=true", "train.num_workers=1", "train.cpus_per_worker=8"])
+    assert adapters_at_once(gpus, 8, {"CPU": 64, "GPU": 8}) == 7  # CPUs bind first: (64 - 1) // 8
+    assert adapters_at_once(gpus, 8, {"CPU": 128, "GPU": 4}) == 4
+    assert adapters_at_once(load_config(TINY, ["adapters_at_once=2"]), 5, {"CPU": 2}) == 2  # the user's word

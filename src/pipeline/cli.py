@@ -41,9 +41,20 @@ SECTIONS = {
     "train": ["name", "runs_dir", "model", "train"],
     "quantize": ["name", "runs_dir", "quantize"],
     "distill": ["name", "runs_dir", "distill"],
-    "adapt": ["name", "runs_dir", "train", "adapters"],
+    "adapt": ["name", "runs_dir", "train", "adapters", "adapters_at_once"],
     "serve": ["name", "runs_dir", "serve"],
-    "run": ["name", "runs_dir", "data", "model", "train", "quantize", "distill", "adapters", "serve"],
+    "run": [
+        "name",
+        "runs_dir",
+        "data",
+        "model",
+        "train",
+        "quantize",
+        "distill",
+        "adapters",
+        "adapters_at_once",
+        "serve",
+    ],
     "plan": ["name", "model", "train", "quantize", "serve"],
 }
 
@@ -226,10 +237,20 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
                 ),
                 *(
                     (
-                        f"adapter {name}: held-out loss",
-                        f"{m['metrics'].get('eval_loss_before', '-')} -> {m['metrics'].get('eval_loss_last', '-')}",
+                        f"adapter {name}, {stage['stage']}: held-out loss",
+                        f"{stage.get('eval_loss_before', '-')} -> {stage.get('eval_loss_last', '-')}",
                     )
                     for name, m in adapters.items()
+                    for stage in m["metrics"]
+                ),
+                *(
+                    (
+                        f"adapter {name}: perplexity 16-bit -> 4-bit base",
+                        f"{q['merged_perplexity']:.2f} -> {q['quantized_perplexity']:.2f} "
+                        f"({q['perplexity_change']:+.2%}){'' if q['passed'] else ' OVER quantize.max_ppl_increase'}",
+                    )
+                    for name, m in adapters.items()
+                    if (q := m.get("quantized_base"))
                 ),
                 ("endpoint", f"{url}/generate"),
                 ("wall time", f"{time.time() - t0:.0f} s"),
@@ -248,9 +269,9 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
 
 def cmd_adapt(cfg: PipelineConfig, names: list[str], fresh: bool) -> dict[str, dict]:
     """Each named adapter (skipped when made earlier from the same inputs); their manifests by name."""
-    from pipeline.train.adapt import run_adapt
+    from pipeline.train.adapt import run_adapters
 
-    return {name: run_adapt(cfg, name, fresh) for name in names}
+    return run_adapters(cfg, names, fresh)
 
 
 def sample_prompt(cfg: PipelineConfig) -> str:
@@ -263,7 +284,7 @@ def sample_prompt(cfg: PipelineConfig) -> str:
 
     if cfg.serve.demo_prompt:
         return cfg.serve.demo_prompt
-    stages = [*cfg.train.stages, *(adapter.stage for adapter in cfg.adapters)]
+    stages = [*cfg.train.stages, *(stage for adapter in cfg.adapters for stage in adapter.stages)]
     files = [(spec.data, spec.kind) for spec in stages if spec.kind != "pretrain"]
     tokenizer = load_tokenizer(trained_model(cfg).base_model, cfg.model.trust_remote_code)
     if files and (prompt := held_out_prompt(files, tokenizer)):

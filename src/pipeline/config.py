@@ -200,6 +200,11 @@ class StageSpec(Section):
     max_steps: int | None = Field(None, ge=1, description="default: train.max_steps")
     lr: float | None = Field(None, gt=0, description="default: train.lr")
     beta: float = Field(0.1, gt=0, description="dpo: strength of the KL constraint to the reference")
+    where: dict[str, str] = Field(
+        default_factory=dict,
+        description="pretrain: only the curated documents whose fields match these globs; fields: id, source "
+        "(the input file), or a key of meta (data.keep_fields), e.g. {customer: acme}",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -213,6 +218,8 @@ class StageSpec(Section):
     def _needs_data(self) -> StageSpec:
         if self.kind != "pretrain" and not self.data:
             raise ValueError(f"a {self.kind} stage needs `data`: a jsonl file")
+        if self.kind != "pretrain" and self.where:
+            raise ValueError(f"`where` picks curated documents for a pretrain stage; a {self.kind} stage reads `data`")
         return self
 
 
@@ -462,13 +469,24 @@ class AdapterSpec(Section):
     and served beside that model under its name: one base, an adapter per customer, persona or task."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="its folder, and its model name at the endpoint")
-    stage: StageSpec = Field(..., description="what it learns: {kind: sft, data: FILE} or {kind: dpo, data: FILE}")
+    stages: list[StageSpec] = Field(
+        ...,
+        min_length=1,
+        description="what it learns, in turn: e.g. [{kind: sft, data: FILE}, {kind: dpo, data: FILE}]; "
+        "each stage goes on from the adapter so far",
+    )
     lora: LoraSettings | None = Field(None, description="default: train.lora")
 
     @model_validator(mode="after")
     def _own_data(self) -> AdapterSpec:
-        if self.stage.kind == "pretrain":
-            raise ValueError(f"adapter {self.name}: an adapter learns from its own data: stage kind sft or dpo")
+        if any(stage.kind == "pretrain" and not stage.where for stage in self.stages):
+            raise ValueError(
+                f"adapter {self.name}: an adapter learns from its own data: stage kinds sft or dpo, or pretrain "
+                "with `where` picking its part of the curated corpus"
+            )
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter {self.name}: stages need distinct names (got {names}); give one a `name`")
         return self
 
 
@@ -483,6 +501,12 @@ class PipelineConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     adapters: list[AdapterSpec] = Field(
         default_factory=list, description="LoRA adapters on the run's model: `pipeline adapt`, and `pipeline run`"
+    )
+    adapters_at_once: int | None = Field(
+        None,
+        ge=1,
+        description="adapters that train at the same time, each on its own worker group; default: as many "
+        "as the cluster's CPUs and GPUs hold beside one CPU left for data tasks",
     )
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ counts and cluster sizes.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -19,14 +20,16 @@ def is_held_out(doc_id: str) -> bool:
     return zlib.crc32(str(doc_id).encode()) % HELD_OUT_EVERY == 0
 
 
-def split_texts(kept_dir: Path, limit: int, held_out: bool) -> list[str]:
+def split_texts(kept_dir: Path, limit: int, held_out: bool, keep: Callable[[dict], bool] | None = None) -> list[str]:
     """Up to `limit` curated texts from the training split, or from the held-out split that training
-    never sees. Streams the Parquet folder; never loads it whole."""
+    never sees; `keep`: only the documents (rows of id, text, source, meta) it picks. Streams the Parquet
+    folder; never loads it whole."""
     texts: list[str] = []
-    for batch in pads.dataset(str(kept_dir), format="parquet").to_batches(columns=["id", "text"]):
-        for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            if is_held_out(doc_id) == held_out:
-                texts.append(text)
+    columns = ["id", "text", "source", "meta"] if keep else ["id", "text"]
+    for batch in pads.dataset(str(kept_dir), format="parquet").to_batches(columns=columns):
+        for row in batch.to_pylist():
+            if is_held_out(row["id"]) == held_out and (keep is None or keep(row)):
+                texts.append(row["text"])
                 if len(texts) == limit:
                     return texts
     return texts

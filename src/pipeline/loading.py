@@ -96,6 +96,18 @@ def load_adapter(model, path: str | Path, adapter_name: str = "default", fits: s
     return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, **kwargs)
 
 
+def load_base_for_adapters(model_dir: str | Path, trust_remote_code: bool = False):
+    """A causal LM that LoRA adapters can be loaded onto. peft adds LoRA to a layer's `weight`, which a
+    compressed-tensors 4-bit layer holds packed; so its 4-bit values are unpacked once at load (the same
+    rounded numbers, in 16 bits), as adapters stay 16-bit over a 4-bit base."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    packed = config.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
+    kwargs = {"quantization_config": CompressedTensorsConfig(run_compressed=False)} if packed else {}
+    return load_model(AutoModelForCausalLM, model_dir, trust_remote_code, **kwargs)
+
+
 def check_adapter_base(adapter: Path, base: Path, fits: set[str] | None = None) -> None:
     """`fits`: model_fingerprints(base), passed by a server that checks many adapters against one base."""
     record = adapter / RECORD

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -10,20 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.loading import load_model, load_tokenizer
-
-
-@torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str], seq_len: int) -> float:
-    total_nll, total_tokens = 0.0, 0
-    for text in texts:
-        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=seq_len)["input_ids"]
-        if ids.shape[1] < 2:
-            continue
-        ids = ids.to(model.device)
-        loss = model(input_ids=ids, labels=ids).loss
-        total_nll += loss.item() * (ids.shape[1] - 1)
-        total_tokens += ids.shape[1] - 1
-    return math.exp(total_nll / max(total_tokens, 1))
+from pipeline.perplexity import perplexity
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,7 +20,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from pipeline.loading import load_adapter, load_model, load_tokenizer, model_fingerprints
+from pipeline.loading import load_adapter, load_base_for_adapters, load_model, load_tokenizer, model_fingerprints
 from pipeline.serving.adapters import BASE
 from pipeline.serving.batching import BatchMerger
 from pipeline.serving.engine import Engine
@@ -41,18 +40,6 @@ class OpenAIPenalties(LogitsProcessor):
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
-def load_base(model_dir: str, trust_remote_code: bool, lora: bool):
-    """The base model, ready for LoRA adapters when `lora`. peft adds LoRA to a layer's `weight`, which a
-    compressed-tensors 4-bit layer holds packed; so its 4-bit values are unpacked once at load (the same
-    rounded numbers, in 16 bits)."""
-    kwargs = {}
-    if lora and _compressed_tensors(Path(model_dir)):
-        from transformers import CompressedTensorsConfig
-
-        kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
-    return load_model(AutoModelForCausalLM, model_dir, trust_remote_code, **kwargs)
-
-
 def load_with_adapters(model_dir: str, trust_remote_code: bool, adapters: dict[str, Path]):
     """The base model, wrapped in one peft model with every adapter when there are any."""
     model = load_base(model_dir, trust_remote_code, bool(adapters))
@@ -61,9 +48,11 @@ def load_with_adapters(model_dir: str, trust_remote_code: bool, adapters: dict[s
     return model
 
 
-def _compressed_tensors(model_dir: Path) -> bool:
-    config = json.loads((model_dir / "config.json").read_text())
-    return config.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
+def load_base(model_dir: str, trust_remote_code: bool, lora: bool):
+    """The base model, ready for LoRA adapters when `lora`."""
+    if lora:
+        return load_base_for_adapters(model_dir, trust_remote_code)
+    return load_model(AutoModelForCausalLM, model_dir, trust_remote_code)
 
 
 class ModelLock:

@@ -1,6 +1,6 @@
 """Training data on Ray Data, one builder per stage kind, each giving a train and a held-out split:
 
-pretrain  curated Parquet -> documents packed into seq_len rows          {input_ids}
+pretrain  curated Parquet (all, or the documents `where` picks) -> documents packed into seq_len rows {input_ids}
 sft       instruction jsonl -> examples packed whole, loss on responses  {input_ids, labels, position_ids}
 dpo       preference jsonl -> one chosen and one rejected row per pair   {chosen_*, rejected_*}
 """
@@ -8,7 +8,8 @@ dpo       preference jsonl -> one chosen and one rejected row per pair   {chosen
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from fnmatch import fnmatchcase
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pyarrow as pa
 import ray
 from ray.data.extensions import ArrowTensorArray
 
+from pipeline.config import ConfigError
 from pipeline.heldout import is_held_out
 from pipeline.loading import load_tokenizer
 from pipeline.train.formats import RecordError, preference_texts, prompt_and_response
@@ -196,15 +198,43 @@ def pair_rows(
 BUILDERS = {"pretrain": pack_documents, "sft": pack_examples, "dpo": pair_rows}
 
 
+def document_matches(row: dict, where: dict[str, str]) -> bool:
+    """Whether a curated document's fields match every glob of `where`: `id`, `source` (its input file),
+    or a key of its `meta` (the input fields data.keep_fields carried)."""
+    meta = json.loads(row["meta"]) if row.get("meta") else {}
+    fields = {**meta, "id": row["id"], "source": row["source"]}
+    return all(key in fields and fnmatchcase(str(fields[key]), glob) for key, glob in where.items())
+
+
+def curated_documents(source: str, where: dict[str, str] | None = None) -> ray.data.Dataset:
+    """The curated corpus's documents (id, text), or those `where` picks; none picked is an error that
+    says which fields there are."""
+    if not where:
+        return ray.data.read_parquet(source).select_columns(["id", "text"])
+    picked = ray.data.read_parquet(source).filter(partial(document_matches, where=where)).materialize()
+    if picked.count() == 0:
+        sample = ray.data.read_parquet(source).take(1)
+        fields = ["id", "source", *json.loads(sample[0]["meta"] or "{}")] if sample else ["id", "source"]
+        raise ConfigError(f"no curated document in {source} matches where={where}; its fields: {', '.join(fields)}")
+    return picked.select_columns(["id", "text"])
+
+
 def stage_datasets(
-    kind: str, source: str, tokenizer_dir: str, trust_remote_code: bool, seq_len: int, padding_free: bool = False
+    kind: str,
+    source: str,
+    tokenizer_dir: str,
+    trust_remote_code: bool,
+    seq_len: int,
+    padding_free: bool = False,
+    where: dict[str, str] | None = None,
 ) -> dict[str, ray.data.Dataset]:
-    """{"train": ..., "eval": ...} for one stage: `source` is the curated kept/ folder (pretrain) or a jsonl.
-    `padding_free` is pretraining's (SFT rows always restart positions per example)."""
+    """{"train": ..., "eval": ...} for one stage: `source` is the curated kept/ folder (pretrain, the
+    documents `where` picks) or a jsonl. `padding_free` is pretraining's (SFT rows always restart
+    positions per example)."""
     if not Path(source).exists():
         raise FileNotFoundError(f"{kind} data not found: {source}")
     if kind == "pretrain":
-        read = ray.data.read_parquet(source, columns=["id", "text"])
+        read = curated_documents(source, where)
     else:  # raw lines, parsed in the builders: Arrow's JSON reader wants one type per field across a file
         read = ray.data.read_text(source).rename_columns({"text": "line"})
     settings = {

@@ -45,13 +45,13 @@ def check_lora_targets(architecture, lora: LoraSettings, where: str, trust_remot
         raise ConfigError(f"train.lora: {missing} not found in {where}; linear modules there: {linear}")
 
 
-def stage_base(cfg: PipelineConfig, spec: StageSpec, previous: TrainedModel | None, base: Path) -> Path:
+def stage_base(cfg: PipelineConfig, out: Path, spec: StageSpec, previous: TrainedModel | None, base: Path) -> Path:
     """A stage after another starts from its model merged into one (a LoRA stage adds a fresh adapter
-    on top). So each stage's adapter applies to its own base, and DPO's reference, the model with the
-    adapter off, is the model the stage started from."""
+    on top), in out/<stage>/base. So each stage's adapter applies to its own base, and DPO's reference,
+    the model with the adapter off, is the model the stage started from."""
     if previous is None:
         return base
-    merged = cfg.stage_dir("train") / spec.name / "base"
+    merged = out / spec.name / "base"
     shutil.rmtree(merged, ignore_errors=True)
     # a Ray task, not the driver: the driver may run on a small head node (the merge streams, in the base's dtype)
     task = ray.remote(num_cpus=1)(merge_adapter)
@@ -71,6 +71,7 @@ def stage_data(cfg: PipelineConfig, spec: StageSpec, base: Path) -> dict:
         cfg.model.trust_remote_code,
         cfg.model.seq_len,
         cfg.train.padding_free,
+        spec.where,
     )
     if spec.kind == "pretrain":  # the curated corpus streams: it can be larger than memory
         return datasets
@@ -131,7 +132,7 @@ def train_stages(
     planned = planned_micro_batches(cfg, base)
     for i, spec in enumerate(cfg.train.stages):
         datasets = {**stage_data(cfg, spec, base), **previous_task(cfg, i, base)}
-        start = stage_base(cfg, spec, previous, base)
+        start = stage_base(cfg, out, spec, previous, base)
         inputs = {"base_model": path_digest(start), "data": path_digest(stage_source(cfg, spec))}
         if "previous_eval" in datasets:
             inputs["previous_data"] = path_digest(stage_source(cfg, cfg.train.stages[i - 1]))
