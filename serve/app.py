@@ -141,15 +141,18 @@ class LLMServer:
         if name is None or name == self.args.model_name:
             return None
         if (model_id := await self.adapters.model_id(name)) is None:
-            served = ", ".join(repr(n) for n in (self.args.model_name, *self.adapters.served))
-            raise APIError(
-                404,
-                f"model {name!r} does not exist; this server has {served}",
-                "invalid_request_error",
-                "model_not_found",
-                "model",
-            )
+            raise self._not_found(name)
         return model_id
+
+    def _not_found(self, name: str) -> APIError:
+        served = ", ".join(repr(n) for n in (self.args.model_name, *self.adapters.served))
+        return APIError(
+            404,
+            f"model {name!r} does not exist; this server has {served}",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )
 
     async def _load(self, adapter: Adapter) -> None:
         """Load a new adapter version on a model replica, which Serve then sends its requests to."""
@@ -327,8 +330,10 @@ class LLMServer:
         (and a reload) serves it again."""
 
         async def withdrawn():
-            if name not in self.adapters.served:
-                await self._adapter(name)  # 404 naming what is served, unless it has just arrived
+            if name == self.args.model_name:
+                raise APIError(400, f"{name!r} is the base model; DELETE takes adapters off the server", param="name")
+            if await self.adapters.model_id(name) is None:
+                raise self._not_found(name)
             moved = withdraw(self.args.adapters_dir, name)
             return {"deleted": name, "moved_to": str(moved), **await self.adapters.sync()}
 

@@ -492,6 +492,8 @@ def test_adapters_arrive_change_and_leave_without_a_restart(tiny_run, app, tmp_p
     assert (Path(gone["moved_to"]) / "adapter_model.safetensors").is_file()
     assert post(url, "/v1/completions", {"model": "gamma", "prompt": PROMPT}).status_code == 404
     assert requests.delete(f"{url}/v1/adapters/gamma", headers=AUTH, timeout=30).status_code == 404
+    base = requests.delete(f"{url}/v1/adapters/{name}", headers=AUTH, timeout=30)
+    assert base.status_code == 400 and "is the base model" in base.json()["error"]["message"], base.text
 
     # three adapters, two slots: the least recently used one is unloaded and loaded again when asked for
     shutil.copytree(new["beta"], folder / "beta")
