@@ -392,6 +392,9 @@ class QuantizeConfig(Section):
         "for the gate), or the run's own instruction/preference data; auto: the corpus when there is one",
     )
     calib_seq_len: int = Field(128, ge=16)
+    grid_points: int = Field(
+        20, ge=2, description="AWQ's search for each layer's scales tries this many; its time grows with it"
+    )
     eval_samples: int = Field(32, ge=1, description="held-out documents the quality gate scores (it refuses fewer)")
     max_ppl_increase: float = Field(
         0.02, description="quality gate: fail when 4-bit perplexity exceeds 16-bit by more than this fraction"

@@ -99,7 +99,9 @@ def quantize_awq(
     oneshot(
         model=model,
         dataset=calib,
-        recipe=[AWQModifier(ignore=IGNORE + settings.ignore, config_groups={"group_0": scheme})],
+        recipe=[
+            AWQModifier(ignore=IGNORE + settings.ignore, config_groups={"group_0": scheme}, n_grid=settings.grid_points)
+        ],
         max_seq_length=settings.calib_seq_len,
         num_calibration_samples=len(calib_texts),
         output_dir=str(out),
