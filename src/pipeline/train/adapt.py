@@ -130,8 +130,8 @@ def held_out_texts(cfg: PipelineConfig, spec: AdapterSpec) -> list[str]:
     files = [(str(stage.data), stage.kind) for stage in spec.stages if stage.kind != "pretrain"]
     if files:
         return instruction_texts(files, load_tokenizer(merged_model_dir(cfg), trust), limit, held_out=True)
-    where = {k: v for stage in spec.stages for k, v in stage.where.items()}
-    return split_texts(stage_source(cfg, spec.stages[0]), limit, True, partial(document_matches, where=where))
+    part = spec.stages[0]  # a pretrain stage: the others would have files
+    return split_texts(stage_source(cfg, part), limit, True, partial(document_matches, where=part.where))
 
 
 def quantized_check(cfg: PipelineConfig, spec: AdapterSpec, adapter: Path) -> dict | None:
