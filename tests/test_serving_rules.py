@@ -375,7 +375,8 @@ def test_the_engine_loads_and_unloads_adapters_while_it_serves(tiny_model_dir, t
         assert await answers(None, "alpha@1", "beta@1", "alpha@1") == [base_alone, *alone.values(), alone["alpha@1"]]
 
         running = asyncio.ensure_future(answers("alpha@1"))
-        await asyncio.sleep(0)  # the request is counted as alpha's user before alpha is removed
+        while not engine.users["alpha@1"]:  # the request is counted as alpha's user before alpha is removed
+            await asyncio.sleep(0)
         await asyncio.to_thread(engine.remove_adapter, "alpha@1")
         assert "alpha@1" in engine.adapters  # still in use
         assert await running == [alone["alpha@1"]]
