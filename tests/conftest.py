@@ -41,6 +41,18 @@ def _unit_tests_start_no_ray(request):
         assert not ray.is_initialized(), f"{request.node.nodeid} started Ray: mark it @pytest.mark.integration"
 
 
+@pytest.fixture(autouse=True)
+def _torch_default_dtype_is_left_alone(request):
+    """torch's default dtype is one per process: a test that leaves it 16-bit makes the tests after it build
+    16-bit models (this once failed two training tests an hour later). Fail the test that changed it."""
+    import torch
+
+    yield
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    assert dtype == torch.float32, f"{request.node.nodeid} left torch's default dtype at {dtype}"
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny-moe preset (random weights) on a BPE tokenizer trained on a little licence text, as the

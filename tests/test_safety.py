@@ -41,6 +41,28 @@ def test_pickled_weights_are_refused(tiny_dir):
     assert load_model(AutoModelForCausalLM, tmp / "ok").config.vocab_size == 256
 
 
+def test_models_loaded_in_16_bits_from_several_threads_leave_the_default_dtype_alone(tiny_dir):
+    """transformers loads a model under torch.set_default_dtype(its dtype): two threads loading at once
+    (adapters trained side by side from one driver) used to leave bfloat16 as the process's default,
+    every time, and the next model built was 16-bit. load_model builds one model at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.loading import model_from_config
+
+    model, tmp = tiny_dir
+
+    def load(i: int) -> torch.dtype:
+        if i % 2:
+            return model_from_config(AutoModelForCausalLM, model.config).dtype
+        return load_model(AutoModelForCausalLM, tmp / "ok", dtype=torch.bfloat16).dtype
+
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            dtypes = list(pool.map(load, range(8)))
+        assert dtypes == [torch.bfloat16, torch.float32] * 4
+        assert torch.get_default_dtype() == torch.float32
+
+
 def test_model_code_runs_only_when_trusted(tiny_dir):
     _, tmp = tiny_dir
     config = json.loads((tmp / "ok" / "config.json").read_text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 from pipeline.config import ConfigError
@@ -32,16 +33,25 @@ def _from_pretrained(load, path: str | Path, trust_remote_code: bool, **kwargs):
         raise
 
 
+# transformers builds a model under torch.set_default_dtype(its dtype) and sets the old default back after.
+# That default is one per process, so two threads building at once (adapters trained side by side from
+# one driver, say) can restore each other's 16-bit dtype as the default, and every float tensor made later
+# in the process is 16-bit. Models are built one at a time per process.
+_BUILDING = threading.RLock()
+
+
 def load_model(auto_class, path: str | Path, trust_remote_code: bool = False, **kwargs):
     """`auto_class.from_pretrained(path)` under the rules: AutoModelForCausalLM, AutoModelForMaskedLM, ..."""
     _refuse_pickles(Path(path), "model", ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt"))
-    return _from_pretrained(auto_class.from_pretrained, path, trust_remote_code, use_safetensors=True, **kwargs)
+    with _BUILDING:
+        return _from_pretrained(auto_class.from_pretrained, path, trust_remote_code, use_safetensors=True, **kwargs)
 
 
-def empty_model(auto_class, config, trust_remote_code: bool = False, **kwargs):
-    """The architecture `config` describes, without weights: built under `torch.device("meta")`, it
-    allocates nothing (the weights come from elsewhere, e.g. another worker)."""
-    return auto_class.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+def model_from_config(auto_class, config, trust_remote_code: bool = False, **kwargs):
+    """The architecture `config` describes, freshly initialised; under `torch.device("meta")` it allocates
+    nothing (to count it, or when its weights come from elsewhere, e.g. another worker)."""
+    with _BUILDING:
+        return auto_class.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False, **kwargs):

@@ -20,7 +20,7 @@ from transformers import (
 
 from pipeline.config import ModelConfig
 from pipeline.heldout import split_texts
-from pipeline.loading import load_model_config
+from pipeline.loading import load_model_config, model_from_config
 
 log = logging.getLogger("pipeline.model")
 
@@ -171,7 +171,7 @@ def prepare_base_model(model_config: ModelConfig, corpus_kept: Path | None, out:
     tokenizer = train_tokenizer(texts, model_config.vocab_size)
     architecture = apply_rope_scaling(PRESETS[model_config.preset](len(tokenizer)), model_config.rope_scaling)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(architecture)
+    model = model_from_config(AutoModelForCausalLM, architecture)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())

@@ -64,8 +64,10 @@ def count_shape(architecture, lora_peft_config=None, trust_remote_code: bool = F
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pipeline.loading import model_from_config
+
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(architecture, trust_remote_code=trust_remote_code)
+        model = model_from_config(AutoModelForCausalLM, architecture, trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     # the decoder layers: the longest ModuleList (transformers names it model.layers, remote code may not)

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import ConfigError, QuantizeConfig
-from pipeline.loading import load_model, load_model_config, load_tokenizer
+from pipeline.loading import load_model, load_model_config, load_tokenizer, model_from_config
 
 log = logging.getLogger("pipeline.quantize")
 
@@ -52,7 +52,7 @@ def group_size_problems(architecture, settings: QuantizeConfig) -> list[str]:
     'name width' for each, from the model's config alone (no weights are read). MoE experts count as
     the Linear layers AWQ makes of them (linearize_moe): gate/up take hidden_size, down moe_intermediate_size."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(architecture)
+        model = model_from_config(AutoModelForCausalLM, architecture)
     widths = {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     if getattr(architecture, "num_experts", 0):
         expert = "model.layers.0.mlp.experts.0"

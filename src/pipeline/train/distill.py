@@ -20,7 +20,7 @@ from pipeline.config import ConfigError, PipelineConfig
 from pipeline.digest import path_digest
 from pipeline.handoff import curated_dir, merged_model_dir
 from pipeline.heldout import split_texts
-from pipeline.loading import load_model, load_model_config, load_tokenizer
+from pipeline.loading import load_model, load_model_config, load_tokenizer, model_from_config
 from pipeline.model import PRESETS, check_model_dir
 from pipeline.train.data import stage_datasets
 from pipeline.train.fit import fit, history_summary
@@ -60,7 +60,7 @@ def build_student(cfg: PipelineConfig, teacher: Path, out: Path) -> Path:
     else:
         tokenizer = load_tokenizer(teacher, trust)
         torch.manual_seed(0)  # the same student every run, so a rerun can resume it
-        model = AutoModelForCausalLM.from_config(PRESETS[settings.student_preset](len(tokenizer)))
+        model = model_from_config(AutoModelForCausalLM, PRESETS[settings.student_preset](len(tokenizer)))
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         student = out

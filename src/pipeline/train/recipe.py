@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import TrainConfig
 from pipeline.errors import CheckpointDamagedError
-from pipeline.loading import empty_model, load_model, load_model_config
+from pipeline.loading import load_model, load_model_config, model_from_config
 from pipeline.train import fused_loss
 from pipeline.train.batch_size import choose_batch_size
 from pipeline.train.checkpoint_manifest import candidates, damage, write_manifest
@@ -83,7 +83,7 @@ def build_model(config: RecipeConfig) -> torch.nn.Module:
     empty = train.strategy == "fsdp" and dist.is_initialized() and dist.get_rank() > 0
     with partitioned_loading(train), torch.device("meta") if empty else nullcontext():
         if empty:
-            model = empty_model(AutoModelForCausalLM, architecture, trust, **kwargs)
+            model = model_from_config(AutoModelForCausalLM, architecture, trust, **kwargs)
         else:
             model = load_model(AutoModelForCausalLM, config.base_model, trust, config=architecture, **kwargs)
         if train.gradient_checkpointing:

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from pipeline.config import ConfigError, LoraSettings, PipelineConfig, StageSpec
 from pipeline.digest import path_digest
 from pipeline.handoff import TrainedModel, curated_dir, write_trained
-from pipeline.loading import load_model_config
+from pipeline.loading import load_model_config, model_from_config
 from pipeline.merge import merge_adapter
 from pipeline.model import prepare_base_model
 from pipeline.plan import make_plan
@@ -36,7 +36,7 @@ def check_lora_targets(architecture, lora: LoraSettings, where: str, trust_remot
     """Fail before any worker starts when a LoRA target names no module (or parameter) of the model;
     `architecture` is its config (no weights are read)."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(architecture, trust_remote_code=trust_remote_code)
+        model = model_from_config(AutoModelForCausalLM, architecture, trust_remote_code)
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in lora.target_modules + lora.modules_to_save if t not in leaves]
     missing += [p for p in lora.target_parameters if not any(n.endswith(p) for n, _ in model.named_parameters())]
