@@ -280,12 +280,12 @@ def sample_prompt(cfg: PipelineConfig) -> str:
     from pipeline.handoff import trained_model
     from pipeline.heldout import split_texts
     from pipeline.loading import load_tokenizer
-    from pipeline.train.data import held_out_prompt
+    from pipeline.train.data import held_out_prompt, instruction_files
 
     if cfg.serve.demo_prompt:
         return cfg.serve.demo_prompt
     stages = [*cfg.train.stages, *(stage for adapter in cfg.adapters for stage in adapter.stages)]
-    files = [(spec.data, spec.kind) for spec in stages if spec.kind != "pretrain"]
+    files = instruction_files(stages)
     tokenizer = load_tokenizer(trained_model(cfg).base_model, cfg.model.trust_remote_code)
     if files and (prompt := held_out_prompt(files, tokenizer)):
         return prompt

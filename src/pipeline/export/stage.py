@@ -20,7 +20,7 @@ from pipeline.heldout import split_texts
 from pipeline.loading import load_tokenizer, write_quantized_record
 from pipeline.merge import merge_adapter
 from pipeline.runtime import atomic_dir
-from pipeline.train.data import instruction_texts
+from pipeline.train.data import instruction_files, instruction_texts
 
 log = logging.getLogger("pipeline.quantize")
 
@@ -53,7 +53,7 @@ def quantize_texts(cfg: PipelineConfig) -> tuple[list[str], list[str], str]:
             for limit, held_out in ((settings.calib_samples, False), (settings.eval_samples, True))
         ]
     else:
-        files = [(spec.data, spec.kind) for spec in cfg.train.stages if spec.kind != "pretrain"]
+        files = instruction_files(cfg.train.stages)
         if not files:
             raise FileNotFoundError(
                 "quantize calibrates on the curated corpus or on the run's instruction data; "

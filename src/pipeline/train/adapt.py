@@ -38,7 +38,7 @@ from pipeline.handoff import QUANT_REPORT, merged_model_dir
 from pipeline.heldout import split_texts
 from pipeline.loading import RECORD, load_model_config, load_tokenizer, write_adapter_record
 from pipeline.perplexity import adapter_perplexities
-from pipeline.train.data import document_matches, instruction_texts
+from pipeline.train.data import document_matches, instruction_files, instruction_texts
 from pipeline.train.stage import check_lora_targets, stage_source, train_stages
 
 log = logging.getLogger("pipeline.adapt")
@@ -127,7 +127,7 @@ def held_out_texts(cfg: PipelineConfig, spec: AdapterSpec) -> list[str]:
     """What an adapter is scored on: the held-out records of its instruction and preference files, or
     (trained on a part of the curated corpus) that part's held-out documents."""
     limit, trust = cfg.quantize.eval_samples, cfg.model.trust_remote_code
-    files = [(str(stage.data), stage.kind) for stage in spec.stages if stage.kind != "pretrain"]
+    files = instruction_files(spec.stages)
     if files:
         return instruction_texts(files, load_tokenizer(merged_model_dir(cfg), trust), limit, held_out=True)
     part = spec.stages[0]  # a pretrain stage: the others would have files

@@ -18,7 +18,7 @@ import pyarrow as pa
 import ray
 from ray.data.extensions import ArrowTensorArray
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, StageSpec
 from pipeline.heldout import is_held_out
 from pipeline.loading import load_tokenizer
 from pipeline.train.formats import RecordError, preference_texts, prompt_and_response
@@ -59,6 +59,11 @@ def parse_line(line: str) -> dict:
     if not isinstance(record, dict):
         raise RecordError(f"a record must be a JSON object: {line[:80]!r}")
     return record
+
+
+def instruction_files(stages: list[StageSpec]) -> list[tuple[str, str]]:
+    """(path, kind) of the stages' instruction and preference files, for instruction_texts."""
+    return [(str(stage.data), stage.kind) for stage in stages if stage.kind != "pretrain"]
 
 
 def instruction_texts(files: list[tuple[str, str]], tokenizer, limit: int, held_out: bool) -> list[str]:
