@@ -230,6 +230,9 @@ def test_openai_requests_refuse_what_the_server_does_not_implement():
         assert (loc[0] if loc else None) == param, (extra, error.value.errors())
     with pytest.raises(ValidationError, match="only text content parts"):
         ChatRequest(model="m", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
+    for odd in ({}, [], None, 3):  # any JSON as a part's type is refused as a 4xx (a dict one was a 500 in fuzzing)
+        with pytest.raises(ValidationError, match="only text content parts"):
+            ChatRequest(model="m", messages=[{"role": "user", "content": [{"type": odd, "text": "x"}]}])
 
 
 def test_presence_and_frequency_penalties_count_generated_tokens_only():

@@ -67,9 +67,9 @@ def message_content(content, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        kinds = sorted({p.get("type") for p in content} - {"text"}, key=str)
+        kinds = sorted({repr(p.get("type")) for p in content} - {"'text'"})  # repr: a type may be any JSON
         if kinds:
-            raise RecordError(f"{where}: only text content parts are supported (got {kinds})")
+            raise RecordError(f"{where}: only text content parts are supported (got type {', '.join(kinds)})")
         return "".join(_text(p.get("text"), f"{where} text part") for p in content)
     raise RecordError(f"{where}: content must be a string or a list of text parts (got {type(content).__name__})")
 
