@@ -282,6 +282,7 @@ class LLMServer:
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             logprobs=req.logprob_alternatives(),
+            echo=getattr(req, "echo", False),  # completions only
             adapter=await self._adapter(req.model),
         )
         if req.stream:
@@ -297,7 +298,8 @@ class LLMServer:
         )
         # usage counts the returned text as a stream of it would be counted
         completion_tokens = sum(self.tokens.count_tokens(c.text) for c in choices)
-        return completion_body(req.model, choices, chat, self.tokens.count_tokens(prompt), completion_tokens)
+        n_prompt, echo = self.tokens.count_tokens(prompt), prompt if sampling.echo else None
+        return completion_body(req.model, choices, chat, n_prompt, completion_tokens, echo)
 
     # ---- routes ---------------------------------------------------------------------------------
     @api.get("/healthz")

@@ -165,6 +165,12 @@ def test_openai_parameters_are_honoured_or_refused_by_name(app):
         {"model": model, "prompt": "Permission", "max_tokens": 4, "temperature": 0, "logprobs": 1},
     ).json()["choices"][0]["logprobs"]
     assert len(legacy["tokens"]) == len(legacy["token_logprobs"]) == len(legacy["top_logprobs"]) >= 1
+    echo = {"model": model, "prompt": "Permission is hereby", "max_tokens": 1, "temperature": 0, "logprobs": 1}
+    echoed = post(url, "/v1/completions", {**echo, "echo": True}).json()["choices"][0]  # as lm-eval asks
+    scores = echoed["logprobs"]
+    assert echoed["text"].startswith("Permission is hereby") and "".join(scores["tokens"]) == echoed["text"]
+    assert scores["token_logprobs"][0] is None and scores["top_logprobs"][0] is None  # nothing predicts it
+    assert all(lp <= 0 for lp in scores["token_logprobs"][1:]) and len(scores["tokens"]) >= 3
 
     penalised = post(
         url, "/v1/chat/completions", {**chat, "temperature": 0, "presence_penalty": 2.0, "frequency_penalty": 2.0}
@@ -217,6 +223,7 @@ def test_official_openai_client(app):
         ("/generate", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
         ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
         ("/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model"),
+        ("/v1/completions", {"model": "tiny", "prompt": "a", "echo": True, "stream": True}, 400, None),
         ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, None),
     ],

@@ -290,7 +290,9 @@ def test_vllm_gets_every_sampling_setting():
         "presence_penalty": 0.5,
         "frequency_penalty": 0.1,
         "logprobs": 2,
+        "prompt_logprobs": None,
     }
+    assert sampling_params(Sampling(logprobs=1, echo=True))["prompt_logprobs"] == 1  # echo: the prompt's too
 
 
 def catalog_on(folder: Path, base: Path, refuse: set[str] = frozenset()) -> tuple[AdapterCatalog, list[str]]:
@@ -394,3 +396,30 @@ def test_the_engine_loads_and_unloads_adapters_while_it_serves(tiny_model_dir, t
         assert not isinstance(engine.model, PeftModel) and await answers(None) == [base_alone]
 
     asyncio.run(scenario())
+
+
+def test_echo_gives_each_prompt_tokens_logprob_as_the_model_alone_does_in_a_padded_batch(tiny_model_dir):
+    """lm-eval scores an endpoint's loglikelihood from the prompt's own logprobs (echo): in a batch whose
+    shorter prompt is left-padded, each token's logprob is the one a plain forward pass of its prompt gives."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.loading import load_model, load_tokenizer
+
+    engine = TransformersEngine(str(tiny_model_dir), False, max_batch_size=4, batch_wait_timeout_s=0.05)
+    model, tokenizer = load_model(AutoModelForCausalLM, tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+    prompts, echo = ["Permission is hereby granted, free of charge", "Copyright"], Sampling(1, logprobs=1, echo=True)
+
+    async def both():
+        return await asyncio.gather(*(engine.complete(p, echo) for p in prompts))
+
+    for prompt, completion in zip(prompts, asyncio.run(both()), strict=True):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+        got = completion.prompt_logprobs
+        assert [t.token for t in got] == [tokenizer.decode([i]) for i in ids[0].tolist()]
+        assert got[0].logprob is None and all(len(t.top) == 1 for t in got[1:])
+        assert [t.logprob for t in got[1:]] == pytest.approx(expected.tolist(), abs=2e-4)
+        assert len(completion.logprobs) == 1  # and the one token generated
+    plain = asyncio.run(engine.complete(prompts[0], Sampling(1, logprobs=1)))
+    assert plain.prompt_logprobs is None

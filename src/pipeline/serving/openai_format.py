@@ -65,20 +65,28 @@ def completion_logprobs(tokens: list[TokenLogprob]) -> dict:
     return {
         "tokens": [t.token for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [dict(t.top) for t in tokens],
+        "top_logprobs": [None if t.logprob is None else dict(t.top) for t in tokens],
         "text_offset": offsets,
     }
 
 
 def completion_body(
-    model: str, choices: list[Completion], chat: bool, prompt_tokens: int, completion_tokens: int
+    model: str,
+    choices: list[Completion],
+    chat: bool,
+    prompt_tokens: int,
+    completion_tokens: int,
+    echo: str | None = None,
 ) -> dict:
-    """`prompt_tokens` and `completion_tokens` are counted by the caller, as for a stream of the same text."""
+    """`prompt_tokens` and `completion_tokens` are counted by the caller, as for a stream of the same text.
+    `echo`: the prompt, which each completion's text (and its logprobs, when asked) then starts with."""
     bodies = []
     for index, c in enumerate(choices):
-        logprobs = c.logprobs and (chat_logprobs if chat else completion_logprobs)(c.logprobs)
+        tokens = (c.prompt_logprobs or []) + c.logprobs if echo is not None and c.logprobs is not None else c.logprobs
+        logprobs = tokens and (chat_logprobs if chat else completion_logprobs)(tokens)
         choice = {"index": index, "finish_reason": c.finish_reason, "logprobs": logprobs}
-        choice.update({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})
+        text = c.text if echo is None else echo + c.text
+        choice.update({"message": {"role": "assistant", "content": c.text}} if chat else {"text": text})
         bodies.append(choice)
     return {
         "id": new_id("chatcmpl" if chat else "cmpl"),

@@ -52,7 +52,6 @@ UNSUPPORTED = (
     "response_format",
     "logit_bias",
     "suffix",
-    "echo",
     "best_of",
     "prediction",
     "audio",
@@ -83,7 +82,6 @@ class _OpenAIRequest(BaseModel):
     response_format: Any = None
     logit_bias: Any = None
     suffix: Any = None
-    echo: Any = None
     best_of: Any = None
     prediction: Any = None
     audio: Any = None
@@ -111,9 +109,18 @@ class _OpenAIRequest(BaseModel):
 class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0, le=5, description="the legacy API's count of top alternatives")
+    echo: bool = Field(
+        False, description="the text starts with the prompt, and logprobs with the prompt's (lm-eval's loglikelihood)"
+    )
 
     def logprob_alternatives(self) -> int | None:
         return self.logprobs
+
+    @model_validator(mode="after")
+    def _no_echo_in_a_stream(self):
+        if self.echo and self.stream:
+            raise ValueError("echo is not supported with stream: true")
+        return self
 
     @field_validator("prompt")
     @classmethod

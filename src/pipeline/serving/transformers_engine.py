@@ -223,7 +223,28 @@ class TransformersEngine(Engine):
             logprobs = None if s.logprobs is None else self._logprobs(out.logits, row, new, s.logprobs)
             finish = "stop" if hit_eos or stopped else "length"
             completions.append(Completion(text, int(mask.sum()), len(new) + hit_eos, finish, logprobs))
+        if first.echo and first.logprobs is not None:
+            for row, tokens in enumerate(self._prompt_logprobs(enc, sampling)):
+                completions[row].prompt_logprobs = tokens
         return completions
+
+    def _prompt_logprobs(self, enc, sampling: list[Sampling]) -> list[list[TokenLogprob]]:
+        """Each prompt token's logprob given the tokens before it (one forward pass over the batch; the first
+        token has none), as lm-eval's loglikelihood tasks read them from an OpenAI server."""
+        mask = enc["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt starts at position 0
+        kwargs = self._generate_kwargs(sampling, mask.shape[1])
+        adapters = {k: v for k, v in kwargs.items() if k == "adapter_names"}
+        with self.lock.generating():
+            logits = self.model(**enc, position_ids=positions, **adapters).logits
+        out = []
+        for row, s in enumerate(sampling):
+            real = mask[row].bool()
+            ids, row_logits = enc["input_ids"][row][real].tolist(), logits[row][real]
+            first = TokenLogprob(self.tokenizer.decode(ids[:1]), None, [])
+            steps = self._logprobs(tuple(row_logits[:-1].unsqueeze(1)), 0, ids[1:], s.logprobs)
+            out.append([first, *steps])
+        return out
 
     def _logprobs(self, logits: tuple[torch.Tensor, ...], row: int, tokens: list[int], top: int) -> list[TokenLogprob]:
         """Each generated token's log-probability under the model (its raw distribution), with the `top` likeliest."""

@@ -16,6 +16,7 @@ class Sampling:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from a token already generated
     frequency_penalty: float = 0.0  # and this times the number of times it was
     logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k likeliest alternatives
+    echo: bool = False  # the prompt's tokens come back too, with their logprobs when logprobs is set
     adapter: str | None = None  # the LoRA adapter that answers (not a sampling setting: a batch may mix them)
 
     def group(self) -> tuple:
@@ -27,13 +28,14 @@ class Sampling:
             self.presence_penalty,
             self.frequency_penalty,
             self.logprobs is not None,
+            self.echo,
         )
 
 
 @dataclass
 class TokenLogprob:
     token: str
-    logprob: float
+    logprob: float | None  # None for a prompt's first token, which nothing before it predicts
     top: list[tuple[str, float]]  # the likeliest tokens at this position, with theirs
 
 
@@ -44,6 +46,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # with echo and logprobs: the prompt's own tokens
 
 
 def truncate_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:

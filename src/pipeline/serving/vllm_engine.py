@@ -26,6 +26,7 @@ def sampling_params(s: Sampling) -> dict:
         "presence_penalty": s.presence_penalty,
         "frequency_penalty": s.frequency_penalty,
         "logprobs": s.logprobs,
+        "prompt_logprobs": s.logprobs if s.echo else None,
     }
 
 
@@ -81,8 +82,13 @@ class VLLMEngine(Engine):
         choice = final.outputs[0]
         text, _ = truncate_at_stop(choice.text, sampling.stop)
         logprobs = None if sampling.logprobs is None else token_logprobs(choice.token_ids, choice.logprobs)
+        prompt = None
+        if sampling.echo and sampling.logprobs is not None:  # vLLM gives the first prompt token None, as OpenAI does
+            ids = final.prompt_token_ids
+            first = TokenLogprob(self.tokenizer.decode(ids[:1]), None, [])
+            prompt = [first, *token_logprobs(ids[1:], final.prompt_logprobs[1:])]
         return Completion(
-            text, len(final.prompt_token_ids), len(choice.token_ids), choice.finish_reason or "stop", logprobs
+            text, len(final.prompt_token_ids), len(choice.token_ids), choice.finish_reason or "stop", logprobs, prompt
         )
 
     async def stream(self, prompt: str, sampling: Sampling) -> AsyncIterator[str]:
