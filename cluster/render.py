@@ -26,7 +26,7 @@ RAY_VERSION = "2.60.0"
 CLUSTER = "llm-pipeline"
 RUNS = "/mnt/runs"  # the PVC's mount point in every pod: runs, checkpoints and models live here
 APP_DIR = "/app"  # where the image holds this repository (see Dockerfile)
-STAGES = ["curate", "train", "quantize", "distill", "adapt", "serve"]
+STAGES = ["curate", "train", "quantize", "distill", "adapt", "eval", "serve"]
 ENV = [
     {"name": "NCCL_DEBUG", "value": "WARN"},
     {

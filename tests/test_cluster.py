@@ -41,7 +41,7 @@ def test_committed_manifests_are_the_rendered_profiles():
 
 
 def test_every_document_matches_the_kuberay_v1_schema():
-    assert len(MANIFESTS) == 10 * len(PROFILES)  # kustomization, PVC, cluster, 6 RayJobs, RayService
+    assert len(MANIFESTS) == 11 * len(PROFILES)  # kustomization, PVC, cluster, 7 RayJobs, RayService
     for path, doc in docs():
         jsonschema.validate(doc, SCHEMAS[doc["kind"]]), path
 
@@ -75,7 +75,7 @@ def test_rayjobs_run_our_entrypoints_with_valid_configs_and_runtime_envs():
         assert runtime_env["env_vars"]["NCCL_DEBUG"] == "WARN"
         assert ("rayClusterSpec" in doc["spec"]) != ("clusterSelector" in doc["spec"]), path
         stages.add(Path(script).stem)
-    assert stages == {"curate", "train", "quantize", "distill", "adapt", "pipeline"}
+    assert stages == {"curate", "train", "quantize", "distill", "adapt", "eval", "pipeline"}
 
 
 def test_clusters_keep_work_off_the_head_and_size_gpu_groups_consistently():

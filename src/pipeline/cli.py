@@ -1,4 +1,4 @@
-"""`pipeline {sample-data,curate,train,quantize,distill,adapt,serve,run,plan}`: a command per stage; `run` for all.
+"""`pipeline {sample-data,curate,train,quantize,distill,adapt,eval,serve,run,plan}`: a command per stage; `run` for all.
 
 Every stage reads the previous stage's folder and writes its own under runs/<name>/<stage>/.
 """
@@ -28,6 +28,7 @@ EPILOG = """examples:
   pipeline curate --input 'corpus/*.jsonl.gz' --output /data/curated dedup.threshold=0.85
   pipeline distill distill.student_preset=tiny-dense distill.temperature=2
   pipeline adapt --config configs/demo.yaml adapter=support   one LoRA adapter of the config (default: all)
+  pipeline eval eval.models=[merged,awq,adapters] eval.limit=100   lm-eval scores of the run's models
   pipeline serve                             serve the last run's model on 127.0.0.1:8000 until Ctrl-C
   pipeline plan --config configs/66b-zero3.yaml train.zero_stage=2   does it fit? (memory per GPU)
 
@@ -42,6 +43,7 @@ SECTIONS = {
     "quantize": ["name", "runs_dir", "quantize"],
     "distill": ["name", "runs_dir", "distill"],
     "adapt": ["name", "runs_dir", "train", "adapters", "adapters_at_once"],
+    "eval": ["name", "runs_dir", "eval"],
     "serve": ["name", "runs_dir", "serve"],
     "run": [
         "name",
@@ -53,6 +55,7 @@ SECTIONS = {
         "distill",
         "adapters",
         "adapters_at_once",
+        "eval",
         "serve",
     ],
     "plan": ["name", "model", "train", "quantize", "serve"],
@@ -73,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         "distill": "train a smaller student on the merged model's soft targets (Ray Train)",
         "adapt": "train the config's LoRA adapters on the run's model, each from its own data (Ray Train); "
         "`pipeline serve` serves them beside it",
+        "eval": "score the run's models (eval.models) on the same tasks with lm-evaluation-harness; "
+        "report in runs/<name>/eval/, eval.gate stops a model that lost too much",
         "serve": "serve the exported model on Ray Serve until interrupted",
         "run": "curate -> train -> quantize [-> distill] [-> adapt] -> serve, then print a generation and a summary",
         "plan": "memory per worker for each training stage and per serving replica, with a fits verdict "
@@ -207,6 +212,8 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
             f"{distill['kl_to_teacher_after']} in {distill['student']}"
         )
     adapters = cmd_adapt(cfg, [spec.name for spec in cfg.adapters], args.fresh)
+    if cfg.eval.before_serving:
+        cmd_eval(cfg)
     url = deploy(cfg)
     prompt, key = sample_prompt(cfg), os.environ.get(cfg.serve.api_key_env)
     for model in [None, *adapters]:  # the same question to the model and to each of its adapters
@@ -274,6 +281,18 @@ def cmd_adapt(cfg: PipelineConfig, names: list[str], fresh: bool) -> dict[str, d
     return run_adapters(cfg, names, fresh)
 
 
+def cmd_eval(cfg: PipelineConfig) -> dict:
+    """Score and print the table, then apply eval.gate (a failed gate leaves its report to read)."""
+    from pipeline.eval.report import check_gate, markdown
+    from pipeline.eval.stage import run_eval
+
+    report = run_eval(cfg)
+    print(markdown(report))
+    print(f"eval: {len(report['models'])} model(s) x {len(report['tasks'])} task(s) in {report['wall_s']:.0f} s")
+    check_gate(report["gate"])
+    return report
+
+
 def sample_prompt(cfg: PipelineConfig) -> str:
     """serve.demo_prompt, or a held-out prompt of the run's (or its adapters') instruction data, or the start
     of a held-out curated document: something this model was trained to continue, not the demo's licence text."""
@@ -311,10 +330,11 @@ STAGE_IO = {
     "quantize": (["curate", "train"], ["quantize"]),
     "distill": (["curate", "quantize"], ["distill"]),
     "adapt": (["quantize", "adapters"], ["adapters"]),
+    "eval": (["curate", "train", "quantize", "adapters"], ["eval"]),
     "serve": (["quantize", "adapters"], []),
     "run": (
         ["curate", "train", "quantize", "distill", "adapters"],
-        ["curate", "train", "quantize", "distill", "adapters"],
+        ["curate", "train", "quantize", "distill", "adapters", "eval"],
     ),
 }
 
@@ -326,6 +346,9 @@ def run_command(cfg: PipelineConfig, args) -> None:
         return cmd_serve(cfg, args)
     if args.command == "run":
         return cmd_run(cfg, args)
+    if args.command == "eval":  # scores only: nothing later depends on it, so no completion marker
+        cmd_eval(cfg)
+        return None
     if args.command == "adapt":  # each adapter keeps its own record of what it was made from (train/adapt.py)
         names = args.adapter or [spec.name for spec in cfg.adapters]
         if not names:

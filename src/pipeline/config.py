@@ -493,6 +493,72 @@ class AdapterSpec(Section):
         return self
 
 
+_ONE = r"base|merged|awq|served|endpoint|student|(adapter|stage):[A-Za-z0-9_.-]+"
+EVAL_MODEL, ONE_EVAL_MODEL = rf"^({_ONE}|adapters)$", rf"^({_ONE})$"  # `adapters` stands for several
+
+
+class EvalGate(Section):
+    """A model may score at most `max_drop` worse than the reference on one task's metric ("worse" as
+    lm-eval says for the metric: lower accuracy, higher perplexity)."""
+
+    model: str = Field(..., pattern=ONE_EVAL_MODEL, description="the model gated, e.g. awq or adapter:support")
+    task: str = Field(..., description="a task of eval.tasks")
+    metric: str = Field(..., description="one of the task's metrics, e.g. acc or word_perplexity")
+    max_drop: float = Field(..., ge=0, description="in the metric's own units (0.02 = 2 points of accuracy)")
+    reference: str | None = Field(None, pattern=ONE_EVAL_MODEL, description="default: eval.reference")
+
+
+class EvalConfig(Section):
+    """lm-evaluation-harness over the models the run made (`pipeline eval`; pipeline/eval/)."""
+
+    models: list[Annotated[str, Field(pattern=EVAL_MODEL)]] = Field(
+        ["merged", "served"],
+        min_length=1,
+        description="any of base (what training started from), stage:NAME (the model after that stage of "
+        "train.stages), merged (16-bit), awq (4-bit), served (what `pipeline serve` serves), endpoint (the "
+        "served model over HTTP, as users reach it), student (distilled), adapters (each of the run's "
+        "adapters on the merged model), adapter:NAME",
+    )
+    endpoint_url: str | None = Field(
+        None,
+        description="the endpoint `endpoint` scores (e.g. a RayService's); default: `pipeline eval` serves the "
+        "run's model for the scoring, as `pipeline serve` would, and stops it after",
+    )
+    max_length: int | None = Field(
+        None,
+        ge=8,
+        description="tokens per window of a long document (default: the model's; the endpoint's "
+        "serve.max_prompt_tokens)",
+    )
+    tasks: list[str] = Field(
+        ["heldout_text", "instruction_choice"],
+        min_length=1,
+        description="shipped offline tasks (heldout_text: held-out curated documents, perplexity; "
+        "instruction_choice: held-out instructions as multiple choice, accuracy), tasks of eval.task_files, "
+        "or any lm-eval task name whose data this machine can reach",
+    )
+    task_files: list[LocalPath] = Field(
+        default_factory=list, description="your own lm-eval task YAMLs; data_files paths are read from their folder"
+    )
+    limit: int | None = Field(50, ge=1, description="documents per task (None: all)")
+    num_fewshot: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    reference: str = Field("merged", pattern=ONE_EVAL_MODEL, description="the model the report's deltas are against")
+    gate: list[EvalGate] = Field(
+        default_factory=list,
+        description="e.g. [{model: awq, task: instruction_choice, "
+        "metric: acc, max_drop: 0.02}]; a model over budget fails `pipeline eval` and `pipeline run`",
+    )
+    before_serving: bool = Field(False, description="`pipeline run` evaluates (and gates) before it serves")
+
+    @model_validator(mode="after")
+    def _gated_models_are_evaluated(self) -> EvalConfig:
+        for gate in self.gate:
+            if gate.task not in self.tasks:
+                raise ValueError(f"eval.gate names task {gate.task!r}, which is not in eval.tasks {self.tasks}")
+        return self
+
+
 class PipelineConfig(Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$", description="run name: outputs go to runs_dir/name/")
     runs_dir: str = Field("runs", description="local path, mount, or pyarrow.fs URI such as s3://bucket/runs")
@@ -501,6 +567,7 @@ class PipelineConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     adapters: list[AdapterSpec] = Field(
         default_factory=list, description="LoRA adapters on the run's model: `pipeline adapt`, and `pipeline run`"

@@ -5,6 +5,7 @@ curate    runs/<name>/curate/kept/                 curated Parquet shards
 train     runs/<name>/train/metrics.json            "base_model" and "adapter": the trained model
 quantize  runs/<name>/quantize/merged/              the 16-bit model (distillation's default teacher)
           runs/<name>/quantize/quant_report.json    "serve_model": the folder to serve, or null (gate failed)
+distill   runs/<name>/distill/final/model/          the student
 adapters  runs/<name>/adapters/<adapter>/          LoRA adapters served beside the model, a folder each
 """
 
@@ -60,6 +61,28 @@ def merged_model_dir(cfg: PipelineConfig) -> Path:
     if not (merged / "config.json").is_file():
         raise FileNotFoundError(f"no merged model at {merged}: run `pipeline quantize` first")
     return merged
+
+
+def student_model_dir(cfg: PipelineConfig) -> Path:
+    student = cfg.stage_dir("distill") / "final" / "model"
+    if not (student / "config.json").is_file():
+        raise FileNotFoundError(f"no distilled student at {student}: run `pipeline distill` first")
+    return student
+
+
+def stage_model_dir(cfg: PipelineConfig, stage: str) -> Path:
+    """The model as one of train.stages left it: the next stage's base (a stage after another starts from
+    the model so far, merged), or after the last stage the merged 16-bit model."""
+    names = [spec.name for spec in cfg.train.stages]
+    if stage not in names:
+        raise FileNotFoundError(f"no training stage {stage!r}; train.stages has {', '.join(names)}")
+    following = names[names.index(stage) + 1 :]
+    if not following:
+        return merged_model_dir(cfg)
+    model = cfg.stage_dir("train") / following[0] / "base"
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"no model after stage {stage} at {model}: run `pipeline train` first")
+    return model
 
 
 def served_model_dir(cfg: PipelineConfig) -> Path:
