@@ -71,14 +71,16 @@ def test_the_endpoint_scores_as_the_model_it_serves_does_in_process(eval_run):
     backend on the served folder agree: the served path is scored as users reach it."""
     from pipeline.eval.stage import run_eval
 
-    eval_run.eval.models, eval_run.eval.gate = ["served", "endpoint"], []
+    eval_run.eval.models, eval_run.eval.reference, eval_run.eval.gate = ["served", "endpoint"], "awq", []
     eval_run.eval.tasks, eval_run.eval.max_length = ["heldout_text", "instruction_choice"], 64
     report = run_eval(eval_run)
     assert list(report["models"]) == ["awq", "endpoint"] and report["models"]["endpoint"]["url"].startswith("http")
     local, served = (report["models"][n]["scores"] for n in ("awq", "endpoint"))
-    for metric in ("word_perplexity", "bits_per_byte"):
+    # the same tokens scored in other batches (padded otherwise): bits per byte agree to 0.05% (measured 0.013%);
+    # word perplexity, its exponential over a few words, to 0.5% (measured 0.16%)
+    for metric, within in (("bits_per_byte", 5e-4), ("word_perplexity", 5e-3)):
         assert served["heldout_text"][metric]["value"] == pytest.approx(
-            local["heldout_text"][metric]["value"], rel=1e-3
+            local["heldout_text"][metric]["value"], rel=within
         )
     for metric in ("acc", "acc_norm"):
         assert served["instruction_choice"][metric]["value"] == local["instruction_choice"][metric]["value"], metric
