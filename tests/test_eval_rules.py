@@ -127,13 +127,15 @@ def test_the_endpoint_is_scored_through_lm_evals_completions_backend_on_our_rout
         "tokenizer_backend": "huggingface",
         "tokenized_requests": False,
         "num_concurrent": 4,
-        "max_length": 1026,
+        "max_length": 1025,  # windows of 1023 tokens, sent with the one after: 1024, the server's limit
         "max_retries": 3,
         "header": {"Authorization": "Bearer secret"},
     }
     settings.max_length = 64
     assert "header" not in endpoint_args(endpoint, settings, 1024, None)
     assert endpoint_args(endpoint, settings, 1024, None)["max_length"] == 66
+    with pytest.raises(ConfigError, match=r"eval.max_length 64: .*serve.max_prompt_tokens \(64\)"):
+        endpoint_args(endpoint, settings, 64, None)
 
 
 def test_eval_models_name_the_folders_each_stage_left(tmp_path):

@@ -112,7 +112,14 @@ def _hf_model(model: EvalModel, settings: EvalConfig, trust_remote_code: bool):
 def endpoint_args(model: EvalModel, settings: EvalConfig, max_prompt_tokens: int, api_key: str | None) -> dict:
     """lm-eval's local-completions backend on our OpenAI route: loglikelihoods come from the prompt's own
     logprobs (echo), prompts go as text (the server tokenizes them as the HF tokenizer here does), a
-    batch's worth of requests at once so that the server batches them."""
+    batch's worth of requests at once so that the server batches them. A window of a long document is
+    sent as its max_length tokens and the one after it (scored, not read), which the server must take."""
+    window = settings.max_length or max_prompt_tokens - 1
+    if window + 1 > max_prompt_tokens:
+        raise ConfigError(
+            f"eval.max_length {window}: the endpoint takes prompts of up to serve.max_prompt_tokens "
+            f"({max_prompt_tokens}) tokens, and a window is sent with one token more; lower eval.max_length"
+        )
     return {
         "base_url": f"{model.url}/v1/completions",
         "model": model.served_as,
@@ -122,7 +129,7 @@ def endpoint_args(model: EvalModel, settings: EvalConfig, max_prompt_tokens: int
         "num_concurrent": settings.batch_size,
         # lm-eval's API backend keeps 2 of max_length for itself (the token generated, the context): +2 cuts
         # long documents into windows of the HF backend's length, so the two score the same tokens
-        "max_length": (settings.max_length or max_prompt_tokens) + 2,
+        "max_length": window + 2,
         "max_retries": 3,
         **({"header": {"Authorization": f"Bearer {api_key}"}} if api_key else {}),
     }

@@ -30,7 +30,10 @@ def _settings(cfg: PipelineConfig):
         return resolve(cfg, name)[0].name if name == "served" else name
 
     gates = [g.model_copy(update={"model": named(g.model), "reference": named(g.reference)}) for g in settings.gate]
-    return settings.model_copy(update={"reference": named(settings.reference), "gate": gates})
+    # the endpoint reads windows of at most what it takes; every model reads the same ones, so that they compare
+    scored = [*settings.models, settings.reference, *(n for g in gates for n in (g.model, g.reference))]
+    window = settings.max_length or (cfg.serve.max_prompt_tokens - 1 if "endpoint" in scored else None)
+    return settings.model_copy(update={"reference": named(settings.reference), "gate": gates, "max_length": window})
 
 
 @contextmanager
