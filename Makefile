@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo   - set up .venv, build the sample corpus, run curate -> train -> quantize -> serve"
-	@echo "make test   - set up .venv and run the whole test suite (unit + integration, ~60 minutes on 2 cores)"
+	@echo "make test   - set up .venv and run the whole test suite (unit + integration, ~70 minutes on 2 cores)"
 	@echo "make test-fast - the unit tests only: no Ray, under 2 minutes"
 	@echo "make lint   - ruff check and ruff format --check (CI runs it first)"
 	@echo "make format - ruff format and the safe ruff fixes, in place"
