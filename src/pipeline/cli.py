@@ -330,7 +330,7 @@ STAGE_IO = {
     "quantize": (["curate", "train"], ["quantize"]),
     "distill": (["curate", "quantize"], ["distill"]),
     "adapt": (["quantize", "adapters"], ["adapters"]),
-    "eval": (["curate", "train", "quantize", "adapters"], ["eval"]),
+    "eval": (["curate", "train", "quantize", "distill", "adapters"], ["eval"]),
     "serve": (["quantize", "adapters"], []),
     "run": (
         ["curate", "train", "quantize", "distill", "adapters"],
