@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig
-from pipeline.heldout import is_held_out, split_texts
-from pipeline.train.data import instruction_files, parse_line, record_key
+from pipeline.heldout import split_texts
+from pipeline.train.data import instruction_files, split_records
 from pipeline.train.formats import preference_texts, prompt_and_response
 
 SHIPPED = Path(__file__).resolve().parents[3] / "configs" / "eval_tasks"
@@ -49,18 +49,15 @@ def choice_questions(items: list[dict]) -> list[dict]:
 def held_out_items(files: list[tuple[str, str]], tokenizer, limit: int | None) -> list[dict]:
     """The held-out records of instruction (sft) and preference (dpo) files, as choice_questions reads them."""
     items: list[dict] = []
-    for path, kind in files:
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            if not line.strip() or not is_held_out(record_key(record := parse_line(line))):
-                continue
-            if kind == "dpo":
-                prompt, chosen, rejected = preference_texts(record, tokenizer)
-                items.append({"group": "", "prompt": prompt, "answer": chosen, "rejected": rejected})
-            else:
-                prompt, answer = prompt_and_response(record, tokenizer)
-                items.append({"group": str(record.get("task", "")), "prompt": prompt, "answer": answer})
-            if len(items) == limit:
-                return items
+    for record, kind in split_records(files, held_out=True):
+        if kind == "dpo":
+            prompt, chosen, rejected = preference_texts(record, tokenizer)
+            items.append({"group": "", "prompt": prompt, "answer": chosen, "rejected": rejected})
+        else:
+            prompt, answer = prompt_and_response(record, tokenizer)
+            items.append({"group": str(record.get("task", "")), "prompt": prompt, "answer": answer})
+        if len(items) == limit:
+            return items
     return items
 
 

@@ -8,6 +8,7 @@ dpo       preference jsonl -> one chosen and one rejected row per pair   {chosen
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from fnmatch import fnmatchcase
 from functools import lru_cache, partial
 from pathlib import Path
@@ -66,31 +67,31 @@ def instruction_files(stages: list[StageSpec]) -> list[tuple[str, str]]:
     return [(str(stage.data), stage.kind) for stage in stages if stage.kind != "pretrain"]
 
 
-def instruction_texts(files: list[tuple[str, str]], tokenizer, limit: int, held_out: bool) -> list[str]:
-    """Up to `limit` texts, prompt and answer as the model sees them, from instruction (sft) or preference
-    (dpo: the chosen answer) files, in the split training used them in: the held-out one or the rest."""
-    texts: list[str] = []
+def split_records(files: list[tuple[str, str]], held_out: bool) -> Iterator[tuple[dict, str]]:
+    """(record, kind) of instruction (sft) and preference (dpo) files, in the split training used them in:
+    the held-out one or the rest."""
     for path, kind in files:
         for line in Path(path).read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            record = parse_line(line)
-            if is_held_out(record_key(record)) != held_out:
-                continue
-            prompt, answer, *_ = (preference_texts if kind == "dpo" else prompt_and_response)(record, tokenizer)
-            texts.append(prompt + answer)
-            if len(texts) == limit:
-                return texts
+            if line.strip() and is_held_out(record_key(record := parse_line(line))) == held_out:
+                yield record, kind
+
+
+def instruction_texts(files: list[tuple[str, str]], tokenizer, limit: int, held_out: bool) -> list[str]:
+    """Up to `limit` texts, prompt and answer as the model sees them (dpo: the chosen answer), of one split."""
+    texts: list[str] = []
+    for record, kind in split_records(files, held_out):
+        prompt, answer, *_ = (preference_texts if kind == "dpo" else prompt_and_response)(record, tokenizer)
+        texts.append(prompt + answer)
+        if len(texts) == limit:
+            return texts
     return texts
 
 
 def held_out_prompt(files: list[tuple[str, str]], tokenizer) -> str | None:
     """The prompt of the first held-out instruction or preference record: a question the model was not
     trained on, in the form it was trained to answer."""
-    for path, kind in files:
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            if line.strip() and is_held_out(record_key(record := parse_line(line))):
-                return (preference_texts if kind == "dpo" else prompt_and_response)(record, tokenizer)[0]
+    for record, kind in split_records(files, held_out=True):
+        return (preference_texts if kind == "dpo" else prompt_and_response)(record, tokenizer)[0]
     return None
 
 
