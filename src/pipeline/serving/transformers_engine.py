@@ -170,9 +170,15 @@ class TransformersEngine(Engine):
             if done:  # off the event loop: the unloading waits for the batch running now
                 asyncio.get_running_loop().run_in_executor(None, self._unload_if_idle, model_id)
 
+    def _adapter_names(self, sampling: list[Sampling]) -> dict:
+        """peft's per-row adapter for a batch that may mix them (none while the model holds no adapter)."""
+        if not isinstance(self.model, PeftModel):
+            return {}
+        return {"adapter_names": [self.adapters[r.adapter] if r.adapter else BASE for r in sampling]}
+
     def _generate_kwargs(self, sampling: list[Sampling], prompt_width: int) -> dict:
         """For one group (sampling settings alike but for the adapter): the first row's settings."""
-        s, lora = sampling[0], isinstance(self.model, PeftModel)
+        s = sampling[0]
         choice = (
             {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
             if s.temperature > 0
@@ -182,7 +188,7 @@ class TransformersEngine(Engine):
         processors = [OpenAIPenalties(prompt_width, s.presence_penalty, s.frequency_penalty)] if penalties else []
         return {
             "pad_token_id": self.tokenizer.pad_token_id,
-            **({"adapter_names": [self.adapters[r.adapter] if r.adapter else BASE for r in sampling]} if lora else {}),
+            **self._adapter_names(sampling),
             "logits_processor": LogitsProcessorList(processors),
             **choice,
         }
@@ -233,10 +239,8 @@ class TransformersEngine(Engine):
         token has none), as lm-eval's loglikelihood tasks read them from an OpenAI server."""
         mask = enc["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt starts at position 0
-        kwargs = self._generate_kwargs(sampling, mask.shape[1])
-        adapters = {k: v for k, v in kwargs.items() if k == "adapter_names"}
         with self.lock.generating():
-            logits = self.model(**enc, position_ids=positions, **adapters).logits
+            logits = self.model(**enc, position_ids=positions, **self._adapter_names(sampling)).logits
         out = []
         for row, s in enumerate(sampling):
             real = mask[row].bool()
