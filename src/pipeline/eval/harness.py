@@ -70,12 +70,16 @@ def resolve(cfg: PipelineConfig, name: str) -> list[EvalModel]:
     return [EvalModel(f"adapter:{n}", merged_model_dir(cfg), folder / n) for n in names]
 
 
+def scored_names(settings: EvalConfig) -> list[str]:
+    """What an eval scores: eval.models, the reference and the gates' models and references, once each."""
+    gated = (n for g in settings.gate for n in (g.model, g.reference) if n)
+    return list(dict.fromkeys([*settings.models, settings.reference, *gated]))
+
+
 def eval_models(cfg: PipelineConfig) -> list[EvalModel]:
-    """eval.models, the reference and the gates' models: each folder once, under the first name given."""
-    settings = cfg.eval
-    names = [*settings.models, settings.reference, *(n for g in settings.gate for n in (g.model, g.reference) if n)]
+    """The models scored_names names: each folder once, under the first name given."""
     models: dict[tuple, EvalModel] = {}
-    for name in dict.fromkeys(names):
+    for name in scored_names(cfg.eval):
         for model in resolve(cfg, name):
             models.setdefault((model.path, model.adapter, model.name == "endpoint"), model)
     return list(models.values())

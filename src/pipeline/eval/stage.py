@@ -13,7 +13,7 @@ from dataclasses import replace
 import lm_eval
 
 from pipeline.config import PipelineConfig
-from pipeline.eval.harness import EvalModel, eval_models, resolve, score_all
+from pipeline.eval.harness import EvalModel, eval_models, resolve, score_all, scored_names
 from pipeline.eval.report import deltas, gate_verdicts, markdown, scores
 from pipeline.eval.tasks import task_specs, write_shipped_data
 from pipeline.loading import load_tokenizer
@@ -31,8 +31,7 @@ def _settings(cfg: PipelineConfig):
 
     gates = [g.model_copy(update={"model": named(g.model), "reference": named(g.reference)}) for g in settings.gate]
     # the endpoint reads windows of at most what it takes; every model reads the same ones, so that they compare
-    scored = [*settings.models, settings.reference, *(n for g in gates for n in (g.model, g.reference))]
-    window = settings.max_length or (cfg.serve.max_prompt_tokens - 1 if "endpoint" in scored else None)
+    window = settings.max_length or (cfg.serve.max_prompt_tokens - 1 if "endpoint" in scored_names(settings) else None)
     return settings.model_copy(update={"reference": named(settings.reference), "gate": gates, "max_length": window})
 
 
