@@ -56,18 +56,20 @@ def trained_model(cfg: PipelineConfig) -> TrainedModel:
     return TrainedModel(Path(metrics["base_model"]), Path(metrics["adapter"]))
 
 
+def model_folder(path: Path, what: str, how: str) -> Path:
+    """`path` when a model is there; otherwise an error that says how to make it."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no {what} at {path}: {how}")
+    return path
+
+
 def merged_model_dir(cfg: PipelineConfig) -> Path:
-    merged = cfg.stage_dir("quantize") / "merged"
-    if not (merged / "config.json").is_file():
-        raise FileNotFoundError(f"no merged model at {merged}: run `pipeline quantize` first")
-    return merged
+    return model_folder(cfg.stage_dir("quantize") / "merged", "merged model", "run `pipeline quantize` first")
 
 
 def student_model_dir(cfg: PipelineConfig) -> Path:
     student = cfg.stage_dir("distill") / "final" / "model"
-    if not (student / "config.json").is_file():
-        raise FileNotFoundError(f"no distilled student at {student}: run `pipeline distill` first")
-    return student
+    return model_folder(student, "distilled student", "run `pipeline distill` first")
 
 
 def stage_model_dir(cfg: PipelineConfig, stage: str) -> Path:
@@ -79,10 +81,9 @@ def stage_model_dir(cfg: PipelineConfig, stage: str) -> Path:
     following = names[names.index(stage) + 1 :]
     if not following:
         return merged_model_dir(cfg)
-    model = cfg.stage_dir("train") / following[0] / "base"
-    if not (model / "config.json").is_file():
-        raise FileNotFoundError(f"no model after stage {stage} at {model}: run `pipeline train` first")
-    return model
+    return model_folder(
+        cfg.stage_dir("train") / following[0] / "base", f"model after stage {stage}", "run `pipeline train` first"
+    )
 
 
 def served_model_dir(cfg: PipelineConfig) -> Path:

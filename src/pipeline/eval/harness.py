@@ -15,6 +15,7 @@ from pipeline.config import ConfigError, EvalConfig, PipelineConfig
 from pipeline.handoff import (
     adapters_dir,
     merged_model_dir,
+    model_folder,
     served_model_dir,
     stage_model_dir,
     student_model_dir,
@@ -36,12 +37,6 @@ class EvalModel:
     served_as: str | None = None
 
 
-def _folder(path: Path, what: str, how: str) -> Path:
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no {what} at {path}: {how}")
-    return path
-
-
 def resolve(cfg: PipelineConfig, name: str) -> list[EvalModel]:
     """The model(s) one name of eval.models stands for; `served` is the one the quantize stage serves."""
     if name == "served":
@@ -50,7 +45,7 @@ def resolve(cfg: PipelineConfig, name: str) -> list[EvalModel]:
         return [EvalModel(name, served_model_dir(cfg), url=cfg.eval.endpoint_url, served_as=cfg.name)]
     if name == "base":
         start = Path(cfg.model.path) if cfg.model.path else cfg.stage_dir("train") / "base"
-        return [EvalModel(name, _folder(start, "base model", "run `pipeline train` first"))]
+        return [EvalModel(name, model_folder(start, "base model", "run `pipeline train` first"))]
     if name == "merged":
         return [EvalModel(name, merged_model_dir(cfg))]
     if name == "student":
@@ -59,7 +54,7 @@ def resolve(cfg: PipelineConfig, name: str) -> list[EvalModel]:
         return [EvalModel(name, stage_model_dir(cfg, name.partition(":")[2]))]
     if name == "awq":
         where = cfg.stage_dir("quantize") / "awq"
-        return [EvalModel(name, _folder(where, "4-bit model", "run `pipeline quantize` with quantize.enabled"))]
+        return [EvalModel(name, model_folder(where, "4-bit model", "run `pipeline quantize` with quantize.enabled"))]
     folder = adapters_dir(cfg)
     names = [spec.name for spec in cfg.adapters] if name == "adapters" else [name.partition(":")[2]]
     missing = [n for n in names if folder is None or not (folder / n / "adapter_config.json").is_file()]
