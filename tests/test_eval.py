@@ -1,8 +1,10 @@
 """`pipeline eval` on the tiny run: lm-evaluation-harness scores the 16-bit model, its AWQ export and an
 adapter on the shipped offline tasks, as Ray tasks, and eval.gate stops a model over budget."""
 
+import argparse
 import json
 import shutil
+import socket
 
 import pytest
 
@@ -64,6 +66,33 @@ def test_a_model_over_the_gates_budget_stops_pipeline_eval_naming_the_task_and_n
     with pytest.raises(QualityGateError, match=rf"{worse} scores bits_per_byte .* on heldout_text against {better}'s"):
         cmd_eval(eval_run)
     assert json.loads((eval_run.stage_dir("eval") / "report.json").read_text())["gate"][0]["passed"] is False
+
+
+def test_pipeline_run_evaluates_before_serving_and_a_failed_gate_serves_nothing(eval_run, capsys, monkeypatch):
+    """eval.before_serving: `pipeline run` scores the models after its stages and, the gate failed, stops
+    before it deploys. awq and merged differ, so of the two zero-budget gates (each against the other)
+    exactly one fails."""
+    from pipeline.cli import cmd_run
+    from pipeline.completion import mark_done
+
+    for stage in ("curate", "train", "quantize"):  # tiny_run's stages: the run goes on to eval without redoing them
+        mark_done(eval_run, stage)
+    monkeypatch.setattr(eval_run, "adapters", [])  # adapter alpha is not trained here (nor by the run)
+    eval_run.eval.before_serving = True
+    eval_run.eval.models, eval_run.eval.tasks = ["merged", "awq"], ["heldout_text"]
+    gate = {"task": "heldout_text", "metric": "bits_per_byte", "max_drop": 0}
+    eval_run.eval.gate = [
+        {**gate, "model": "awq", "reference": "merged"},
+        {**gate, "model": "merged", "reference": "awq"},
+    ]
+    with pytest.raises(QualityGateError, match=r"scores bits_per_byte .* on heldout_text against"):
+        cmd_run(eval_run, argparse.Namespace(fresh=False, force=False))
+    out = capsys.readouterr().out
+    assert "train: done earlier with these settings and inputs, skipped" in out and "| awq | heldout_text |" in out
+    verdicts = json.loads((eval_run.stage_dir("eval") / "report.json").read_text())["gate"]
+    assert sorted(v["passed"] for v in verdicts) == [False, True]
+    with pytest.raises(ConnectionRefusedError):  # nothing was deployed
+        socket.create_connection(("127.0.0.1", eval_run.serve.port), timeout=5).close()
 
 
 def test_the_endpoint_scores_as_the_model_it_serves_does_in_process(eval_run):
