@@ -178,3 +178,48 @@ def tiny_curate(runs_dir: Path, corpus: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*command, f"data.input=[{corpus}/*.jsonl]"], capture_output=True, text=True, cwd=REPO, timeout=300
     )
+
+
+GERMAN = (
+    "Die Katze sitzt am Morgen auf dem warmen Dach und schaut lange in den Garten hinunter. Im Sommer "
+    "bl\u00fchen dort die Rosen, und die Nachbarn trinken am Abend gemeinsam Kaffee unter dem alten Baum. "
+    "Wenn es regnet, bleibt die Katze lieber im Haus und schl\u00e4ft neben dem Ofen, bis die Sonne wieder "
+    "scheint und die V\u00f6gel zur\u00fcckkommen. Die Kinder gehen dann hinaus und spielen bis zur Dunkelheit."
+)
+
+
+def site_page(paragraphs: list[str], notice: str = "") -> bytes:
+    """A web page as sites serve them: scripts and styles, a navigation bar, the article (with an optional
+    notice paragraph, as a mirror adds one), a footer of links."""
+    import html
+
+    nav = "".join(f'<li><a href="/{w.lower()}">{w}</a></li>' for w in ("Home", "News", "Archive", "About", "Contact"))
+    body = "".join(f"<p>{html.escape(p)}</p>" for p in ([notice] if notice else []) + paragraphs)
+    return (
+        "<html><head><title>Site</title><script>var tracker = 'script text';</script>"
+        "<style>body { color: red }</style></head><body>"
+        f"<header><nav><ul>{nav}</ul></nav></header><main><article>{body}</article></main>"
+        '<footer><a href="/imprint">Imprint</a> <a href="/privacy">Privacy</a></footer></body></html>'
+    ).encode()
+
+
+def crawl_responses(articles: int = 6) -> list[tuple[str, str, str, bytes]]:
+    """(url, status, content type, body) of a small crawl whose fate is known: `articles` English pages of
+    licence prose, the first of them again on a mirror with a notice of its own (a near duplicate), a German
+    page, a page with no article, an image and a 404."""
+    from pipeline.sample_data import DOC_ROOTS, split_documents
+
+    licences = sorted(p for p in Path(DOC_ROOTS[1]).glob("*") if p.is_file())
+    docs = [d for p in licences for d in split_documents(p.read_text(errors="replace"))]
+    docs = [d for d in docs if passes_filters(d)][:articles]
+    site = "http://site.example"
+    pages = [(f"{site}/a{i}.html", site_page(d.split("\n\n"))) for i, d in enumerate(docs)]
+    pages += [
+        ("http://mirror.example/a0.html", site_page(docs[0].split("\n\n"), "Mirrored from site.example, kept here.")),
+        (f"{site}/de.html", site_page([GERMAN])),
+        (f"{site}/empty.html", site_page([])),
+    ]
+    return [(url, "200 OK", "text/html; charset=utf-8", body) for url, body in pages] + [
+        (f"{site}/logo.png", "200 OK", "image/png", b"\x89PNG\r\n\x1a\nnot really an image"),
+        (f"{site}/gone.html", "404 Not Found", "text/html", b"<html><body>Not found</body></html>"),
+    ]

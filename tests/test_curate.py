@@ -2,12 +2,13 @@
 local Ray (the rules alone, without Ray: test_curate_rules.py)."""
 
 import json
+from collections import Counter
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import tiny_config
+from conftest import crawl_responses, tiny_config
 from pipeline.curate.stage import run_curate
 
 pytestmark = pytest.mark.integration
@@ -68,6 +69,45 @@ def test_stats_file_counts_per_reason(curated):
     fuzzy = stats["fuzzy_dedup"]
     assert fuzzy["survivors"] == "greedy" and fuzzy["removed"] == stats["by_reason"]["near duplicate"]
     assert fuzzy["removed_without_kept_neighbour"] == 0 and fuzzy["component_size_max"] >= 2
+
+
+MIRROR = "http://mirror.example/a0.html"
+
+
+def test_a_crawl_is_curated_page_by_page_whatever_its_files(ray_local, tiny_corpus, tmp_path):
+    """A WARC through the whole chain: pages extracted on Ray, the German page dropped by the language filter,
+    the mirrored page (its own notice on top) removed as a near duplicate of the original; the same crawl cut
+    into three files gives the same ids, kept and rejected."""
+    from pipeline.sample_data import write_warc
+
+    responses = crawl_responses(articles=8)
+    write_warc(tmp_path / "one" / "crawl.warc.gz", responses)
+    for k in range(3):
+        write_warc(tmp_path / "three" / f"crawl-{k}.warc.gz", responses[k::3])
+    outcomes = []
+    for layout in ("one", "three"):
+        cfg = tiny_config(tmp_path / f"runs-{layout}", tiny_corpus, "data.filters.languages=[en]")
+        stats = run_curate(cfg, inputs=[str(tmp_path / layout)])
+        kept = pq.read_table(cfg.stage_dir("curate") / "kept").to_pandas()
+        rejected = pq.read_table(cfg.stage_dir("curate") / "rejected").to_pandas()
+        assert stats["docs_in"] == len(kept) + len(rejected) == {"one": 1, "three": 3}[layout] + 2 * len(responses)
+        pages = rejected[rejected["reason"] != "WARC warcinfo record, not a response"]  # one per file
+        outcomes.append((set(kept["id"]), dict(zip(pages["id"], pages["reason"]))))
+    (kept_ids, reasons), again = outcomes
+    assert again == outcomes[0]
+    urls = {i: json.loads(m)["url"] for i, m in zip(kept["id"], kept["meta"])}
+    assert len(kept_ids) == 8 and len(set(urls.values()) & {"http://site.example/a0.html", MIRROR}) == 1
+    (copy,) = rejected[rejected["reason"] == "near duplicate"].itertuples()  # the original or its mirror
+    assert {json.loads(copy.meta)["url"], urls[copy.duplicate_of]} == {"http://site.example/a0.html", MIRROR}
+    assert sorted(Counter(reasons.values()).items()) == [
+        ("HTTP status 404", 1),
+        ("WARC request record, not a response", len(responses)),
+        ("language de not in en", 1),
+        ("near duplicate", 1),
+        ("no text extracted from HTML", 1),
+        ("non-HTML response (image/png)", 1),
+    ]
+    assert all(json.loads(m)["language"] == "en" for m in kept["meta"])
 
 
 def _fuzzy_input(tiny_corpus) -> pd.DataFrame:

@@ -264,16 +264,16 @@ def test_near_duplicates_point_at_their_survivor_and_exact_copies_follow_on():
 
 @pytest.mark.parametrize("suffix, codec", [(".jsonl.zst", "zstd"), (".jsonl.gz", "gzip"), (".txt.zst", "zstd")])
 def test_compressed_files_are_read_and_corrupt_ones_rejected(tmp_path, suffix, codec):
-    from pipeline.curate.read import ReadOptions, read_file
+    from pipeline.curate.read import ReadOptions, file_records
 
     body = b'{"id": "a", "text": "one two three four five"}\n' if ".jsonl" in suffix else b"one two three four five"
     path = tmp_path / f"doc{suffix}"
     with pa.CompressedOutputStream(str(path), codec) as out:
         out.write(body)
-    (rec,) = read_file({"path": str(path)}, ReadOptions())
+    (rec,) = file_records(str(path), ReadOptions())
     assert rec["text"] == "one two three four five" and rec["reason"] == ""
     broken = tmp_path / f"broken{suffix}"
     broken.write_bytes(path.read_bytes()[:8] + b"garbage")
-    (bad,) = read_file({"path": str(broken)}, ReadOptions())
+    (bad,) = file_records(str(broken), ReadOptions())
     assert bad["reason"].startswith("unreadable file") and bad["id"] == str(broken)
     assert bad["step"] == "read"

@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="on an error, show its traceback too")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stages = {
-        "sample-data": "build the demo corpus (data/corpus/) and instruction set from local text",
+        "sample-data": "build the demo corpus (data/corpus/: jsonl, a WARC crawl) and instruction set from local text",
         "curate": "read, normalize, filter and deduplicate the corpus (Ray Data)",
         "train": "fine-tune the model with LoRA on Ray Train + DeepSpeed",
         "quantize": "merge the adapter and quantize to AWQ 4-bit (llm-compressor)",
@@ -158,11 +158,12 @@ def _wait_for_interrupt() -> None:
 
 
 def cmd_sample_data(args) -> None:
-    from pipeline.sample_data import build_corpus, write_instructions, write_preferences
+    from pipeline.sample_data import build_corpus, build_crawl, write_instructions, write_preferences
 
     out = Path(args.out)
     files = build_corpus(out / "corpus", max_bytes=int(args.max_mb * 1e6))
     print(f"corpus: {len(files)} jsonl files in {out / 'corpus'}")
+    print(f"web crawl of this machine's HTML pages: {build_crawl(out / 'corpus' / 'crawl.warc.gz')}")
     if args.instructions:
         print(f"instructions: {write_instructions(out / 'instructions.jsonl')}")
         print(f"preferences: {write_preferences(out / 'preferences.jsonl', out / 'instructions.jsonl')}")

@@ -67,6 +67,11 @@ class FiltersConfig(Section):
     min_alpha_words: float = Field(0.5, ge=0, le=1, description="share of words with a letter")
     scripts: list[str] = Field(default_factory=list, description="e.g. [latin]; [] keeps every script")
     min_script_share: float = Field(0.5, ge=0, le=1, description="share of letters in `scripts`")
+    languages: list[Annotated[str, Field(pattern=r"^[a-z]{2,3}$")]] = Field(
+        default_factory=list,
+        description="ISO 639-1 codes to keep, e.g. [en, de] (curate/language.py labels each document's "
+        "meta.language offline); [] keeps every language",
+    )
 
 
 class PerplexityConfig(Section):
@@ -100,7 +105,8 @@ class AugmentConfig(Section):
 class DataConfig(Section):
     input: list[str] = Field(
         default_factory=lambda: ["data/corpus/*.jsonl"],
-        description="files or globs: .jsonl/.json/.parquet/.txt, optionally .gz",
+        description="files, folders or globs: .jsonl/.json/.parquet/.txt/.html, WARC/WET crawls (.warc, .warc.gz, "
+        ".wet.gz); optionally .gz or .zst",
     )
     text_field: str = "text"
     id_field: str = "id"

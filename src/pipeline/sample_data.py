@@ -7,14 +7,17 @@ with small edits), which is exactly what curation has to handle.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import re
+import uuid
 from pathlib import Path
 
 DOC_ROOTS = ("/usr/share/doc", "/usr/share/common-licenses")
 MAX_FILE_BYTES = 200_000  # a few multi-MB boost files repeat one text; skip them
 DOC_CHARS = 1500  # paragraphs are merged into documents of about this size
+CRAWL_DATE = "2026-01-01T00:00:00Z"  # every record of the sample crawl, so that it builds byte for byte the same
 
 
 def source_files() -> list[Path]:
@@ -144,3 +147,68 @@ def write_preferences(path: str | Path, instructions: str | Path) -> Path:
         for rec in preference_pairs(records):
             fh.write(json.dumps(rec) + "\n")
     return path
+
+
+def write_warc(path: str | Path, responses: list[tuple[str, str, str, bytes]]) -> Path:
+    """A gzip WARC as a crawler writes it: a warcinfo record, then for each (url, status, content type, body)
+    the request and its response. Record ids and dates derive from the URL, so every build holds the same records."""
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    def headers(url: str, kind: str) -> dict:
+        return {"WARC-Record-ID": f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, kind + url)}>", "WARC-Date": CRAWL_DATE}
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as fh:
+        writer = WARCWriter(fh, gzip=True)
+        info = b"software: pipeline sample-data\r\nformat: WARC File Format 1.1\r\n"
+        writer.write_record(
+            writer.create_warc_record(
+                "",
+                "warcinfo",
+                payload=io.BytesIO(info),
+                warc_content_type="application/warc-fields",
+                warc_headers_dict={**headers(path.name, "i"), "WARC-Filename": path.name},
+            )
+        )
+        for url, status, content_type, body in responses:
+            request = StatusAndHeaders(f"GET {url} HTTP/1.1", [("Host", url.split("/")[2])], is_http_request=True)
+            writer.write_record(
+                writer.create_warc_record(url, "request", http_headers=request, warc_headers_dict=headers(url, "q"))
+            )
+            reply = StatusAndHeaders(status, [("Content-Type", content_type)], protocol="HTTP/1.1")
+            writer.write_record(
+                writer.create_warc_record(
+                    url, "response", payload=io.BytesIO(body), http_headers=reply, warc_headers_dict=headers(url, "r")
+                )
+            )
+    return path
+
+
+def html_pages(limit: int) -> list[Path]:
+    """The HTML documentation this machine's packages ship (release notes, manuals, FAQs)."""
+    found = sorted(
+        p
+        for p in Path(DOC_ROOTS[0]).rglob("*.htm*")
+        if p.suffix in (".html", ".htm") and p.is_file() and p.stat().st_size <= MAX_FILE_BYTES
+    )
+    return found[:limit]
+
+
+def build_crawl(path: str | Path, pages: int = 60) -> Path:
+    """A small web crawl of this machine's HTML pages, with what real crawls also hold: request and warcinfo
+    records, an image and a page that was not found, each to be rejected with its reason."""
+    import matplotlib
+
+    site = "http://docs.example"
+    responses = [
+        (f"{site}/{p.relative_to(DOC_ROOTS[0])}", "200 OK", "text/html; charset=utf-8", p.read_bytes())
+        for p in html_pages(pages)
+    ]
+    image = Path(matplotlib.get_data_path()) / "images" / "home.png"
+    responses += [
+        (f"{site}/logo.png", "200 OK", "image/png", image.read_bytes()),
+        (f"{site}/moved.html", "404 Not Found", "text/html", b"<html><body><h1>Not Found</h1></body></html>"),
+    ]
+    return write_warc(path, responses)

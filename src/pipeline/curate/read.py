@@ -1,23 +1,27 @@
-"""Readers: one Ray Data task per input file, turning every line/element/row into a record.
+"""Readers: one Ray Data task per input file, turning every line/element/row/WARC record into a record.
 
-Nothing here raises on bad data: a malformed line, invalid UTF-8 or a missing text field
-becomes a record with a `reason` and the raw input, so it ends up in `rejected/`.
+A file's records are yielded in chunks as they are read, so a large file becomes many blocks. Nothing
+here raises on bad data: a malformed line, invalid UTF-8, a missing text field or a crawl's non-HTML
+response becomes a record with a `reason` (and the raw input), so it ends up in `rejected/`.
 """
 
 from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
 from pipeline.curate.records import record
+from pipeline.curate.web import html_file, warc_records
 
 STEP = "read"
 
@@ -31,7 +35,21 @@ class ReadOptions:
 
 
 COMPRESSION = {".gz": "gzip", ".zst": "zstd"}  # pyarrow's codecs: no extra dependency
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".html": "html",
+    ".htm": "html",
+    ".warc": "warc",  # .warc.gz too: fastwarc reads gzip members itself
+    ".wet": "warc",
+}
+CHUNK_ROWS = 500  # records per batch a reader yields
+# A read task mostly waits on its file; asking for less than the next steps' whole CPU also keeps Ray Data
+# from fusing it with them, so the blocks of one large file (a WARC's pages) are extracted on every core.
+READ_CPUS = 0.5
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
@@ -127,17 +145,36 @@ def _text(path: str, data: bytes, opts: ReadOptions) -> Iterator[dict]:
     yield record(path, text=text, source=path) if text.strip() else _rejected(path, path, "empty text")
 
 
-READERS = {"jsonl": _jsonl, "json": _json_array, "parquet": _parquet, "text": _text}
+READERS = {
+    "jsonl": _jsonl,
+    "json": _json_array,
+    "parquet": _parquet,
+    "text": _text,
+    "html": lambda path, data, opts: html_file(path, data),
+}
 
 
-def read_file(row: dict, opts: ReadOptions) -> list[dict]:
-    path = row["path"]
+def file_records(path: str, opts: ReadOptions) -> Iterator[dict]:
+    """The file's records; what cannot be read (a corrupt .gz, a broken WARC) ends it with a reject."""
+    fmt, n = file_format(path), 0
     try:
-        data = _open_bytes(path)
-    except (OSError, pa.ArrowException) as e:  # a truncated or corrupt .gz/.zst among them
-        return [_rejected(path, path, f"unreadable file: {e}")]
-    records = list(READERS[file_format(path)](path, data, opts))
-    return records or [_rejected(path, path, "empty file")]
+        records = warc_records(path) if fmt == "warc" else READERS[fmt](path, _open_bytes(path), opts)
+        for rec in records:
+            n += 1
+            yield rec
+    except (OSError, pa.ArrowException) as e:
+        after = f" after {n} records" if n else ""
+        yield _rejected(f"{path}#{n}" if n else path, path, f"unreadable file{after}: {e}")
+        return
+    if n == 0:
+        yield _rejected(path, path, "empty file")
+
+
+def read_files(batch: dict, opts: ReadOptions) -> Iterator[pd.DataFrame]:
+    for path in batch["path"]:
+        records = file_records(str(path), opts)
+        while chunk := list(itertools.islice(records, CHUNK_ROWS)):
+            yield pd.DataFrame(chunk)
 
 
 def read_corpus(patterns: list[str], opts: ReadOptions) -> ray.data.Dataset:
@@ -145,4 +182,4 @@ def read_corpus(patterns: list[str], opts: ReadOptions) -> ray.data.Dataset:
     for f in files:
         file_format(f)  # fail fast, before any task runs, on a file we cannot read
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-    return ds.flat_map(read_file, fn_kwargs={"opts": opts})
+    return ds.map_batches(read_files, batch_size=1, num_cpus=READ_CPUS, fn_kwargs={"opts": opts})

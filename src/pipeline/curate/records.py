@@ -11,11 +11,19 @@ import pandas as pd
 
 
 def record(
-    id: str, text: str = "", source: str = "", meta: str = "", raw: str = "", reason: str = "", step: str = ""
+    id: str,
+    text: str = "",
+    source: str = "",
+    meta: str = "",
+    raw: str = "",
+    reason: str = "",
+    step: str = "",
+    html: str = "",
 ) -> dict:
     """`meta`: the input fields kept by data.keep_fields, as JSON ("" when none).
     `duplicate_of` and `jaccard`: the kept document a duplicate was removed for, and their similarity.
-    `augmented_from`: set only on rows that augmentation made (curate/augment.py)."""
+    `augmented_from`: set only on rows that augmentation made (curate/augment.py).
+    `html`: a web page whose text the extract step has yet to take out (curate/web.py); it drops the column."""
     return {
         "id": id,
         "text": text,
@@ -27,6 +35,7 @@ def record(
         "duplicate_of": "",
         "jaccard": float("nan"),
         "augmented_from": "",
+        "html": html,
     }
 
 

@@ -1,7 +1,8 @@
 """The curate stage: a chain of steps over the corpus, then kept/ and rejected/ Parquet, stats.json
 and a plot.
 
-read -> normalize -> filters -> [perplexity] -> [exact_dedup] -> [fuzzy_dedup] -> [augment] -> write.
+read -> extract (web pages' text) -> normalize -> [language] -> filters -> [perplexity] -> [exact_dedup]
+-> [fuzzy_dedup] -> [augment] -> write.
 Every step only marks rows (`reason` and `step` for the ones it drops, records.reject); nothing is
 removed until the end, where input = kept (less augmented rows) + rejected is checked.
 """
@@ -24,9 +25,11 @@ from pipeline.curate.augment import augment
 from pipeline.curate.dedup_exact import exact_dedup
 from pipeline.curate.dedup_fuzzy import fuzzy_dedup
 from pipeline.curate.filters import apply_filters, build_filters
+from pipeline.curate.language import language_batch
 from pipeline.curate.normalize import normalize_batch
 from pipeline.curate.perplexity import PerplexityScorer
 from pipeline.curate.read import ReadOptions, expand_inputs, read_corpus
+from pipeline.curate.web import extract_batch
 from pipeline.plots import plot_histograms
 from pipeline.runtime import atomic_dir
 
@@ -74,8 +77,10 @@ def score_perplexity(ds: ray.data.Dataset, settings: PerplexityConfig, trust_rem
 def curate_steps(cfg: PipelineConfig) -> list[Step]:
     """The chain this config asks for, in order."""
     data = cfg.data
-    steps = [
-        map_step("normalize", normalize_batch, lowercase=data.lowercase),
+    steps = [map_step("extract", extract_batch), map_step("normalize", normalize_batch, lowercase=data.lowercase)]
+    if data.filters.languages:
+        steps.append(map_step("language", language_batch, languages=data.filters.languages))
+    steps += [
         Step(
             "filters",
             lambda ds: ds.map_batches(

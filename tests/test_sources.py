@@ -1,0 +1,115 @@
+"""The readers of web sources, without Ray: WARC/WET crawls written by warcio, HTML files, what extraction
+keeps and the language label (the whole curate over a crawl, on Ray: test_curate.py)."""
+
+import json
+from collections import Counter
+from io import BytesIO
+
+import pandas as pd
+from warcio.warcwriter import WARCWriter
+
+from conftest import GERMAN, crawl_responses, site_page
+from pipeline.curate.language import language_batch
+from pipeline.curate.read import ReadOptions, expand_inputs, file_records
+from pipeline.curate.records import record
+from pipeline.curate.web import extract_batch
+from pipeline.sample_data import write_warc
+
+
+def read(path) -> list[dict]:
+    return list(file_records(str(path), ReadOptions()))
+
+
+def test_every_record_of_a_crawl_is_a_page_or_a_reject_with_its_reason_and_ids_are_the_crawls(tmp_path):
+    responses = crawl_responses()
+    rows = read(write_warc(tmp_path / "crawl.warc.gz", responses))
+    assert len(rows) == 1 + 2 * len(responses)  # warcinfo, then a request and a response per URL
+    assert Counter(r["reason"] for r in rows) == {
+        "": len(responses) - 2,
+        "WARC request record, not a response": len(responses),
+        "WARC warcinfo record, not a response": 1,
+        "non-HTML response (image/png)": 1,
+        "HTTP status 404": 1,
+    }
+    pages = [r for r in rows if not r["reason"]]
+    assert all(r["html"].startswith("<html>") and r["text"] == "" for r in pages)  # extract fills text
+    meta = json.loads(pages[0]["meta"])
+    assert meta == {"url": "http://site.example/a0.html", "date": "2026-01-01T00:00:00Z", "content_type": "text/html"}
+    # the id is the record's WARC-Record-ID: the same page in another file, among other pages, keeps it
+    alone = read(write_warc(tmp_path / "part.warc.gz", responses[3:5]))
+    assert {r["id"] for r in alone if not r["reason"]} <= {r["id"] for r in pages}
+    assert all(r["id"].startswith("<urn:uuid:") for r in rows)
+
+
+def test_extraction_keeps_the_article_without_markup_navigation_or_scripts(tmp_path):
+    rows = read(write_warc(tmp_path / "crawl.warc.gz", crawl_responses()))
+    plain = record("doc", text="a document of a jsonl file", source="x.jsonl")
+    out = extract_batch(pd.DataFrame([*rows, plain])).set_index("id")
+    assert "html" not in out.columns
+    kept = out[out["reason"] == ""]
+    for text in kept["text"]:
+        assert "<" not in text and "tracker" not in text and "color: red" not in text
+        assert not {"Home", "Archive", "Imprint", "Privacy"} & set(text.split())
+    english = kept[kept["source"].str.endswith(".warc.gz")]
+    languages = Counter(json.loads(m)["language"] for m in english["meta"])
+    assert languages == {"en": len(english) - 1, "de": 1}
+    assert GERMAN.split(".")[0] in " ".join(english["text"])
+    (empty,) = out[out["reason"] == "no text extracted from HTML"].itertuples()
+    assert empty.step == "extract" and empty.raw.startswith("<html>")  # the page is in rejected/ to look at
+    assert out.loc["doc", "text"] == "a document of a jsonl file" and out.loc["doc", "reason"] == ""
+
+
+def test_a_wet_file_is_text_already(tmp_path):
+    path = tmp_path / "crawl.wet.gz"
+    with path.open("wb") as fh:
+        writer = WARCWriter(fh, gzip=True)
+        for url, text in (("http://a.example/", "Plain text the crawler extracted."), ("http://b.example/", " ")):
+            writer.write_record(
+                writer.create_warc_record(
+                    url, "conversion", payload=BytesIO(text.encode()), warc_content_type="text/plain"
+                )
+            )
+    first, second = read(path)
+    assert first["text"] == "Plain text the crawler extracted." and first["html"] == ""
+    assert json.loads(first["meta"])["url"] == "http://a.example/" and second["reason"] == "empty text"
+
+
+def test_a_damaged_crawl_keeps_what_came_before_the_damage(tmp_path):
+    whole = write_warc(tmp_path / "crawl.warc.gz", crawl_responses()).read_bytes()
+    garbage = tmp_path / "garbage.warc.gz"
+    garbage.write_bytes(whole + b"\x1f\x8b\x08\x00 not gzip")
+    rows = read(garbage)
+    assert rows[-1]["reason"].startswith("unreadable file after 23 records: ") and len(rows) == 24
+    cut = tmp_path / "cut.warc.gz"  # a download that stopped halfway: the last page is partial
+    cut.write_bytes(whole[: len(whole) // 2])
+    last = read(cut)[-1]
+    assert last["reason"] == "payload does not match its WARC-Payload-Digest (truncated or corrupt)"
+    headless = tmp_path / "headless.warc"
+    headless.write_bytes(b"WARC/1.0\r\nWARC-Type: response\r\nContent-Length: 0\r\n\r\n\r\n\r\n")
+    (row,) = read(headless)
+    assert row["reason"] == "response without HTTP headers" and row["id"] == f"{headless}#0"
+
+
+def test_a_folder_of_html_pages_is_read_as_pages(tmp_path):
+    (tmp_path / "site" / "deep").mkdir(parents=True)
+    (tmp_path / "site" / "deep" / "one.html").write_bytes(site_page(["A paragraph of the page."]))
+    (tmp_path / "site" / "two.htm").write_bytes(site_page(["Another paragraph."]))
+    files = expand_inputs([str(tmp_path / "site")])
+    rows = [row for f in files for row in read(f)]
+    assert [json.loads(r["meta"])["url"] for r in rows] == [f"file://{f}" for f in files]
+    assert list(extract_batch(pd.DataFrame(rows))["text"]) == ["A paragraph of the page.", "Another paragraph."]
+
+
+def test_the_language_filter_labels_every_document_and_keeps_the_listed_languages():
+    english = "The cat sits on the warm roof in the morning and looks down into the garden for a long time."
+    rows = [
+        record("en", text=english),
+        record("de", text=GERMAN),
+        record("labelled", text=GERMAN, meta=json.dumps({"language": "en"})),  # a reader's label stands
+        record("gone", text=GERMAN, reason="too short", step="filters"),
+    ]
+    out = language_batch(pd.DataFrame(rows), ["en"]).set_index("id")
+    assert [json.loads(m).get("language") for m in out["meta"][:3]] == ["en", "de", "en"]
+    assert out.loc["de", "reason"] == "language de not in en" and out.loc["de", "step"] == "language"
+    assert out.loc["en", "reason"] == "" and out.loc["labelled", "reason"] == ""
+    assert out.loc["gone", "reason"] == "too short" and out.loc["gone", "meta"] == ""
