@@ -1,14 +1,19 @@
-"""The readers of web sources, without Ray: WARC/WET crawls written by warcio, HTML files, what extraction
-keeps and the language label (the whole curate over a crawl, on Ray: test_curate.py)."""
+"""The readers of web and table sources, without Ray: WARC/WET crawls written by warcio, HTML files, what
+extraction keeps, the language label, CSV/TSV/Parquet tables (the whole curate over a crawl, on Ray:
+test_curate.py)."""
 
 import json
 from collections import Counter
 from io import BytesIO
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 from warcio.warcwriter import WARCWriter
 
-from conftest import GERMAN, crawl_responses, site_page
+from conftest import GERMAN, TINY, crawl_responses, site_page
+from pipeline.config import ConfigError, TableConfig, load_config
 from pipeline.curate.language import language_batch
 from pipeline.curate.read import ReadOptions, expand_inputs, file_records
 from pipeline.curate.records import record
@@ -113,3 +118,54 @@ def test_the_language_filter_labels_every_document_and_keeps_the_listed_language
     assert out.loc["de", "reason"] == "language de not in en" and out.loc["de", "step"] == "language"
     assert out.loc["en", "reason"] == "" and out.loc["labelled", "reason"] == ""
     assert out.loc["gone", "reason"] == "too short" and out.loc["gone", "meta"] == ""
+
+
+PEOPLE = (
+    "name,year,field\nAda Lovelace,1815,mathematics\nAlan Turing,1912,computing\nGrace Hopper,,compilers\nbroken,line\n"
+)
+
+
+def test_each_table_row_is_a_document_written_by_the_template(tmp_path):
+    path = tmp_path / "people.csv"
+    path.write_text(PEOPLE)
+    table = TableConfig(template="{name} was born in {year} and worked on {field}.")
+    rows = list(file_records(str(path), ReadOptions(table=table)))
+    assert len(rows) == 4  # three data rows and one malformed line: every line accounted for
+    bad, ada, alan, grace = rows
+    assert bad["reason"] == "malformed CSV line: 2 fields, the header has 3" and bad["raw"] == "broken,line"
+    assert bad["id"] == f"{path}:line5"
+    assert ada["text"] == "Ada Lovelace was born in 1815 and worked on mathematics." and ada["reason"] == ""
+    assert json.loads(alan["meta"]) == {"schema": "name: string, year: int64, field: string", "row": 1}
+    assert grace["reason"] == "row has no value for year (data.table.template)" and "Grace Hopper" in grace["raw"]
+    plain = list(file_records(str(path), ReadOptions()))  # no template: a line per column
+    assert plain[1]["text"] == "name: Ada Lovelace\nyear: 1815\nfield: mathematics"
+    assert plain[3]["text"] == "name: Grace Hopper\nfield: compilers" and plain[3]["reason"] == ""
+
+
+def test_a_table_becomes_markdown_tables_of_rows_per_document(tmp_path):
+    path = tmp_path / "people.tsv"
+    path.write_text(PEOPLE.replace(",", "\t").replace("computing", "computing | logic").replace("broken\tline\n", ""))
+    rows = list(file_records(str(path), ReadOptions(table=TableConfig(mode="table", rows_per_document=2))))
+    assert [r["id"] for r in rows] == [f"{path}:0-2", f"{path}:2-3"]
+    assert rows[0]["text"] == (
+        "| name | year | field |\n|---|---|---|\n"
+        "| Ada Lovelace | 1815 | mathematics |\n| Alan Turing | 1912 | computing \\| logic |"
+    )
+    assert rows[1]["text"].endswith("| Grace Hopper |  | compilers |")
+    assert json.loads(rows[1]["meta"])["rows"] == [2, 3]
+
+
+def test_parquet_is_read_as_a_table_when_asked(tmp_path):
+    path = tmp_path / "people.parquet"
+    pq.write_table(pa.table({"name": ["Ada"], "year": [1815]}), path)
+    (as_table,) = file_records(str(path), ReadOptions(table=TableConfig(template="{name}, {year}", parquet=True)))
+    assert as_table["text"] == "Ada, 1815"
+    (as_records,) = file_records(str(path), ReadOptions())  # the default: records with a text field
+    assert as_records["reason"] == "missing text field 'text'"
+
+
+def test_a_template_that_names_no_column_is_refused_when_the_config_is_read():
+    with pytest.raises(ConfigError, match=r"must name columns in braces"):
+        load_config(TINY, ["data.table.template='no columns here'"])
+    with pytest.raises(ConfigError, match=r"expected '}' before end of string"):
+        load_config(TINY, ["data.table.template='{name'"])

@@ -6,11 +6,12 @@ what is allowed instead of being silently ignored.
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
@@ -82,6 +83,39 @@ class PerplexityConfig(Section):
     concurrency: int = Field(1, ge=1, description="scoring actors (each loads the model once; a GPU each when present)")
 
 
+class TableConfig(Section):
+    """How the rows of CSV/TSV files, and of Parquet files when `parquet` is set, become text
+    (src/pipeline/curate/table.py)."""
+
+    mode: Literal["row", "table"] = Field(
+        "row", description="row: each row a document; table: each `rows_per_document` rows one markdown table"
+    )
+    template: str | None = Field(
+        None,
+        description='row mode: e.g. "{name} was born in {year}" (column names in braces); None writes '
+        '"column: value" lines',
+    )
+    rows_per_document: int = Field(50, ge=1, description="table mode: rows per markdown table")
+    parquet: bool = Field(
+        False, description="read .parquet files as tables too (default: as records with data.text_field)"
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _names_columns(cls, template: str | None) -> str | None:
+        if template is None:
+            return None
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        except ValueError as e:
+            raise ValueError(
+                f"data.table.template {template!r}: {e} (literal braces are written {{{{ and }}}})"
+            ) from None
+        if not names or "" in names or any(name.isdigit() for name in names):
+            raise ValueError(f"data.table.template {template!r} must name columns in braces, e.g. {{name}}")
+        return template
+
+
 class AugmentConfig(Section):
     """Off unless a model path is given (src/pipeline/curate/augment.py)."""
 
@@ -106,7 +140,7 @@ class DataConfig(Section):
     input: list[str] = Field(
         default_factory=lambda: ["data/corpus/*.jsonl"],
         description="files, folders or globs: .jsonl/.json/.parquet/.txt/.html, WARC/WET crawls (.warc, .warc.gz, "
-        ".wet.gz); optionally .gz or .zst",
+        ".wet.gz), tables (.csv, .tsv: see data.table); optionally .gz or .zst",
     )
     text_field: str = "text"
     id_field: str = "id"
@@ -120,6 +154,7 @@ class DataConfig(Section):
     perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    table: TableConfig = Field(default_factory=TableConfig)
     shard_mb: float = Field(64, gt=0, description="target size of each kept/ Parquet shard (uncompressed text)")
 
     @model_validator(mode="before")
@@ -624,7 +659,14 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {key!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        problem = str(e).splitlines()[0]
+        raise ConfigError(
+            f"override {item!r}: the value is read as YAML and is not valid YAML ({problem}); "
+            f"quote it as text: {key}='\"...\"'"
+        ) from None
 
 
 def key_lines(model: type[BaseModel], prefix: str) -> list[str]:

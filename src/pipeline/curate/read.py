@@ -20,7 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from pipeline.config import TableConfig
 from pipeline.curate.records import record
+from pipeline.curate.table import table_records
 from pipeline.curate.web import html_file, warc_records
 
 STEP = "read"
@@ -32,6 +34,7 @@ class ReadOptions:
     id_field: str = "id"
     keep_fields: tuple[str, ...] = ()  # carried into `meta`; every other field is dropped
     rename: dict = field(default_factory=dict)  # keep_fields' names inside `meta`
+    table: TableConfig = field(default_factory=TableConfig)  # CSV/TSV (and Parquet tables): rows to text
 
 
 COMPRESSION = {".gz": "gzip", ".zst": "zstd"}  # pyarrow's codecs: no extra dependency
@@ -41,6 +44,8 @@ FORMATS = {
     ".json": "json",
     ".parquet": "parquet",
     ".txt": "text",
+    ".csv": "csv",
+    ".tsv": "tsv",
     ".html": "html",
     ".htm": "html",
     ".warc": "warc",  # .warc.gz too: fastwarc reads gzip members itself
@@ -131,6 +136,9 @@ def _json_array(path: str, data: bytes, opts: ReadOptions) -> Iterator[dict]:
 
 
 def _parquet(path: str, data: bytes, opts: ReadOptions) -> Iterator[dict]:
+    if opts.table.parquet:
+        yield from table_records(path, data, "parquet", opts.table)
+        return
     table = pq.read_table(io.BytesIO(data))
     for n, row in enumerate(table.to_pylist()):
         yield _from_value(row, f"{path}:{n}", path, opts, json.dumps(row, default=str)[:10_000])
@@ -151,6 +159,8 @@ READERS = {
     "parquet": _parquet,
     "text": _text,
     "html": lambda path, data, opts: html_file(path, data),
+    "csv": lambda path, data, opts: table_records(path, data, "csv", opts.table),
+    "tsv": lambda path, data, opts: table_records(path, data, "tsv", opts.table),
 }
 
 
