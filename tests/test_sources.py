@@ -2,6 +2,7 @@
 extraction keeps, the language label, CSV/TSV/Parquet tables (the whole curate over a crawl, on Ray:
 test_curate.py)."""
 
+import bz2
 import json
 from collections import Counter
 from io import BytesIO
@@ -169,3 +170,70 @@ def test_a_template_that_names_no_column_is_refused_when_the_config_is_read():
         load_config(TINY, ["data.table.template='no columns here'"])
     with pytest.raises(ConfigError, match=r"expected '}' before end of string"):
         load_config(TINY, ["data.table.template='{name'"])
+
+
+WIKI = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.11/" version="0.11" xml:lang="en">
+  <siteinfo>
+    <sitename>Wikipedia</sitename><dbname>testwiki</dbname>
+    <namespaces><namespace key="0" case="first-letter" /><namespace key="1">Talk</namespace>
+      <namespace key="10">Template</namespace></namespaces>
+  </siteinfo>
+  <page><title>Ada Lovelace</title><ns>0</ns><id>7</id>
+    <revision><id>70</id><timestamp>2026-01-02T03:04:05Z</timestamp><text xml:space="preserve">{{Infobox person
+| name = Ada | birth_date = {{birth date|1815|12|10}} }}
+'''Ada Lovelace''' was an [[England|English]] mathematician.&lt;ref&gt;{{cite book|title=Notes}}&lt;/ref&gt; She wrote
+about the [[Analytical Engine]].&lt;!-- a comment --&gt;
+
+== Life ==
+{| class="wikitable"
+|-
+| cell one || cell two
+|}
+[[File:Ada.jpg|thumb|A portrait]]
+She was born in [[London]].
+[[Category:Mathematicians]]
+[[de:Ada Lovelace]]</text></revision></page>
+  <page><title>Lovelace</title><ns>0</ns><id>8</id><redirect title="Ada Lovelace" />
+    <revision><id>80</id><text xml:space="preserve">#REDIRECT [[Ada Lovelace]]</text></revision></page>
+  <page><title>Talk:Ada Lovelace</title><ns>1</ns><id>9</id>
+    <revision><id>90</id><text xml:space="preserve">A question about the article.</text></revision></page>
+  <page><title>Template:Stub</title><ns>10</ns><id>10</id>
+    <revision><id>100</id><text xml:space="preserve">{{ambox|text=stub}}</text></revision></page>
+  <page><title>Only a template</title><ns>0</ns><id>11</id>
+    <revision><id>110</id><text xml:space="preserve">{{Infobox|x=1}}</text></revision></page>
+</mediawiki>
+"""
+
+
+def test_a_mediawiki_dump_gives_articles_as_plain_text_and_the_other_pages_as_rejects(tmp_path):
+    path = tmp_path / "testwiki-pages-articles.xml.bz2"
+    path.write_bytes(bz2.compress(WIKI.encode()))
+    rows = {r["id"]: r for r in file_records(str(path), ReadOptions())}
+    assert list(rows) == [f"testwiki:{n}" for n in (7, 8, 9, 10, 11)]  # the site and page id: stable
+    ada = rows["testwiki:7"]
+    assert ada["reason"] == "" and json.loads(ada["meta"]) == {
+        "title": "Ada Lovelace",
+        "page_id": "7",
+        "timestamp": "2026-01-02T03:04:05Z",
+    }
+    assert ada["text"].startswith("Ada Lovelace was an English mathematician. She wrote\nabout the Analytical Engine.")
+    assert "She was born in London." in ada["text"]
+    for markup in ("{{", "[[", "'''", "<ref", "Notes", "comment", "cell one", "portrait", "Category", "de:", "1815"):
+        assert markup not in ada["text"], markup
+    assert [rows[f"testwiki:{n}"]["reason"] for n in (8, 9, 10, 11)] == [
+        "redirect to Ada Lovelace",
+        "namespace 1 (Talk), not an article",
+        "namespace 10 (Template), not an article",
+        "no text after removing wiki markup",
+    ]
+
+
+def test_an_xml_file_that_is_no_dump_is_one_reject(tmp_path):
+    path = tmp_path / "other.xml"
+    path.write_text("<rss><channel><title>feed</title></channel></rss>")
+    (row,) = file_records(str(path), ReadOptions())
+    assert row["reason"] == "unreadable file: not a MediaWiki dump (its root element is <rss>)"
+    cut = tmp_path / "cut.xml"
+    cut.write_text(WIKI[: WIKI.index("<page><title>Talk")])
+    *pages, last = file_records(str(cut), ReadOptions())
+    assert len(pages) == 2 and last["reason"].startswith("unreadable file after 2 records: no element found")

@@ -140,7 +140,8 @@ class DataConfig(Section):
     input: list[str] = Field(
         default_factory=lambda: ["data/corpus/*.jsonl"],
         description="files, folders or globs: .jsonl/.json/.parquet/.txt/.html, WARC/WET crawls (.warc, .warc.gz, "
-        ".wet.gz), tables (.csv, .tsv: see data.table); optionally .gz or .zst",
+        ".wet.gz), MediaWiki dumps (.xml, .xml.bz2), tables (.csv, .tsv: see data.table); optionally .gz, .bz2 "
+        "or .zst",
     )
     text_field: str = "text"
     id_field: str = "id"

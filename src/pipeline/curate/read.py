@@ -14,6 +14,8 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
+from xml.etree import ElementTree
 
 import pandas as pd
 import pyarrow as pa
@@ -24,6 +26,7 @@ from pipeline.config import TableConfig
 from pipeline.curate.records import record
 from pipeline.curate.table import table_records
 from pipeline.curate.web import html_file, warc_records
+from pipeline.curate.wiki import wiki_pages
 
 STEP = "read"
 
@@ -37,7 +40,7 @@ class ReadOptions:
     table: TableConfig = field(default_factory=TableConfig)  # CSV/TSV (and Parquet tables): rows to text
 
 
-COMPRESSION = {".gz": "gzip", ".zst": "zstd"}  # pyarrow's codecs: no extra dependency
+COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}  # pyarrow's codecs: no extra dependency
 FORMATS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
@@ -50,6 +53,7 @@ FORMATS = {
     ".htm": "html",
     ".warc": "warc",  # .warc.gz too: fastwarc reads gzip members itself
     ".wet": "warc",
+    ".xml": "wiki",  # MediaWiki dumps, .xml.bz2 as Wikipedia publishes them
 }
 CHUNK_ROWS = 500  # records per batch a reader yields
 # A read task mostly waits on its file; asking for less than the next steps' whole CPU also keeps Ray Data
@@ -79,12 +83,19 @@ def file_format(path: str) -> str:
     return fmt
 
 
-def _open_bytes(path: str) -> bytes:
+def _open_stream(path: str) -> IO[bytes]:
     codec = COMPRESSION.get(Path(path).suffix)
-    if codec is None:
-        return Path(path).read_bytes()
-    with pa.CompressedInputStream(path, codec) as stream:
+    return pa.CompressedInputStream(path, codec) if codec else open(path, "rb")  # the caller closes it
+
+
+def _open_bytes(path: str) -> bytes:
+    with _open_stream(path) as stream:
         return stream.read()
+
+
+def _wiki_file(path: str) -> Iterator[dict]:
+    with _open_stream(path) as stream:
+        yield from wiki_pages(stream, path)
 
 
 def _rejected(rid: str, source: str, reason: str, raw: str = "") -> dict:
@@ -164,15 +175,18 @@ READERS = {
 }
 
 
+STREAMED = {"warc": warc_records, "wiki": _wiki_file}  # read record by record from the path, never whole
+
+
 def file_records(path: str, opts: ReadOptions) -> Iterator[dict]:
-    """The file's records; what cannot be read (a corrupt .gz, a broken WARC) ends it with a reject."""
+    """The file's records; what cannot be read (a corrupt .gz, a broken WARC or XML) ends it with a reject."""
     fmt, n = file_format(path), 0
     try:
-        records = warc_records(path) if fmt == "warc" else READERS[fmt](path, _open_bytes(path), opts)
+        records = STREAMED[fmt](path) if fmt in STREAMED else READERS[fmt](path, _open_bytes(path), opts)
         for rec in records:
             n += 1
             yield rec
-    except (OSError, pa.ArrowException) as e:
+    except (OSError, pa.ArrowException, ElementTree.ParseError) as e:
         after = f" after {n} records" if n else ""
         yield _rejected(f"{path}#{n}" if n else path, path, f"unreadable file{after}: {e}")
         return
