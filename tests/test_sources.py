@@ -6,6 +6,7 @@ import bz2
 import json
 from collections import Counter
 from io import BytesIO
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -14,7 +15,7 @@ import pytest
 from warcio.warcwriter import WARCWriter
 
 from conftest import GERMAN, TINY, crawl_responses, site_page
-from pipeline.config import ConfigError, TableConfig, load_config
+from pipeline.config import ConfigError, ImageTextConfig, TableConfig, load_config
 from pipeline.curate.language import language_batch
 from pipeline.curate.read import ReadOptions, expand_inputs, file_records
 from pipeline.curate.records import record
@@ -237,3 +238,52 @@ def test_an_xml_file_that_is_no_dump_is_one_reject(tmp_path):
     cut.write_text(WIKI[: WIKI.index("<page><title>Talk")])
     *pages, last = file_records(str(cut), ReadOptions())
     assert len(pages) == 2 and last["reason"].startswith("unreadable file after 2 records: no element found")
+
+
+def test_a_folder_of_captioned_images_gives_pairs_and_rejects_the_images_it_cannot_use(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (32, 16), "red").save(folder / "red.jpg")
+    (folder / "red.txt").write_text("A red rectangle, twice as wide as it is tall.\n")
+    Image.new("L", (8, 8)).save(folder / "dark.PNG")
+    (folder / "dark.json").write_text(json.dumps({"caption": "A small dark square."}))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (folder / "broken.txt").write_text("A picture that cannot be opened.")
+    Image.new("RGB", (4, 4)).save(folder / "silent.png")  # no caption beside it
+    (folder / "notes.txt").write_text("A text file of the folder that is no caption.")
+    files = expand_inputs([str(folder)])
+    assert [Path(f).name for f in files] == ["broken.jpg", "dark.PNG", "notes.txt", "red.jpg", "silent.png"]
+    rows = {Path(r["id"]).name: r for f in files for r in read(f)}
+    red = json.loads(rows["red.jpg"]["meta"])["image"]
+    assert rows["red.jpg"]["text"] == "A red rectangle, twice as wide as it is tall."
+    assert (red["width"], red["height"], red["format"]) == (32, 16, "JPEG") and len(red["sha256"]) == 64
+    assert rows["dark.PNG"]["text"] == "A small dark square." and rows["notes.txt"]["reason"] == ""
+    assert rows["broken.jpg"]["reason"].startswith("unreadable image: cannot identify image file")
+    assert rows["silent.png"]["reason"] == "image without a caption"
+
+
+def test_laion_style_records_are_pairs_with_their_image_checked_or_referenced(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (10, 10), "blue").save(tmp_path / "blue.png")
+    records = [
+        {"id": "web", "caption": "A photo on the web.", "url": "http://img.example/1.jpg"},
+        {"id": "local", "caption": "A blue square.", "path": "blue.png"},
+        {"id": "gone", "caption": "A file that is not there.", "path": "missing.png"},
+        {"id": "nowhere", "caption": "No image at all."},
+        {"id": "mute", "url": "http://img.example/2.jpg"},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    opts = ReadOptions(image_text=ImageTextConfig(records=True, template="instruction"))
+    rows = {r["id"]: r for r in file_records(str(path), opts)}
+    assert rows["web"]["text"] == (
+        "[TASK] image captioning\n[INPUT] <image:http://img.example/1.jpg>\n[OUTPUT] A photo on the web."
+    )
+    assert json.loads(rows["local"]["meta"])["image"]["path"] == str(tmp_path / "blue.png")
+    assert rows["local"]["text"].endswith("[OUTPUT] A blue square.") and rows["local"]["reason"] == ""
+    assert rows["gone"]["reason"] == "missing image file (No such file or directory)"
+    assert rows["nowhere"]["reason"] == "no image: neither 'url' nor 'path' is set"
+    assert rows["mute"]["reason"] == "image without a caption" and rows["mute"]["raw"]

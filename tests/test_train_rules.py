@@ -143,8 +143,8 @@ def test_bad_training_configs_fail_before_any_worker_starts(tiny_model_dir):
 
 
 def test_sft_labels_ignore_prompt_tokens_and_examples_do_not_see_each_other(tiny_model_dir):
+    from pipeline.multitask import format_instruction
     from pipeline.train.data import IGNORE, pack_examples
-    from pipeline.train.formats import format_instruction
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     recs = [{"task": "echo", "input": f"word{i}", "output": f"answer {i}"} for i in range(40)]

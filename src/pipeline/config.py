@@ -116,6 +116,21 @@ class TableConfig(Section):
         return template
 
 
+class ImageTextConfig(Section):
+    """Image-text pairs (src/pipeline/curate/images.py): folders of images with sidecar captions are read as
+    pairs always; jsonl/json/parquet records when `records` is set."""
+
+    records: bool = Field(False, description="read jsonl/json/parquet records as LAION-style pairs")
+    caption_field: str = "caption"
+    url_field: str = "url"
+    path_field: str = Field("path", description="a local image, relative to the record's file")
+    template: Literal["caption", "instruction"] = Field(
+        "caption",
+        description="caption: the text is the caption; instruction: [TASK] image captioning [INPUT] "
+        "<image:REF> [OUTPUT] caption",
+    )
+
+
 class AugmentConfig(Section):
     """Off unless a model path is given (src/pipeline/curate/augment.py)."""
 
@@ -140,8 +155,8 @@ class DataConfig(Section):
     input: list[str] = Field(
         default_factory=lambda: ["data/corpus/*.jsonl"],
         description="files, folders or globs: .jsonl/.json/.parquet/.txt/.html, WARC/WET crawls (.warc, .warc.gz, "
-        ".wet.gz), MediaWiki dumps (.xml, .xml.bz2), tables (.csv, .tsv: see data.table); optionally .gz, .bz2 "
-        "or .zst",
+        ".wet.gz), MediaWiki dumps (.xml, .xml.bz2), tables (.csv, .tsv: see data.table), images with "
+        "sidecar captions (see data.image_text); optionally .gz, .bz2 or .zst",
     )
     text_field: str = "text"
     id_field: str = "id"
@@ -156,6 +171,7 @@ class DataConfig(Section):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     table: TableConfig = Field(default_factory=TableConfig)
+    image_text: ImageTextConfig = Field(default_factory=ImageTextConfig)
     shard_mb: float = Field(64, gt=0, description="target size of each kept/ Parquet shard (uncompressed text)")
 
     @model_validator(mode="before")

@@ -120,7 +120,7 @@ def write_instructions(path: str | Path, limit: int = 400) -> Path:
 def preference_pairs(instructions: list[dict], seed: int = 0) -> list[dict]:
     """DPO pairs from instruction pairs: the right answer is chosen, another record's answer to the
     same task is rejected (plausible in form, wrong in content)."""
-    from pipeline.train.formats import format_instruction
+    from pipeline.multitask import format_instruction
 
     rng = random.Random(seed)
     by_task: dict[str, list[str]] = {}

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.config import TableConfig
+from pipeline.config import ImageTextConfig, TableConfig
+from pipeline.curate.images import IMAGE_SUFFIXES, image_file, is_sidecar, pair_from_record
 from pipeline.curate.records import record
 from pipeline.curate.table import table_records
 from pipeline.curate.web import html_file, warc_records
@@ -38,6 +39,7 @@ class ReadOptions:
     keep_fields: tuple[str, ...] = ()  # carried into `meta`; every other field is dropped
     rename: dict = field(default_factory=dict)  # keep_fields' names inside `meta`
     table: TableConfig = field(default_factory=TableConfig)  # CSV/TSV (and Parquet tables): rows to text
+    image_text: ImageTextConfig = field(default_factory=ImageTextConfig)  # captions of images
 
 
 COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}  # pyarrow's codecs: no extra dependency
@@ -54,6 +56,7 @@ FORMATS = {
     ".warc": "warc",  # .warc.gz too: fastwarc reads gzip members itself
     ".wet": "warc",
     ".xml": "wiki",  # MediaWiki dumps, .xml.bz2 as Wikipedia publishes them
+    **dict.fromkeys(IMAGE_SUFFIXES, "image"),  # with their sidecar captions
 }
 CHUNK_ROWS = 500  # records per batch a reader yields
 # A read task mostly waits on its file; asking for less than the next steps' whole CPU also keeps Ray Data
@@ -72,12 +75,13 @@ def expand_inputs(patterns: list[str]) -> list[str]:
             files += [str(f.absolute()) for f in found]
     if not files:
         raise FileNotFoundError(f"no input files match {patterns}")
-    return files
+    found = set(files)
+    return [f for f in files if not is_sidecar(f, found)]
 
 
 def file_format(path: str) -> str:
     suffixes = [s for s in Path(path).suffixes if s not in COMPRESSION]
-    fmt = FORMATS.get(suffixes[-1] if suffixes else "")
+    fmt = FORMATS.get(suffixes[-1].lower() if suffixes else "")
     if fmt is None:
         raise ValueError(f"{path}: unknown format; expected one of {sorted(FORMATS)} (optionally .gz or .zst)")
     return fmt
@@ -107,6 +111,8 @@ def _from_value(value, rid: str, source: str, opts: ReadOptions, raw: str) -> di
         return _rejected(rid, source, "not a JSON object", raw=raw)
     if opts.id_field in value and value[opts.id_field] is not None:
         rid = str(value[opts.id_field])
+    if opts.image_text.records:
+        return pair_from_record(value, rid, source, opts.image_text, raw)
     text = value.get(opts.text_field)
     if not isinstance(text, str):
         return _rejected(rid, source, f"missing text field {opts.text_field!r}", raw=raw)
@@ -175,14 +181,18 @@ READERS = {
 }
 
 
-STREAMED = {"warc": warc_records, "wiki": _wiki_file}  # read record by record from the path, never whole
+STREAMED = {  # read from the path record by record, never whole
+    "warc": lambda path, opts: warc_records(path),
+    "wiki": lambda path, opts: _wiki_file(path),
+    "image": lambda path, opts: [image_file(path, opts.image_text)],
+}
 
 
 def file_records(path: str, opts: ReadOptions) -> Iterator[dict]:
     """The file's records; what cannot be read (a corrupt .gz, a broken WARC or XML) ends it with a reject."""
     fmt, n = file_format(path), 0
     try:
-        records = STREAMED[fmt](path) if fmt in STREAMED else READERS[fmt](path, _open_bytes(path), opts)
+        records = STREAMED[fmt](path, opts) if fmt in STREAMED else READERS[fmt](path, _open_bytes(path), opts)
         for rec in records:
             n += 1
             yield rec

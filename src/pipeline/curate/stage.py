@@ -162,7 +162,9 @@ def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: st
     out = Path(out_dir) if out_dir else cfg.stage_dir("curate")
     files = expand_inputs(inputs or data.input)
     in_bytes = sum(Path(f).stat().st_size for f in files)
-    opts = ReadOptions(data.text_field, data.id_field, tuple(data.keep_fields), dict(data.rename), data.table)
+    opts = ReadOptions(
+        data.text_field, data.id_field, tuple(data.keep_fields), dict(data.rename), data.table, data.image_text
+    )
     timings: dict[str, float] = {}
     figures: dict[str, dict] = {}
     read = Step("read", lambda _: read_corpus(files, opts), fused=True)

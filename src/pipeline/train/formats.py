@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.multitask import format_instruction
+
 FORMATS = {  # a field that only this format has -> its name
     "messages": "OpenAI messages",
     "conversations": "ShareGPT",
@@ -40,12 +42,6 @@ ROLES = {
 
 class RecordError(ValueError):
     """A record no known format fits; the message says what is missing or wrong."""
-
-
-def format_instruction(task: str, input_text: str, output: str | None = None) -> str:
-    """The multi-task template ([TASK] / [INPUT] / [OUTPUT]); `output=None` gives the prompt the model completes."""
-    prompt = f"[TASK] {task}\n[INPUT] {input_text}\n[OUTPUT] "
-    return prompt if output is None else prompt + output
 
 
 def record_format(record: dict) -> str:
