@@ -101,7 +101,12 @@ def _parser() -> argparse.ArgumentParser:
         )
         s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=1e-4")
         if name == "curate":
-            s.add_argument("--input", nargs="+", help="input files or globs (overrides data.input)")
+            s.add_argument(
+                "--input",
+                nargs="+",
+                help="input files, folders or globs (overrides data.input): jsonl/json/parquet/txt, WARC/WET crawls, "
+                "HTML pages, MediaWiki dumps (.xml.bz2), CSV/TSV tables, images with sidecar captions",
+            )
             s.add_argument("--output", help="output folder (default: runs/<name>/curate)")
         if name == "sample-data":
             s.add_argument("--out", default="data", help="the corpus goes to OUT/corpus/ (default: %(default)s)")
