@@ -223,3 +223,41 @@ def crawl_responses(articles: int = 6) -> list[tuple[str, str, str, bytes]]:
         (f"{site}/logo.png", "200 OK", "image/png", b"\x89PNG\r\n\x1a\nnot really an image"),
         (f"{site}/gone.html", "404 Not Found", "text/html", b"<html><body>Not found</body></html>"),
     ]
+
+
+PEOPLE = (
+    "name,year,field\nAda Lovelace,1815,mathematics\nAlan Turing,1912,computing\nGrace Hopper,,compilers\nbroken,line\n"
+)
+
+
+WIKI = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.11/" version="0.11" xml:lang="en">
+  <siteinfo>
+    <sitename>Wikipedia</sitename><dbname>testwiki</dbname>
+    <namespaces><namespace key="0" case="first-letter" /><namespace key="1">Talk</namespace>
+      <namespace key="10">Template</namespace></namespaces>
+  </siteinfo>
+  <page><title>Ada Lovelace</title><ns>0</ns><id>7</id>
+    <revision><id>70</id><timestamp>2026-01-02T03:04:05Z</timestamp><text xml:space="preserve">{{Infobox person
+| name = Ada | birth_date = {{birth date|1815|12|10}} }}
+'''Ada Lovelace''' was an [[England|English]] mathematician.&lt;ref&gt;{{cite book|title=Notes}}&lt;/ref&gt; She wrote
+about the [[Analytical Engine]].&lt;!-- a comment --&gt;
+
+== Life ==
+{| class="wikitable"
+|-
+| cell one || cell two
+|}
+[[File:Ada.jpg|thumb|A portrait]]
+She was born in [[London]].
+[[Category:Mathematicians]]
+[[de:Ada Lovelace]]</text></revision></page>
+  <page><title>Lovelace</title><ns>0</ns><id>8</id><redirect title="Ada Lovelace" />
+    <revision><id>80</id><text xml:space="preserve">#REDIRECT [[Ada Lovelace]]</text></revision></page>
+  <page><title>Talk:Ada Lovelace</title><ns>1</ns><id>9</id>
+    <revision><id>90</id><text xml:space="preserve">A question about the article.</text></revision></page>
+  <page><title>Template:Stub</title><ns>10</ns><id>10</id>
+    <revision><id>100</id><text xml:space="preserve">{{ambox|text=stub}}</text></revision></page>
+  <page><title>Only a template</title><ns>0</ns><id>11</id>
+    <revision><id>110</id><text xml:space="preserve">{{Infobox|x=1}}</text></revision></page>
+</mediawiki>
+"""

@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import crawl_responses, tiny_config
+from conftest import PEOPLE, WIKI, crawl_responses, site_page, tiny_config
 from pipeline.curate.stage import run_curate
 
 pytestmark = pytest.mark.integration
@@ -108,6 +108,36 @@ def test_a_crawl_is_curated_page_by_page_whatever_its_files(ray_local, tiny_corp
         ("non-HTML response (image/png)", 1),
     ]
     assert all(json.loads(m)["language"] == "en" for m in kept["meta"])
+
+
+def test_every_source_goes_through_one_curate_run(ray_local, tiny_corpus, tmp_path):
+    """A dump, a table, a folder of captioned images and a folder of pages beside the jsonl corpus: one run,
+    every record kept or rejected, each source's rejects under its reasons, each kept row's meta its own."""
+    from PIL import Image
+
+    (tmp_path / "wiki.xml").write_text(WIKI)
+    (tmp_path / "people.csv").write_text(PEOPLE)
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (8, 8), "green").save(tmp_path / "photos" / "green.png")
+    (tmp_path / "photos" / "green.txt").write_text("A green square on a white page, drawn for the test.")
+    (tmp_path / "photos" / "broken.png").write_bytes(b"no image")
+    (tmp_path / "photos" / "broken.txt").write_text("A caption whose image cannot be opened.")
+    (tmp_path / "pages").mkdir()
+    (tmp_path / "pages" / "page.html").write_bytes(site_page(["A page of the folder, with enough words to keep."]))
+    cfg = tiny_config(tmp_path / "runs", tiny_corpus, "data.table.template='{name} was born in {year}.'")
+    inputs = [str(tmp_path / name) for name in ("wiki.xml", "people.csv", "photos", "pages")]
+    stats = run_curate(cfg, inputs=[*inputs, f"{tiny_corpus}/*.jsonl"])
+    kept = pq.read_table(cfg.stage_dir("curate") / "kept").to_pandas().set_index("id")
+    rejected = pq.read_table(cfg.stage_dir("curate") / "rejected").to_pandas().set_index("id")
+    assert stats["docs_in"] == 5 + 4 + 2 + 1 + input_lines(tiny_corpus) == len(kept) + len(rejected)
+    assert json.loads(kept.loc["testwiki:7", "meta"])["title"] == "Ada Lovelace"
+    assert kept.loc[f"{tmp_path}/people.csv:0", "text"] == "Ada Lovelace was born in 1815."
+    assert json.loads(kept.loc[f"{tmp_path}/photos/green.png", "meta"])["image"]["width"] == 8
+    assert kept.loc[f"{tmp_path}/pages/page.html", "text"] == "A page of the folder, with enough words to keep."
+    assert rejected.loc["testwiki:8", "reason"] == "redirect to Ada Lovelace"
+    assert rejected.loc[f"{tmp_path}/people.csv:line5", "reason"].startswith("malformed CSV line")
+    assert rejected.loc[f"{tmp_path}/people.csv:2", "reason"] == "row has no value for year (data.table.template)"
+    assert rejected.loc[f"{tmp_path}/photos/broken.png", "reason"].startswith("unreadable image")
 
 
 def _fuzzy_input(tiny_corpus) -> pd.DataFrame:

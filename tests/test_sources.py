@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from warcio.warcwriter import WARCWriter
 
-from conftest import GERMAN, TINY, crawl_responses, site_page
+from conftest import GERMAN, PEOPLE, TINY, WIKI, crawl_responses, site_page
 from pipeline.config import ConfigError, ImageTextConfig, TableConfig, load_config
 from pipeline.curate.language import language_batch
 from pipeline.curate.read import ReadOptions, expand_inputs, file_records
@@ -122,11 +122,6 @@ def test_the_language_filter_labels_every_document_and_keeps_the_listed_language
     assert out.loc["gone", "reason"] == "too short" and out.loc["gone", "meta"] == ""
 
 
-PEOPLE = (
-    "name,year,field\nAda Lovelace,1815,mathematics\nAlan Turing,1912,computing\nGrace Hopper,,compilers\nbroken,line\n"
-)
-
-
 def test_each_table_row_is_a_document_written_by_the_template(tmp_path):
     path = tmp_path / "people.csv"
     path.write_text(PEOPLE)
@@ -171,39 +166,6 @@ def test_a_template_that_names_no_column_is_refused_when_the_config_is_read():
         load_config(TINY, ["data.table.template='no columns here'"])
     with pytest.raises(ConfigError, match=r"expected '}' before end of string"):
         load_config(TINY, ["data.table.template='{name'"])
-
-
-WIKI = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.11/" version="0.11" xml:lang="en">
-  <siteinfo>
-    <sitename>Wikipedia</sitename><dbname>testwiki</dbname>
-    <namespaces><namespace key="0" case="first-letter" /><namespace key="1">Talk</namespace>
-      <namespace key="10">Template</namespace></namespaces>
-  </siteinfo>
-  <page><title>Ada Lovelace</title><ns>0</ns><id>7</id>
-    <revision><id>70</id><timestamp>2026-01-02T03:04:05Z</timestamp><text xml:space="preserve">{{Infobox person
-| name = Ada | birth_date = {{birth date|1815|12|10}} }}
-'''Ada Lovelace''' was an [[England|English]] mathematician.&lt;ref&gt;{{cite book|title=Notes}}&lt;/ref&gt; She wrote
-about the [[Analytical Engine]].&lt;!-- a comment --&gt;
-
-== Life ==
-{| class="wikitable"
-|-
-| cell one || cell two
-|}
-[[File:Ada.jpg|thumb|A portrait]]
-She was born in [[London]].
-[[Category:Mathematicians]]
-[[de:Ada Lovelace]]</text></revision></page>
-  <page><title>Lovelace</title><ns>0</ns><id>8</id><redirect title="Ada Lovelace" />
-    <revision><id>80</id><text xml:space="preserve">#REDIRECT [[Ada Lovelace]]</text></revision></page>
-  <page><title>Talk:Ada Lovelace</title><ns>1</ns><id>9</id>
-    <revision><id>90</id><text xml:space="preserve">A question about the article.</text></revision></page>
-  <page><title>Template:Stub</title><ns>10</ns><id>10</id>
-    <revision><id>100</id><text xml:space="preserve">{{ambox|text=stub}}</text></revision></page>
-  <page><title>Only a template</title><ns>0</ns><id>11</id>
-    <revision><id>110</id><text xml:space="preserve">{{Infobox|x=1}}</text></revision></page>
-</mediawiki>
-"""
 
 
 def test_a_mediawiki_dump_gives_articles_as_plain_text_and_the_other_pages_as_rejects(tmp_path):

@@ -4,9 +4,9 @@ Readers stream a crawl record by record (fastwarc; a WARC is never read whole) a
 in the row's `html` column; the `extract` step then turns HTML into its main text in parallel over the
 dataset's blocks, so one large WARC is extracted by every core, not by the task that read it.
 
-Extraction is resiliparse's main-content `extract_plain_text`: on 200 real HTML pages of this machine's
-/usr/share/doc it ran at 96 pages/s on one core against trafilatura's 6.5 pages/s, and `bench/extract.py`
-measures what each keeps of a page's article and of its boilerplate.
+Extraction is resiliparse's main-content `extract_plain_text`: `bench/extract.py` on 200 real pages of this
+machine's /usr/share/doc, dressed in a site's chrome, measured 321 pages/s on one core against
+trafilatura's 14.3, keeping 0.79 of each article's words against 0.85 and none of the chrome (README).
 """
 
 from __future__ import annotations
