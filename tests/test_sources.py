@@ -66,6 +66,15 @@ def test_extraction_keeps_the_article_without_markup_navigation_or_scripts(tmp_p
     assert out.loc["doc", "text"] == "a document of a jsonl file" and out.loc["doc", "reason"] == ""
 
 
+def test_a_page_in_a_charset_its_server_made_up_is_decoded_by_detection(tmp_path):
+    body = "<html><body><p>Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade.</p></body></html>".encode()
+    rows = read(
+        write_warc(tmp_path / "c.warc.gz", [("http://x.example/", "200 OK", "text/html; charset=utf-99", body)])
+    )
+    (page,) = [r for r in rows if r["html"]]
+    assert extract_batch(pd.DataFrame([page]))["text"].tolist() == ["Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade."]
+
+
 def test_a_wet_file_is_text_already(tmp_path):
     path = tmp_path / "crawl.wet.gz"
     with path.open("wb") as fh:

@@ -34,8 +34,12 @@ def html_text(html: str) -> str:
 
 
 def decode(payload: bytes, charset: str | None = None) -> str:
-    """A page's bytes as text: the charset its server declared, else the one resiliparse detects."""
-    return bytes_to_str(payload, charset or detect_encoding(payload))
+    """A page's bytes as text: the charset its server declared, else (none, or one Python does not know)
+    the one resiliparse detects."""
+    try:
+        return bytes_to_str(payload, charset or detect_encoding(payload))
+    except LookupError:
+        return bytes_to_str(payload, detect_encoding(payload))
 
 
 def page(rid: str, source: str, html: str, meta: dict) -> dict:
@@ -61,7 +65,7 @@ def _warc_row(rec, path: str, n: int) -> dict:
         return _text_row(rid, path, decode(rec.reader.read(), "utf-8"), meta)
     if kind != "response":
         return _web_reject(rid, path, f"WARC {kind or 'untyped'} record, not a response", url)
-    status = rec.http_headers.status_code if rec.is_http else None
+    status = rec.http_headers.status_code if rec.is_http and rec.http_headers is not None else None
     if status != 200:
         return _web_reject(rid, path, f"HTTP status {status}" if status else "response without HTTP headers", url)
     content_type = (rec.http_content_type or "").lower()
