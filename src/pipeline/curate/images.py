@@ -65,7 +65,8 @@ def local_image(path: Path) -> tuple[dict, str]:
         return {"path": str(path)}, f"missing image file ({e.strerror})"
     try:
         return {"path": str(path), **image_facts(data)}, ""
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # what Pillow raises on broken files
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+        # what Pillow raises on broken, truncated or oversized images
         return {"path": str(path)}, f"unreadable image: {e}"
 
 
