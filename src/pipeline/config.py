@@ -83,6 +83,11 @@ class PerplexityConfig(Section):
     concurrency: int = Field(1, ge=1, description="scoring actors (each loads the model once; a GPU each when present)")
 
 
+def template_fields(template: str) -> list[str]:
+    """The names in braces of a str.format template ("" for a bare {}); raises ValueError on broken braces."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+
+
 class TableConfig(Section):
     """How the rows of CSV/TSV files, and of Parquet files when `parquet` is set, become text
     (src/pipeline/curate/table.py)."""
@@ -106,7 +111,7 @@ class TableConfig(Section):
         if template is None:
             return None
         try:
-            names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+            names = template_fields(template)
         except ValueError as e:
             raise ValueError(
                 f"data.table.template {template!r}: {e} (literal braces are written {{{{ and }}}})"

@@ -18,10 +18,9 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import ImageTextConfig
-from pipeline.curate.records import record
+from pipeline.curate.records import read_reject, record
 from pipeline.multitask import format_instruction
 
-STEP = "read"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".json")
 
@@ -50,7 +49,7 @@ def pair(rid: str, source: str, caption, image: dict, settings: ImageTextConfig,
     """The pair as a record, or a reject when the caption is missing."""
     meta = json.dumps({"image": image})
     if not isinstance(caption, str) or not caption.strip():
-        return record(rid, source=source, meta=meta, raw=raw, reason="image without a caption", step=STEP)
+        return read_reject(rid, source, "image without a caption", raw=raw, meta=meta)
     if settings.template == "instruction":
         reference = image.get("path") or image.get("url")
         caption = format_instruction("image captioning", f"<image:{reference}>", caption)
@@ -86,7 +85,7 @@ def image_file(path: str, settings: ImageTextConfig) -> dict:
     """An image of a folder, captioned by its sidecar."""
     facts, reason = local_image(Path(path))
     if reason:
-        return record(path, source=path, meta=json.dumps({"image": facts}), reason=reason, step=STEP)
+        return read_reject(path, path, reason, meta=json.dumps({"image": facts}))
     try:
         caption = sidecar_caption(Path(path))
     except json.JSONDecodeError as e:
@@ -101,10 +100,10 @@ def pair_from_record(value: dict, rid: str, source: str, settings: ImageTextConf
         image_path = Path(source).parent / local
         facts, reason = local_image(image_path)
         if reason:
-            return record(rid, source=source, meta=json.dumps({"image": facts}), raw=raw, reason=reason, step=STEP)
+            return read_reject(rid, source, reason, raw=raw, meta=json.dumps({"image": facts}))
     elif url:
         facts = {"url": str(url)}
     else:
         reason = f"no image: neither {settings.url_field!r} nor {settings.path_field!r} is set"
-        return record(rid, source=source, raw=raw, reason=reason, step=STEP)
+        return read_reject(rid, source, reason, raw=raw)
     return pair(rid, source, caption, facts, settings, raw)

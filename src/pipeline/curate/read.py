@@ -24,12 +24,10 @@ import ray
 
 from pipeline.config import ImageTextConfig, TableConfig
 from pipeline.curate.images import IMAGE_SUFFIXES, image_file, is_sidecar, pair_from_record
-from pipeline.curate.records import record
+from pipeline.curate.records import read_reject, record
 from pipeline.curate.table import table_records
 from pipeline.curate.web import html_file, warc_records
 from pipeline.curate.wiki import wiki_pages
-
-STEP = "read"
 
 
 @dataclass(frozen=True)
@@ -102,22 +100,18 @@ def _wiki_file(path: str) -> Iterator[dict]:
         yield from wiki_pages(stream, path)
 
 
-def _rejected(rid: str, source: str, reason: str, raw: str = "") -> dict:
-    return record(rid, source=source, raw=raw, reason=reason, step=STEP)
-
-
 def _from_value(value, rid: str, source: str, opts: ReadOptions, raw: str) -> dict:
     if not isinstance(value, dict):
-        return _rejected(rid, source, "not a JSON object", raw=raw)
+        return read_reject(rid, source, "not a JSON object", raw=raw)
     if opts.id_field in value and value[opts.id_field] is not None:
         rid = str(value[opts.id_field])
     if opts.image_text.records:
         return pair_from_record(value, rid, source, opts.image_text, raw)
     text = value.get(opts.text_field)
     if not isinstance(text, str):
-        return _rejected(rid, source, f"missing text field {opts.text_field!r}", raw=raw)
+        return read_reject(rid, source, f"missing text field {opts.text_field!r}", raw=raw)
     if not text.strip():
-        return _rejected(rid, source, "empty text", raw=raw)
+        return read_reject(rid, source, "empty text", raw=raw)
     meta = {opts.rename.get(k, k): value[k] for k in opts.keep_fields if k in value}
     return record(rid, text=text, source=source, meta=json.dumps(meta, default=str) if meta else "")
 
@@ -130,12 +124,12 @@ def _jsonl(path: str, data: bytes, opts: ReadOptions) -> Iterator[dict]:
         try:
             raw = line.decode("utf-8")
         except UnicodeDecodeError:
-            yield _rejected(rid, path, "invalid utf-8", raw=line.decode("utf-8", "replace"))
+            yield read_reject(rid, path, "invalid utf-8", raw=line.decode("utf-8", "replace"))
             continue
         try:
             value = json.loads(raw)
         except json.JSONDecodeError as e:
-            yield _rejected(rid, path, f"malformed json: {e.msg}", raw=raw)
+            yield read_reject(rid, path, f"malformed json: {e.msg}", raw=raw)
             continue
         yield _from_value(value, rid, path, opts, raw)
 
@@ -144,7 +138,7 @@ def _json_array(path: str, data: bytes, opts: ReadOptions) -> Iterator[dict]:
     try:
         values = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        yield _rejected(f"{path}:0", path, f"malformed json file: {e}", raw=data[:10_000].decode("utf-8", "replace"))
+        yield read_reject(f"{path}:0", path, f"malformed json file: {e}", raw=data[:10_000].decode("utf-8", "replace"))
         return
     if not isinstance(values, list):
         values = [values]
@@ -165,9 +159,9 @@ def _text(path: str, data: bytes, opts: ReadOptions) -> Iterator[dict]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        yield _rejected(path, path, "invalid utf-8", raw=data[:10_000].decode("utf-8", "replace"))
+        yield read_reject(path, path, "invalid utf-8", raw=data[:10_000].decode("utf-8", "replace"))
         return
-    yield record(path, text=text, source=path) if text.strip() else _rejected(path, path, "empty text")
+    yield record(path, text=text, source=path) if text.strip() else read_reject(path, path, "empty text")
 
 
 READERS = {
@@ -198,10 +192,10 @@ def file_records(path: str, opts: ReadOptions) -> Iterator[dict]:
             yield rec
     except (OSError, pa.ArrowException, ElementTree.ParseError) as e:
         after = f" after {n} records" if n else ""
-        yield _rejected(f"{path}#{n}" if n else path, path, f"unreadable file{after}: {e}")
+        yield read_reject(f"{path}#{n}" if n else path, path, f"unreadable file{after}: {e}")
         return
     if n == 0:
-        yield _rejected(path, path, "empty file")
+        yield read_reject(path, path, "empty file")
 
 
 def read_files(batch: dict, opts: ReadOptions) -> Iterator[pd.DataFrame]:

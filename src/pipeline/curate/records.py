@@ -39,6 +39,11 @@ def record(
     }
 
 
+def read_reject(rid: str, source: str, reason: str, raw: str = "", meta: str = "") -> dict:
+    """A row a reader could not make a document of: rejected by the step "read", with what it read as `raw`."""
+    return record(rid, source=source, meta=meta, raw=raw, reason=reason, step="read")
+
+
 def is_kept(batch) -> pd.Series:
     """Boolean mask of the rows no step has rejected yet (pandas batch)."""
     return batch["reason"] == ""

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import io
 import json
-import string
 from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.config import TableConfig
-from pipeline.curate.records import record
-
-STEP = "read"
+from pipeline.config import TableConfig, template_fields
+from pipeline.curate.records import read_reject, record
 
 
 def read_table(path: str, data: bytes, fmt: str) -> tuple[pa.Table, list[dict]]:
@@ -32,7 +29,7 @@ def read_table(path: str, data: bytes, fmt: str) -> tuple[pa.Table, list[dict]]:
 
     def malformed(row) -> str:
         reason = f"malformed {fmt.upper()} line: {row.actual_columns} fields, the header has {row.expected_columns}"
-        bad.append(record(f"{path}:line{row.number}", source=path, raw=row.text, reason=reason, step=STEP))
+        bad.append(read_reject(f"{path}:line{row.number}", path, reason, raw=row.text))
         return "skip"
 
     table = pacsv.read_csv(
@@ -41,10 +38,6 @@ def read_table(path: str, data: bytes, fmt: str) -> tuple[pa.Table, list[dict]]:
         parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", invalid_row_handler=malformed),
     )
     return table, bad
-
-
-def template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def render_row(row: dict, template: str | None) -> tuple[str, str]:
@@ -81,7 +74,7 @@ def table_records(path: str, data: bytes, fmt: str, settings: TableConfig) -> It
     for n, row in enumerate(rows):
         text, reason = render_row(row, settings.template)
         meta = json.dumps({"schema": schema, "row": n})
-        raw = json.dumps(row, default=str) if reason else ""
-        yield record(
-            f"{path}:{n}", text=text, source=path, meta=meta, raw=raw, reason=reason, step=STEP if reason else ""
-        )
+        if reason:
+            yield read_reject(f"{path}:{n}", path, reason, raw=json.dumps(row, default=str), meta=meta)
+        else:
+            yield record(f"{path}:{n}", text=text, source=path, meta=meta)

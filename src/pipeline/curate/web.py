@@ -21,7 +21,7 @@ from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 from resiliparse.parse.html import HTMLTree
 
 from pipeline.curate.language import detect_language
-from pipeline.curate.records import is_kept, record, reject
+from pipeline.curate.records import is_kept, read_reject, record, reject
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 RAW_CHARS = 10_000  # of a rejected page, for reading why; the full payload stays in the crawl
@@ -88,7 +88,7 @@ def _text_row(rid: str, source: str, text: str, meta: dict) -> dict:
 
 
 def _web_reject(rid: str, source: str, reason: str, url: str) -> dict:
-    return record(rid, source=source, meta=json.dumps({"url": url}), reason=reason, step="read")
+    return read_reject(rid, source, reason, meta=json.dumps({"url": url}))
 
 
 def extract_batch(batch: pd.DataFrame) -> pd.DataFrame:

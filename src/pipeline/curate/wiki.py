@@ -16,9 +16,8 @@ from xml.etree import ElementTree
 
 import mwparserfromhell
 
-from pipeline.curate.records import record
+from pipeline.curate.records import read_reject, record
 
-STEP = "read"
 TABLES = re.compile(r"^\{\|.*?^\|\}", re.S | re.M)  # wikitables: cells, not prose
 NON_TEXT_LINK = re.compile(r"^\s*(file|image|media|category|[a-z]{2,3}(-[a-z]+)?)\s*:", re.I)  # and interlanguage
 
@@ -50,7 +49,7 @@ def _page_row(page: ElementTree.Element, source: str, site: str, namespaces: dic
         reason = "no text after removing wiki markup"
     else:
         return record(rid, text=text, source=source, meta=meta)
-    return record(rid, source=source, meta=meta, raw=title, reason=reason, step=STEP)
+    return read_reject(rid, source, reason, raw=title, meta=meta)
 
 
 def wiki_pages(stream: IO[bytes], source: str) -> Iterator[dict]:
