@@ -17,7 +17,7 @@ from pathlib import Path
 DOC_ROOTS = ("/usr/share/doc", "/usr/share/common-licenses")
 MAX_FILE_BYTES = 200_000  # a few multi-MB boost files repeat one text; skip them
 DOC_CHARS = 1500  # paragraphs are merged into documents of about this size
-CRAWL_DATE = "2026-01-01T00:00:00Z"  # every record of the sample crawl, so that it builds byte for byte the same
+CRAWL_DATE = "2026-01-01T00:00:00Z"  # every record of the sample crawl, so that each build holds the same records
 
 
 def source_files() -> list[Path]:

@@ -23,13 +23,13 @@ from pipeline.multitask import format_instruction
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".json")
+ANY_CASE_IMAGE_SUFFIXES = IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES)
 
 
 def is_sidecar(path: str, files: set[str]) -> bool:
     """A .txt/.json beside an image of the same name is that image's caption, not a document of its own."""
     p = Path(path)
-    suffixes = IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES)
-    return p.suffix in CAPTION_SUFFIXES and any(str(p.with_suffix(s)) in files for s in suffixes)
+    return p.suffix in CAPTION_SUFFIXES and any(str(p.with_suffix(s)) in files for s in ANY_CASE_IMAGE_SUFFIXES)
 
 
 def image_facts(data: bytes) -> dict:

@@ -11,11 +11,9 @@ from resiliparse.parse.lang import detect_fast
 
 from pipeline.curate.records import is_kept, reject
 
-UNKNOWN = "unknown"  # resiliparse's label for text no profile is near (digits, symbols, very short text)
-
 
 def detect_language(text: str) -> str:
-    """An ISO 639-1 code such as en or de, or "unknown"."""
+    """An ISO 639-1 code such as en or de, or "unknown" for text no profile is near (digits, symbols)."""
     return detect_fast(text)[0]
 
 

@@ -81,7 +81,9 @@ def file_format(path: str) -> str:
     suffixes = [s for s in Path(path).suffixes if s not in COMPRESSION]
     fmt = FORMATS.get(suffixes[-1].lower() if suffixes else "")
     if fmt is None:
-        raise ValueError(f"{path}: unknown format; expected one of {sorted(FORMATS)} (optionally .gz or .zst)")
+        raise ValueError(
+            f"{path}: unknown format; expected one of {sorted(FORMATS)} (optionally {' or '.join(COMPRESSION)})"
+        )
     return fmt
 
 
@@ -175,7 +177,7 @@ READERS = {
 }
 
 
-STREAMED = {  # read from the path record by record, never whole
+STREAMED = {  # readers that open the path themselves: crawls and dumps record by record, never whole
     "warc": lambda path, opts: warc_records(path),
     "wiki": lambda path, opts: _wiki_file(path),
     "image": lambda path, opts: [image_file(path, opts.image_text)],

@@ -20,7 +20,7 @@ from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 from resiliparse.parse.html import HTMLTree
 
-from pipeline.curate.language import detect_language
+from pipeline.curate.language import detect_language, with_language
 from pipeline.curate.records import is_kept, read_reject, record, reject
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
@@ -102,7 +102,7 @@ def extract_batch(batch: pd.DataFrame) -> pd.DataFrame:
             html = batch["html"].iat[i]
             texts[i] = html_text(html)
             if texts[i].strip():
-                metas[i] = json.dumps({**json.loads(metas[i]), "language": detect_language(texts[i])})
+                metas[i] = with_language(metas[i], texts[i])[1]
             else:
                 raws[i], reasons[i] = html[:RAW_CHARS], "no text extracted from HTML"
         batch["text"], batch["meta"], batch["raw"] = texts, metas, raws  # whole columns (see records.reject)
