@@ -11,6 +11,9 @@ precision = removed documents that truly have such a twin / removed documents;
 recall = true pairs of which at most one document survives / true pairs;
 removed_without_kept_neighbour = removed documents that no kept document resembles (content lost).
 --survivors component measures the rule before greedy survivors, for comparison.
+same_as_python_rules: what curate rejected before dedup, and the text it passed on, are exactly what the
+rules give when applied one record at a time in plain Python (python_rules), as curate did before its
+bulk work moved into Arrow.
 Prints one JSON object.
 """
 
@@ -78,6 +81,37 @@ def build_corpus(out: Path, target_bytes: int) -> tuple[list[Path], int]:
     return files, sum(f.stat().st_size for f in files)
 
 
+def python_rules(path: Path, filters: list) -> list[tuple[str, str, str, str]]:
+    """(id, text, reason, step) of each record of a file as the rules state them in plain Python, one record
+    at a time (read, normalize, filters): what curate did before its bulk work moved into Arrow, and what
+    the Arrow path must still give."""
+    from pipeline.curate.filters import first_reason
+    from pipeline.curate.normalize import normalize_text
+    from pipeline.curate.read import ReadOptions, file_records
+
+    out = []
+    for rec in file_records(str(path), ReadOptions()):
+        if not rec["reason"]:
+            text = normalize_text(rec["text"])
+            reason, step = ("empty after normalization", "normalize") if not text else ("", "")
+            if not reason and (reason := first_reason(text, filters)):
+                step = "filters"
+            rec = {**rec, "text": text, "reason": reason, "step": step}
+        out.append((rec["id"], rec["text"], rec["reason"], rec["step"]))
+    return out
+
+
+def same_as_python_rules(files: list[Path], filters: list, kept: pd.DataFrame, rejected: pd.DataFrame) -> bool:
+    """Whether curate rejected before dedup exactly what python_rules rejects (same ids, same reasons) and
+    passed on to dedup exactly the rest with the same text."""
+    python = [row for path in files for row in python_rules(path, filters)]
+    early = rejected[rejected["step"].isin(["read", "extract", "normalize", "filters"])]
+    deduped = pd.concat([kept, rejected[rejected["step"].isin(["exact_dedup", "fuzzy_dedup"])]])
+    return set(zip(early["id"], early["reason"])) == {(i, r) for i, _, r, _ in python if r} and set(
+        zip(deduped["id"], deduped["text"])
+    ) == {(i, t) for i, t, r, _ in python if not r}
+
+
 def baseline(ids: list[str], texts: list[str], threshold: float, num_perm: int, ngram: int) -> tuple[set, float]:
     """The loop users write: one MinHash per document, query the index, insert if new."""
     from datasketch import MinHash, MinHashLSH
@@ -107,6 +141,7 @@ def main() -> None:
     files, in_bytes = build_corpus(work / "corpus", int(args.mb * 1e6))
 
     from pipeline.config import load_config
+    from pipeline.curate.filters import build_filters
     from pipeline.curate.stage import run_curate
     from pipeline.runtime import init_ray
 
@@ -134,7 +169,10 @@ def main() -> None:
     # the documents that reached fuzzy dedup: everything kept, plus what it removed
     out = cfg.stage_dir("curate")
     kept = pq.read_table(out / "kept", columns=["id", "text"]).to_pandas()
-    rejected = pq.read_table(out / "rejected", columns=["id", "text", "reason"]).to_pandas()
+    rejected = pq.read_table(out / "rejected", columns=["id", "text", "reason", "step"]).to_pandas()
+    t = time.perf_counter()
+    identical = same_as_python_rules(files, build_filters(cfg.data.filters), kept, rejected)
+    python_s = time.perf_counter() - t
     near = rejected[rejected["reason"] == "near duplicate"]
     fuzzy_in = pd.concat([kept, near[["id", "text"]]]).sort_values("id")
     ids, texts = fuzzy_in["id"].tolist(), fuzzy_in["text"].tolist()
@@ -163,6 +201,9 @@ def main() -> None:
             "mb_per_s": round(in_bytes / 1e6 / total_s, 2),
             "kept": stats["kept"],
             "by_reason": stats["by_reason"],
+            "seconds_by_step": stats["seconds"],
+            "same_as_python_rules": identical,
+            "python_rules_seconds_one_process": round(python_s, 1),
         },
         "dedup_input": {"docs": len(ids), "mb": round(fuzzy_mb, 1)},
         "ours_fuzzy_dedup": {

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import FiltersConfig
+from pipeline.curate import records
 from pipeline.curate.dedup_exact import add_digest, mark_exact_duplicates
 from pipeline.curate.dedup_fuzzy import (
     STAR_ABOVE,
@@ -33,6 +34,11 @@ def table(*rows: dict) -> pd.DataFrame:
     return pd.DataFrame([{**record(r["id"]), **r} for r in rows])
 
 
+def arrow(batch: pd.DataFrame) -> pa.Table:
+    """The batch as the Arrow block the steps that work in Arrow take."""
+    return records.table(batch.to_dict("records"))
+
+
 def test_reject_marks_only_rows_still_kept_and_records_the_step():
     batch = table(
         {"id": "a", "text": "x"},
@@ -45,9 +51,8 @@ def test_reject_marks_only_rows_still_kept_and_records_the_step():
 
 
 def test_normalize_rejects_text_that_normalizes_to_nothing():
-    out = normalize_batch(
-        table({"id": "a", "text": "  ｆｕｌｌ\u3000width  \r\n\r\n\r\n\r\nnext"}, {"id": "b", "text": " \u3000 \n "})
-    )
+    rows = table({"id": "a", "text": "  ｆｕｌｌ\u3000width  \r\n\r\n\r\n\r\nnext"}, {"id": "b", "text": " \u3000 \n "})
+    out = normalize_batch(arrow(rows)).to_pandas()
     assert out["text"].tolist() == ["full width\n\nnext", ""]
     assert out[["reason", "step"]].values.tolist() == [["", ""], ["empty after normalization", "normalize"]]
 
@@ -55,14 +60,16 @@ def test_normalize_rejects_text_that_normalizes_to_nothing():
 def test_filters_give_the_first_reason_and_leave_earlier_rejections_alone():
     filters = build_filters(FiltersConfig())
     out = apply_filters(
-        table(
-            {"id": "prose", "text": PROSE},
-            {"id": "short", "text": "two words"},
-            {"id": "spam", "text": "buy now\n" * 10 + "stop"},
-            {"id": "earlier", "text": "two words", "reason": "invalid utf-8", "step": "read"},
+        arrow(
+            table(
+                {"id": "prose", "text": PROSE},
+                {"id": "short", "text": "two words"},
+                {"id": "spam", "text": "buy now\n" * 10 + "stop"},
+                {"id": "earlier", "text": "two words", "reason": "invalid utf-8", "step": "read"},
+            )
         ),
         filters,
-    )
+    ).to_pandas()
     assert out.set_index("id")[["reason", "step"]].to_dict("index") == {
         "prose": {"reason": "", "step": ""},
         "short": {"reason": "too short (< 5 words)", "step": "filters"},

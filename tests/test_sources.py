@@ -18,7 +18,7 @@ from conftest import GERMAN, PEOPLE, TINY, WIKI, crawl_responses, site_page
 from pipeline.config import ConfigError, ImageTextConfig, TableConfig, load_config
 from pipeline.curate.language import language_batch
 from pipeline.curate.read import ReadOptions, expand_inputs, file_records
-from pipeline.curate.records import record
+from pipeline.curate.records import record, table
 from pipeline.curate.web import extract_batch
 from pipeline.sample_data import write_warc
 
@@ -51,7 +51,7 @@ def test_every_record_of_a_crawl_is_a_page_or_a_reject_with_its_reason_and_ids_a
 def test_extraction_keeps_the_article_without_markup_navigation_or_scripts(tmp_path):
     rows = read(write_warc(tmp_path / "crawl.warc.gz", crawl_responses()))
     plain = record("doc", text="a document of a jsonl file", source="x.jsonl")
-    out = extract_batch(pd.DataFrame([*rows, plain])).set_index("id")
+    out = extract_batch(table([*rows, plain])).to_pandas().set_index("id")
     assert "html" not in out.columns
     kept = out[out["reason"] == ""]
     for text in kept["text"]:
@@ -72,7 +72,7 @@ def test_a_page_in_a_charset_its_server_made_up_is_decoded_by_detection(tmp_path
         write_warc(tmp_path / "c.warc.gz", [("http://x.example/", "200 OK", "text/html; charset=utf-99", body)])
     )
     (page,) = [r for r in rows if r["html"]]
-    assert extract_batch(pd.DataFrame([page]))["text"].tolist() == ["Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade."]
+    assert extract_batch(table([page]))["text"].to_pylist() == ["Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade."]
 
 
 def test_a_wet_file_is_text_already(tmp_path):
@@ -113,7 +113,7 @@ def test_a_folder_of_html_pages_is_read_as_pages(tmp_path):
     files = expand_inputs([str(tmp_path / "site")])
     rows = [row for f in files for row in read(f)]
     assert [json.loads(r["meta"])["url"] for r in rows] == [f"file://{f}" for f in files]
-    assert list(extract_batch(pd.DataFrame(rows))["text"]) == ["A paragraph of the page.", "Another paragraph."]
+    assert extract_batch(table(rows))["text"].to_pylist() == ["A paragraph of the page.", "Another paragraph."]
 
 
 def test_the_language_filter_labels_every_document_and_keeps_the_listed_languages():

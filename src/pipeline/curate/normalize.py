@@ -1,13 +1,19 @@
-"""Text normalization: Unicode NFKC, tidy whitespace, optional lowercase."""
+"""Text normalization: Unicode NFKC, tidy whitespace, optional lowercase.
+
+`normalize_text` states the rule; `normalize_batch` applies it to a block in Arrow (curate/arrow_text.py),
+which gives the same text, or in Python where Arrow's rule would differ (lowercasing: Arrow's Unicode case
+mapping is not Python's)."""
 
 from __future__ import annotations
 
 import re
 import unicodedata
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipeline.curate.records import is_kept, reject
+from pipeline.curate import arrow_text
+from pipeline.curate.records import STRING, is_kept, reject, set_column
 
 _SPACES = re.compile(r"[^\S\n]+")
 _BLANKS = re.compile(r"\n{3,}")
@@ -20,8 +26,13 @@ def normalize_text(text: str, lowercase: bool = False) -> str:
     return text.lower() if lowercase else text
 
 
-def normalize_batch(batch: pd.DataFrame, lowercase: bool = False) -> pd.DataFrame:
-    kept = is_kept(batch).tolist()
-    texts = [normalize_text(t, lowercase) if k else t for t, k in zip(batch["text"].tolist(), kept)]
-    batch["text"] = texts  # a whole-column write (see records.reject)
-    return reject(batch, ["empty after normalization" if t == "" else "" for t in texts], "normalize")
+def normalize_batch(batch: pa.Table, lowercase: bool = False) -> pa.Table:
+    kept = is_kept(batch)
+    if lowercase:
+        rows = zip(batch["text"].to_pylist(), kept.to_pylist())
+        normalized = pa.array([normalize_text(t, True) if k else t for t, k in rows], type=STRING)
+    else:
+        normalized = pc.if_else(kept, arrow_text.normalize(batch["text"]), batch["text"])
+    batch = set_column(batch, "text", normalized)
+    empty = pc.if_else(pc.equal(normalized, ""), pa.scalar("empty after normalization", STRING), pa.scalar("", STRING))
+    return reject(batch, empty, "normalize")

@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import IO
 from xml.etree import ElementTree
 
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
 import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import ImageTextConfig, TableConfig
+from pipeline.curate import arrow_text
 from pipeline.curate.images import IMAGE_SUFFIXES, image_file, is_sidecar, pair_from_record
-from pipeline.curate.records import read_reject, record
+from pipeline.curate.records import SCHEMA, STRING, read_reject, record, table
 from pipeline.curate.table import table_records
 from pipeline.curate.web import html_file, warc_records
 from pipeline.curate.wiki import wiki_pages
@@ -56,7 +58,7 @@ FORMATS = {
     ".xml": "wiki",  # MediaWiki dumps, .xml.bz2 as Wikipedia publishes them
     **dict.fromkeys(IMAGE_SUFFIXES, "image"),  # with their sidecar captions
 }
-CHUNK_ROWS = 500  # records per batch a reader yields
+CHUNK_ROWS = 500  # records per block a reader yields
 # A read task mostly waits on its file; asking for less than the next steps' whole CPU also keeps Ray Data
 # from fusing it with them, so the blocks of one large file (a WARC's pages) are extracted on every core.
 READ_CPUS = 0.5
@@ -102,16 +104,27 @@ def _wiki_file(path: str) -> Iterator[dict]:
         yield from wiki_pages(stream, path)
 
 
+def is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate, which JSON's \\ud800 escapes can make and no file can store."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _from_value(value, rid: str, source: str, opts: ReadOptions, raw: str) -> dict:
     if not isinstance(value, dict):
         return read_reject(rid, source, "not a JSON object", raw=raw)
-    if opts.id_field in value and value[opts.id_field] is not None:
+    if opts.id_field in value and value[opts.id_field] is not None and is_unicode(str(value[opts.id_field])):
         rid = str(value[opts.id_field])
     if opts.image_text.records:
         return pair_from_record(value, rid, source, opts.image_text, raw)
     text = value.get(opts.text_field)
     if not isinstance(text, str):
         return read_reject(rid, source, f"missing text field {opts.text_field!r}", raw=raw)
+    if not is_unicode(text):
+        return read_reject(rid, source, "text is not valid Unicode (a lone surrogate \\u escape)", raw=raw)
     if not text.strip():
         return read_reject(rid, source, "empty text", raw=raw)
     meta = {opts.rename.get(k, k): value[k] for k in opts.keep_fields if k in value}
@@ -200,11 +213,89 @@ def file_records(path: str, opts: ReadOptions) -> Iterator[dict]:
         yield read_reject(path, path, "empty file")
 
 
-def read_files(batch: dict, opts: ReadOptions) -> Iterator[pd.DataFrame]:
+BOM = b"\xef\xbb\xbf"
+
+
+def jsonl_table(path: str, data: bytes, opts: ReadOptions) -> pa.Table | None:
+    """A JSON-lines file parsed by Arrow's reader: the records `_jsonl` makes of it, or None where they could
+    differ (then `_jsonl` reads it): a line Arrow does not parse as one object with a string text (and a
+    string or integer id) as Python does, a blank line (which shifts line numbers), a byte-order mark (Python
+    refuses it, Arrow skips it), bytes that are not UTF-8 (Arrow passes them through), or settings Arrow
+    does not do (keep_fields, image-text records)."""
+    if opts.keep_fields or opts.image_text.records or BOM in data or not is_utf8(data):
+        return None
+    lines = len(data.splitlines())
+    for id_type in (STRING, pa.int64()):
+        schema = pa.schema([(opts.id_field, id_type), (opts.text_field, STRING)])
+        parse = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+        try:
+            parsed = pj.read_json(io.BytesIO(data), parse_options=parse)
+        except pa.ArrowInvalid:
+            continue
+        return _jsonl_records(path, data, parsed, opts) if parsed.num_rows == lines else None
+    return None
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _jsonl_records(path: str, data: bytes, parsed: pa.Table, opts: ReadOptions) -> pa.Table:
+    n = parsed.num_rows
+    line_ids = pa.array([f"{path}:{i}" for i in range(1, n + 1)], STRING)
+    ids = pc.coalesce(parsed[opts.id_field].cast(STRING), line_ids)
+    text = parsed[opts.text_field]
+    reason = pc.if_else(
+        pc.is_null(text),
+        pa.scalar(f"missing text field {opts.text_field!r}", STRING),
+        pc.if_else(arrow_text.is_blank(text), pa.scalar("empty text", STRING), pa.scalar("", STRING)),
+    )
+    rejected = pc.not_equal(reason, "")
+    raw = [""] * n
+    if pc.any(rejected).as_py():  # a rejected record keeps its line, as _jsonl's rejects do
+        lines = data.splitlines()
+        for i in pc.indices_nonzero(rejected).to_pylist():
+            raw[i] = lines[i].decode("utf-8")
+    empty = pa.array([""] * n, STRING)
+    columns = {
+        "id": ids,
+        "text": pc.if_else(rejected, pa.scalar("", STRING), text),
+        "source": pa.array([path] * n, STRING),
+        "meta": empty,
+        "raw": pa.array(raw, STRING),
+        "reason": reason,
+        "step": pc.if_else(rejected, pa.scalar("read", STRING), pa.scalar("", STRING)),
+        "duplicate_of": empty,
+        "jaccard": pa.array([float("nan")] * n, pa.float64()),
+        "augmented_from": empty,
+        "html": empty,
+    }
+    return pa.table(columns, schema=SCHEMA)
+
+
+def file_blocks(path: str, opts: ReadOptions) -> Iterator[pa.Table]:
+    """The file's records in blocks of CHUNK_ROWS: from Arrow's JSON reader where it gives what Python's
+    reading gives (jsonl_table), else from file_records."""
+    if file_format(path) == "jsonl":
+        try:
+            parsed = jsonl_table(path, _open_bytes(path), opts)
+        except (OSError, pa.ArrowException):
+            parsed = None  # file_records says what is wrong with the file
+        if parsed is not None:
+            yield from (parsed.slice(start, CHUNK_ROWS) for start in range(0, parsed.num_rows, CHUNK_ROWS))
+            return
+    records = file_records(path, opts)
+    while chunk := list(itertools.islice(records, CHUNK_ROWS)):
+        yield table(chunk)
+
+
+def read_files(batch: dict, opts: ReadOptions) -> Iterator[pa.Table]:
     for path in batch["path"]:
-        records = file_records(str(path), opts)
-        while chunk := list(itertools.islice(records, CHUNK_ROWS)):
-            yield pd.DataFrame(chunk)
+        yield from file_blocks(str(path), opts)
 
 
 def read_corpus(patterns: list[str], opts: ReadOptions) -> ray.data.Dataset:

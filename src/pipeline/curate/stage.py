@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipeline.config import DataConfig, PerplexityConfig, PipelineConfig
+from pipeline.curate import arrow_text
 from pipeline.curate.augment import augment
 from pipeline.curate.dedup_exact import exact_dedup
 from pipeline.curate.dedup_fuzzy import fuzzy_dedup
@@ -29,6 +31,7 @@ from pipeline.curate.language import language_batch
 from pipeline.curate.normalize import normalize_batch
 from pipeline.curate.perplexity import PerplexityScorer
 from pipeline.curate.read import ReadOptions, expand_inputs, read_corpus
+from pipeline.curate.records import is_kept
 from pipeline.curate.web import extract_batch
 from pipeline.plots import plot_histograms
 from pipeline.runtime import atomic_dir
@@ -53,8 +56,8 @@ class Step:
     fused: bool = False  # a cheap per-row map that runs in the next step's tasks instead of materializing alone
 
 
-def map_step(name: str, fn: Callable, **kwargs) -> Step:
-    return Step(name, lambda ds: ds.map_batches(fn, batch_format="pandas", fn_kwargs=kwargs), fused=True)
+def map_step(name: str, fn: Callable, batch_format: str = "pyarrow", **kwargs) -> Step:
+    return Step(name, lambda ds: ds.map_batches(fn, batch_format=batch_format, fn_kwargs=kwargs), fused=True)
 
 
 def score_perplexity(ds: ray.data.Dataset, settings: PerplexityConfig, trust_remote_code: bool) -> ray.data.Dataset:
@@ -79,15 +82,15 @@ def curate_steps(cfg: PipelineConfig) -> list[Step]:
     data = cfg.data
     steps = [map_step("extract", extract_batch), map_step("normalize", normalize_batch, lowercase=data.lowercase)]
     if data.filters.languages:
-        steps.append(map_step("language", language_batch, languages=data.filters.languages))
-    steps += [
+        steps.append(map_step("language", language_batch, "pandas", languages=data.filters.languages))
+    steps.append(
         Step(
             "filters",
             lambda ds: ds.map_batches(
-                apply_filters, batch_format="pandas", fn_kwargs={"filters": build_filters(data.filters)}
+                apply_filters, batch_format="pyarrow", fn_kwargs={"filters": build_filters(data.filters)}
             ),
-        ),
-    ]
+        )
+    )
     if data.perplexity.model_path:
         steps.append(
             Step(
@@ -126,8 +129,9 @@ def run_steps(
     return done
 
 
-def _select(batch: pd.DataFrame, kept: bool, columns: list[str]) -> pd.DataFrame:
-    return batch.loc[(batch["reason"] == "") == kept, [c for c in columns if c in batch]]
+def _select(batch: pa.Table, kept: bool, columns: list[str]) -> pa.Table:
+    rows = batch.filter(is_kept(batch) if kept else pc.invert(is_kept(batch)))
+    return rows.select([c for c in columns if c in batch.column_names])
 
 
 def _counts(ds: ray.data.Dataset) -> dict[tuple[str, str], int]:
@@ -135,23 +139,25 @@ def _counts(ds: ray.data.Dataset) -> dict[tuple[str, str], int]:
     return {(r["step"], r["reason"]): r["count()"] for r in ds.groupby(["step", "reason"]).count().take_all()}
 
 
-def _kept_profile(batch: pd.DataFrame) -> pd.DataFrame:
+def _kept_profile(batch: pa.Table) -> pa.Table:
     """One small row per kept document: its length, perplexity and whether augmentation made it."""
-    kept = batch[batch["reason"] == ""]
-    out = pd.DataFrame(
-        {"words": [len(t.split()) for t in kept["text"]], "augmented": (kept["augmented_from"] != "").tolist()},
-        index=kept.index,
+    kept = batch.filter(is_kept(batch))
+    perplexity = kept["perplexity"] if "perplexity" in kept.column_names else pa.nulls(len(kept), pa.float64())
+    return pa.table(
+        {
+            "words": arrow_text.word_counts(kept["text"]),
+            "augmented": pc.not_equal(kept["augmented_from"], ""),
+            "perplexity": pc.cast(perplexity, pa.float64()),
+        }
     )
-    out["perplexity"] = kept["perplexity"] if "perplexity" in kept else float("nan")
-    return out
 
 
 def write_outputs(ds: ray.data.Dataset, tmp: Path, rows_per_shard: int) -> None:
-    ds.map_batches(_select, batch_format="pandas", fn_kwargs={"kept": True, "columns": KEPT_COLUMNS}).write_parquet(
+    ds.map_batches(_select, batch_format="pyarrow", fn_kwargs={"kept": True, "columns": KEPT_COLUMNS}).write_parquet(
         str(tmp / "kept"), min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard
     )
     ds.map_batches(
-        _select, batch_format="pandas", fn_kwargs={"kept": False, "columns": REJECTED_COLUMNS}
+        _select, batch_format="pyarrow", fn_kwargs={"kept": False, "columns": REJECTED_COLUMNS}
     ).write_parquet(str(tmp / "rejected"))
     (tmp / "rejected").mkdir(exist_ok=True)  # an all-kept run still has the folder
     (tmp / "kept").mkdir(exist_ok=True)
@@ -176,7 +182,7 @@ def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: st
         rows_per_shard = max(1, int(data.shard_mb * 1e6 / max(in_bytes / max(n_in, 1), 1)))
         write_outputs(ds, tmp, rows_per_shard)
         counts = _counts(ds)
-        profile = ds.map_batches(_kept_profile, batch_format="pandas").to_pandas()
+        profile = ds.map_batches(_kept_profile, batch_format="pyarrow").to_pandas()
         augmented = int(profile["augmented"].sum())
         kept = counts.pop(("", ""), 0)
         rejected = sum(counts.values())

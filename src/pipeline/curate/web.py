@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 from resiliparse.parse.html import HTMLTree
 
 from pipeline.curate.language import detect_language, with_language
-from pipeline.curate.records import is_kept, read_reject, record, reject
+from pipeline.curate.records import from_pandas, is_kept, read_reject, record, reject
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 RAW_CHARS = 10_000  # of a rejected page, for reading why; the full payload stays in the crawl
@@ -91,19 +92,21 @@ def _web_reject(rid: str, source: str, reason: str, url: str) -> dict:
     return read_reject(rid, source, reason, meta=json.dumps({"url": url}))
 
 
-def extract_batch(batch: pd.DataFrame) -> pd.DataFrame:
+def extract_batch(batch: pa.Table) -> pa.Table:
     """Fill `text` from `html` for the kept rows that have HTML, with their language in `meta`; a page with
     no main text is rejected with its HTML (cut) as `raw`. The `html` column is dropped."""
-    pages = [i for i, (html, kept) in enumerate(zip(batch["html"].tolist(), is_kept(batch))) if html and kept]
-    reasons = [""] * len(batch)
-    if pages:
-        texts, metas, raws = batch["text"].tolist(), batch["meta"].tolist(), batch["raw"].tolist()
-        for i in pages:
-            html = batch["html"].iat[i]
-            texts[i] = html_text(html)
-            if texts[i].strip():
-                metas[i] = with_language(metas[i], texts[i])[1]
-            else:
-                raws[i], reasons[i] = html[:RAW_CHARS], "no text extracted from HTML"
-        batch["text"], batch["meta"], batch["raw"] = texts, metas, raws  # whole columns (see records.reject)
-    return reject(batch.drop(columns="html"), reasons, "extract")
+    if not pc.any(pc.and_(is_kept(batch), pc.not_equal(batch["html"], ""))).as_py():
+        return batch.drop_columns(["html"])  # no page: the block passes through in Arrow
+    rows = batch.to_pandas()
+    pages = [i for i, (html, kept) in enumerate(zip(rows["html"].tolist(), is_kept(rows))) if html and kept]
+    reasons = [""] * len(rows)
+    texts, metas, raws = rows["text"].tolist(), rows["meta"].tolist(), rows["raw"].tolist()
+    for i in pages:
+        html = rows["html"].iat[i]
+        texts[i] = html_text(html)
+        if texts[i].strip():
+            metas[i] = with_language(metas[i], texts[i])[1]
+        else:
+            raws[i], reasons[i] = html[:RAW_CHARS], "no text extracted from HTML"
+    rows["text"], rows["meta"], rows["raw"] = texts, metas, raws  # whole columns (see records.reject)
+    return from_pandas(reject(rows.drop(columns="html"), reasons, "extract"))

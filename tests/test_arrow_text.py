@@ -1,0 +1,96 @@
+"""Curation's bulk text work runs in Arrow (curate/arrow_text.py, the Arrow JSON reader): each rule must give
+what the Python rule it replaces gives, for every code point, for every way a JSON-lines file can be broken,
+and on the demo and benchmark corpora."""
+
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from conftest import PLANTED
+from pipeline.config import FiltersConfig
+from pipeline.curate import arrow_text
+from pipeline.curate.filters import apply_filters, build_filters
+from pipeline.curate.normalize import normalize_batch, normalize_text
+from pipeline.curate.read import ReadOptions, file_blocks, file_records, jsonl_table
+from pipeline.curate.records import table
+from pipeline.sample_data import build_corpus
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from curate import build_corpus as build_bench_corpus  # noqa: E402
+from curate import python_rules  # noqa: E402
+
+EVERY_CODE_POINT = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF]
+
+
+def test_every_code_point_is_space_split_stripped_and_normalized_as_python_does():
+    # each code point alone, doubled, beside spaces, newlines and carriage returns
+    texts = [f"{c}a{c}{c} \r\n {c}\n\n\n\nb\r{c} " for c in EVERY_CODE_POINT]
+    column = pa.array(texts, pa.large_string())
+    assert arrow_text.word_counts(column).to_pylist() == [len(t.split()) for t in texts]
+    assert arrow_text.normalize(column).to_pylist() == [normalize_text(t) for t in texts]
+    alone = pa.array(EVERY_CODE_POINT, pa.large_string())
+    assert arrow_text.is_blank(alone).to_pylist() == [not c.strip() for c in EVERY_CODE_POINT]
+
+
+def arrow_chain(path: Path, filters: list) -> list[tuple]:
+    rows = []
+    for block in file_blocks(str(path), ReadOptions()):
+        block = apply_filters(normalize_batch(block), filters)
+        rows += zip(*(block[c].to_pylist() for c in ("id", "text", "reason", "step")))
+    return rows
+
+
+@pytest.mark.parametrize("corpus", ["demo", "bench"])
+def test_the_arrow_chain_keeps_and_rejects_what_the_python_rules_do(corpus, tmp_path):
+    files = (
+        build_corpus(tmp_path, max_bytes=2_000_000, shards=2)
+        if corpus == "demo"
+        else build_bench_corpus(tmp_path, 3_000_000)[0][:8]
+    )
+    filters = build_filters(FiltersConfig(min_words=100, max_words=2000))  # and the default repetition filters
+    reasons = set()
+    for path in files:
+        assert jsonl_table(str(path), path.read_bytes(), ReadOptions()) is not None  # the Arrow reader read it
+        python, arrow = python_rules(path, filters), arrow_chain(path, filters)
+        assert arrow == python
+        reasons |= {reason.split(" (")[0] for _, _, reason, _ in arrow}
+    assert reasons >= {"", "too short", "repetitive"}  # kept and rejected, by the Arrow filter and a Python one
+
+
+LINES = {
+    "clean": [{"id": "a", "text": "One document."}, {"id": "b", "text": "Another one."}],
+    "integer and missing ids": [{"id": 7, "text": "x"}, {"text": "no id"}, {"id": None, "text": "null id"}],
+    "missing, null and blank text": [{"id": "a"}, {"id": "b", "text": None}, {"id": "c", "text": " \u3000\x1c\n"}],
+    "non-string text": [{"id": "a", "text": 5}, {"id": "b", "text": "fine"}],
+    "other fields of any type": [{"id": "a", "text": "x", "n": [1, {"k": None}]}, {"id": "b", "text": "y", "n": "s"}],
+}
+RAW = {
+    "planted bad records": "".join(json.dumps(r) + "\n" for r in PLANTED) + '{"id": "bad-json", "text": \n',
+    "blank lines": '{"id": "a", "text": "x"}\n\n   \n{"id": "b", "text": "y"}\n',
+    "two records on a line": '{"id": "a", "text": "x"} {"id": "b", "text": "y"}\n',
+    "byte-order mark": '\ufeff{"id": "a", "text": "x"}\n',
+    "CRLF line ends": '{"id": "a", "text": "x"}\r\n{"id": "b", "text": "y"}\r\n',
+    "no final newline": '{"id": "a", "text": "x"}',
+    "a list, not an object": "[1, 2]\n",
+    "duplicate key": '{"id": "a", "text": "x", "text": "y"}\n',
+    "lone surrogate": '{"id": "a", "text": "\\ud800"}\n',
+}
+
+
+@pytest.mark.parametrize("case", [*LINES, *RAW, "invalid utf-8"])
+def test_a_jsonl_file_gives_the_same_records_whichever_reader_reads_it(case, tmp_path):
+    path = tmp_path / "part.jsonl"
+    if case in LINES:
+        path.write_text("".join(json.dumps(r) + "\n" for r in LINES[case]))
+    elif case in RAW:
+        path.write_text(RAW[case])
+    else:
+        path.write_bytes(b'{"id": "a", "text": "caf\xe9"}\n{"id": "b", "text": "ok"}\n')
+    read = pa.concat_tables(file_blocks(str(path), ReadOptions())).drop_columns("jaccard")  # NaN != NaN
+    assert read.to_pylist() == table(list(file_records(str(path), ReadOptions()))).drop_columns("jaccard").to_pylist()
+    fast = {"clean", "integer and missing ids", "missing, null and blank text", "other fields of any type"}
+    fast |= {"CRLF line ends", "no final newline"}
+    assert (jsonl_table(str(path), path.read_bytes(), ReadOptions()) is not None) == (case in fast)
