@@ -20,4 +20,4 @@ if str(HERE.parent) not in sys.path:
 def run_stage(stage: str) -> int:
     from pipeline.cli import main
 
-    return main([stage, *sys.argv[1:]])
+    return main([stage, *sys.argv[1:]], capture=True)

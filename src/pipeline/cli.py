@@ -15,8 +15,10 @@ import time
 import traceback
 from pathlib import Path
 
+from pipeline import terminal
 from pipeline.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, keys_help, load_config
 from pipeline.errors import CheckpointDamagedError, QualityGateError, inner
+from pipeline.terminal import say
 
 log = logging.getLogger("pipeline")
 DEMO_TOKENS = 32
@@ -35,6 +37,11 @@ EPILOG = """examples:
 With RAY_ADDRESS set (or under `ray job submit`) the stages run on that cluster; otherwise on a
 local Ray started in this process."""
 
+
+VERBOSE = (
+    "also show what Ray's workers, Serve and the libraries print (it always goes to runs/<name>/logs/), "
+    "and on an error its traceback"
+)
 
 # the config sections each command reads, listed by its --help
 SECTIONS = {
@@ -66,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pipeline", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="on an error, show its traceback too")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stages = {
         "sample-data": "build the demo corpus (data/corpus/: jsonl, a WARC crawl) and instruction set from local text",
@@ -97,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
             "--verbose",
             action="store_true",
             default=argparse.SUPPRESS,
-            help="on an error, show its traceback too",
+            help=VERBOSE,
         )
         s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=1e-4")
         if name == "curate":
@@ -178,7 +185,11 @@ def cmd_curate(cfg: PipelineConfig, args) -> dict:
     from pipeline.curate.stage import run_curate
 
     stats = run_curate(cfg, inputs=getattr(args, "input", None), out_dir=getattr(args, "output", None))
-    print(json.dumps({k: stats[k] for k in ("docs_in", "kept", "rejected", "by_reason")}, indent=2))
+    by_step = ", ".join(f"{step} {sum(reasons.values())}" for step, reasons in stats["by_step"].items())
+    say(
+        f"curate: {stats['docs_in']} in, {stats['kept']} kept, {stats['rejected']} rejected ({by_step or 'none'}) "
+        f"at {stats['mb_per_s']:.2f} MB/s; reasons in stats.json, histograms.png"
+    )
     return stats
 
 
@@ -189,8 +200,9 @@ def run_or_skip(cfg: PipelineConfig, stage: str, args, run):
 
     if not args.fresh and (summary := finished(cfg, stage)) is not None:
         where = cfg.stage_dir(stage)
-        print(f"{stage}: done earlier with these settings and inputs, skipped ({where}; --fresh redoes it)")
+        say(f"{stage}: done earlier with these settings and inputs, skipped ({where}; --fresh redoes it)")
         return summary
+    terminal.log_to(stage)
     clear_done(cfg, stage)
     summary = run()
     mark_done(cfg, stage)
@@ -213,20 +225,24 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
         from pipeline.train.distill import run_distill
 
         distill = run_or_skip(cfg, "distill", args, lambda: run_distill(cfg, fresh=args.fresh))
-        print(
+        say(
             f"distilled student: KL to teacher {distill['kl_to_teacher_before']} -> "
             f"{distill['kl_to_teacher_after']} in {distill['student']}"
         )
+    if cfg.adapters:
+        terminal.log_to("adapt")
     adapters = cmd_adapt(cfg, [spec.name for spec in cfg.adapters], args.fresh)
     if cfg.eval.before_serving:
+        terminal.log_to("eval")
         cmd_eval(cfg)
+    terminal.log_to("serve")
     url = deploy(cfg)
     prompt, key = sample_prompt(cfg), os.environ.get(cfg.serve.api_key_env)
     for model in [None, *adapters]:  # the same question to the model and to each of its adapters
         reply = generate(url, prompt, DEMO_TOKENS, key, model)
-        print(f"\nPOST {url}/generate {{'prompt': {prompt!r}, 'model': {model or cfg.name!r}}}\n-> {json.dumps(reply)}")
-    print()
-    print(
+        say(f"\nPOST {url}/generate {{'prompt': {prompt!r}, 'model': {model or cfg.name!r}}}\n-> {json.dumps(reply)}")
+    say()
+    say(
         _table(
             [
                 ("docs in / kept / rejected", f"{stats['docs_in']} / {stats['kept']} / {stats['rejected']}"),
@@ -272,10 +288,10 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
     )
     if os.environ.get("RAY_ADDRESS"):
         # on a cluster the endpoint is the product: it stays up after this driver exits
-        print(f"serving at {url} on the cluster; `serve shutdown -y` stops it")
+        say(f"serving at {url} on the cluster; `serve shutdown -y` stops it")
         return
     if args.keep_serving:
-        print(f"serving at {url}; Ctrl-C to stop")
+        say(f"serving at {url}; Ctrl-C to stop")
         _wait_for_interrupt()
     serve.shutdown()
 
@@ -293,8 +309,8 @@ def cmd_eval(cfg: PipelineConfig) -> dict:
     from pipeline.eval.stage import run_eval
 
     report = run_eval(cfg)
-    print(markdown(report))
-    print(f"eval: {len(report['models'])} model(s) x {len(report['tasks'])} task(s) in {report['wall_s']:.0f} s")
+    say(markdown(report))
+    say(f"eval: {len(report['models'])} model(s) x {len(report['tasks'])} task(s) in {report['wall_s']:.0f} s")
     check_gate(report["gate"])
     return report
 
@@ -324,7 +340,7 @@ def cmd_serve(cfg: PipelineConfig, args) -> None:
     from pipeline.serving.deploy import deploy
 
     url = deploy(cfg)
-    print(f"serving at {url} (POST /generate, GET /healthz); Ctrl-C to stop")
+    say(f"serving at {url} (POST /generate, GET /healthz); Ctrl-C to stop")
     _wait_for_interrupt()
     serve.shutdown()
 
@@ -360,7 +376,7 @@ def run_command(cfg: PipelineConfig, args) -> None:
         if not names:
             raise ConfigError("this config lists no `adapters`: add one (name, stage: {kind: sft, data: FILE})")
         manifests = cmd_adapt(cfg, names, args.fresh)
-        print(json.dumps({name: m["metrics"] for name, m in manifests.items()}, indent=2, default=str))
+        say(json.dumps({name: m["metrics"] for name, m in manifests.items()}, indent=2, default=str))
         return None
     # a single stage: its marker says so once it ends, so that a later `pipeline run` skips it
     elsewhere = getattr(args, "input", None) or getattr(args, "output", None)  # not the config's stage
@@ -372,16 +388,16 @@ def run_command(cfg: PipelineConfig, args) -> None:
         from pipeline.train.stage import run_train
 
         summary = run_train(cfg, fresh=args.fresh)
-        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+        say(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     elif args.command == "quantize":
         from pipeline.export.stage import run_quantize
 
-        print(json.dumps(run_quantize(cfg, force=args.force), indent=2))
+        say(json.dumps(run_quantize(cfg, force=args.force), indent=2))
     elif args.command == "distill":
         from pipeline.train.distill import run_distill
 
         summary = run_distill(cfg, fresh=args.fresh)
-        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+        say(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     if not elsewhere:
         mark_done(cfg, args.command)
 
@@ -394,7 +410,14 @@ def cmd_plan(cfg: PipelineConfig, args) -> None:
     print(json.dumps(plan.to_json(), indent=2) if args.json else report(plan))
 
 
-def dispatch(args) -> None:
+def log_dir(cfg: PipelineConfig) -> Path:
+    """runs/<name>/logs; for a URI runs_dir, the run's folder in the local cache (logs are not pushed)."""
+    from pipeline.storage import cache_dir, is_uri
+
+    return (cache_dir(cfg.runs_dir) if is_uri(cfg.runs_dir) else Path(cfg.runs_dir)) / cfg.name / "logs"
+
+
+def dispatch(args, capture: bool = False) -> None:
     if args.command == "sample-data":
         return cmd_sample_data(args)
     if args.command == "adapt":  # `adapter=NAME` reads like an override but names an adapter
@@ -410,6 +433,8 @@ def dispatch(args) -> None:
 
     # seconds, before Ray starts
     preflight.check(args.command, cfg, getattr(args, "input", None), getattr(args, "force_memory", False))
+    if capture:
+        terminal.capture(log_dir(cfg), args.command if args.command != "run" else "ray", args.verbose)
     init_ray()
     reads, writes = STAGE_IO[args.command]
     with staged(cfg, reads, writes) as local:
@@ -417,7 +442,9 @@ def dispatch(args) -> None:
     for stage in writes:
         if local.stage_dir(stage).is_dir():
             where = f"{cfg.runs_dir.rstrip('/')}/{cfg.name}/{stage}" if local is not cfg else local.stage_dir(stage)
-            print(f"{stage} outputs: {where}")
+            say(f"{stage} outputs: {where}")
+    if logs := terminal.logs():
+        say(f"logs: {', '.join(p.name for p in logs)} in {logs[0].parent} (-v shows them as they are written)")
 
 
 # errors whose message is written for the user: shown whole; others show their type and last line
@@ -438,20 +465,28 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[-1] if text else '(no message)'}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, capture: bool = False) -> int:
+    """The CLI. `capture` (the `pipeline` program and the rayjobs/ entrypoints) sends everything but the
+    stages' own lines to runs/<name>/logs/ (pipeline.terminal); a caller in process keeps its stdout."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
     try:
-        dispatch(args)
+        dispatch(args, capture)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - every failure ends as one line (-v adds the traceback)
         if args.verbose:
             traceback.print_exc()
-        print(f"pipeline {args.command}: error: {describe(e)}", file=sys.stderr)
+        if logs := terminal.logs():
+            terminal.error(f"pipeline {args.command}: what Ray and the libraries printed is in {logs[-1]}")
+        terminal.error(f"pipeline {args.command}: error: {describe(e)}")
         return 2
     return 0
 
 
+def entry() -> None:
+    sys.exit(main(sys.argv[1:], capture=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

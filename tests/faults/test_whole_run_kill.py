@@ -78,3 +78,11 @@ def test_a_sigkilled_pipeline_run_resumes_where_it_died(tiny_corpus, tmp_path):
     assert worst < 0.05
     assert (train / "done.json").exists() and (tmp_path / "tiny" / "quantize" / "done.json").exists()
     assert "POST http://127.0.0.1" in again.stdout  # served and answered
+
+    # the terminal gets the stages' lines; Ray's workers and Serve write to the run's logs
+    shown = again.stdout + again.stderr
+    assert len(shown.splitlines()) < 40 and "RayTrainWorker" not in shown, shown
+    logs = tmp_path / "tiny" / "logs"
+    assert "RayTrainWorker" in (logs / "train.log").read_text()
+    assert "ServeController" in (logs / "serve.log").read_text()
+    assert f"logs: ray.log, train.log, quantize.log, serve.log in {logs}" in again.stdout

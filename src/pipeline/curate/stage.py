@@ -35,6 +35,7 @@ from pipeline.curate.records import is_kept
 from pipeline.curate.web import extract_batch
 from pipeline.plots import plot_histograms
 from pipeline.runtime import atomic_dir
+from pipeline.terminal import progress
 
 log = logging.getLogger("pipeline.curate")
 
@@ -174,36 +175,45 @@ def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: st
     timings: dict[str, float] = {}
     figures: dict[str, dict] = {}
     read = Step("read", lambda _: read_corpus(files, opts), fused=True)
-    stages = run_steps(None, [read, *curate_steps(cfg)], timings, figures)
-    n_in, ds = stages[0].count(), stages[-1]  # no step drops a row: the first group's rows are the input
-
-    start = time.perf_counter()
-    with atomic_dir(out) as tmp:
-        rows_per_shard = max(1, int(data.shard_mb * 1e6 / max(in_bytes / max(n_in, 1), 1)))
-        write_outputs(ds, tmp, rows_per_shard)
-        counts = _counts(ds)
-        profile = ds.map_batches(_kept_profile, batch_format="pyarrow").to_pandas()
-        augmented = int(profile["augmented"].sum())
-        kept = counts.pop(("", ""), 0)
-        rejected = sum(counts.values())
-        if kept - augmented + rejected != n_in:
-            raise ConservationError(
-                f"{n_in} records in, but {kept - augmented} kept (+{augmented} augmented) + {rejected} rejected"
-            )
-        plot_histograms(
-            {
-                "words per kept document": profile["words"].tolist(),
-                "perplexity (reference LM)": profile["perplexity"].dropna().tolist(),
-            },
-            tmp / "histograms.png",
-            title=f"{kept} kept of {n_in} documents",
-        )
-        timings["write"] = round(time.perf_counter() - start, 2)
-        stats = {**summarize(data, n_in, in_bytes, kept, counts, timings), **figures}
-        stats.update(augmented=augmented, shards=len(list((tmp / "kept").glob("*.parquet"))))
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-    log.info("curate: %d in, %d kept, %d rejected -> %s", n_in, kept, rejected, out)
+    steps = [read, *curate_steps(cfg)]
+    log.info("curate: %d file(s), %.1f MB -> %s", len(files), in_bytes / 1e6, out)
+    # one tick per materialized group of steps and one for the write: timings gets an entry as each ends
+    with progress(sum(not s.fused for s in steps) + 1, "curate", lambda: len(timings)):
+        stages = run_steps(None, steps, timings, figures)
+        n_in, ds = stages[0].count(), stages[-1]  # no step drops a row: the first group's rows are the input
+        start = time.perf_counter()
+        with atomic_dir(out) as tmp:
+            rows_per_shard = max(1, int(data.shard_mb * 1e6 / max(in_bytes / max(n_in, 1), 1)))
+            write_outputs(ds, tmp, rows_per_shard)
+            kept, counts, augmented = account(ds, n_in, tmp / "histograms.png")
+            timings["write"] = round(time.perf_counter() - start, 2)
+            stats = {**summarize(data, n_in, in_bytes, kept, counts, timings), **figures}
+            stats.update(augmented=augmented, shards=len(list((tmp / "kept").glob("*.parquet"))))
+            (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+def account(ds: ray.data.Dataset, n_in: int, histograms: Path) -> tuple[int, dict[tuple[str, str], int], int]:
+    """Kept rows, rejected rows per (step, reason) and augmented rows, checked to add up to the input;
+    the kept documents' histograms drawn."""
+    counts = _counts(ds)
+    profile = ds.map_batches(_kept_profile, batch_format="pyarrow").to_pandas()
+    augmented = int(profile["augmented"].sum())
+    kept = counts.pop(("", ""), 0)
+    rejected = sum(counts.values())
+    if kept - augmented + rejected != n_in:
+        raise ConservationError(
+            f"{n_in} records in, but {kept - augmented} kept (+{augmented} augmented) + {rejected} rejected"
+        )
+    plot_histograms(
+        {
+            "words per kept document": profile["words"].tolist(),
+            "perplexity (reference LM)": profile["perplexity"].dropna().tolist(),
+        },
+        histograms,
+        title=f"{kept} kept of {n_in} documents",
+    )
+    return kept, counts, augmented
 
 
 def summarize(

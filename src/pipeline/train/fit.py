@@ -16,8 +16,9 @@ from pipeline.config import PipelineConfig
 from pipeline.loading import write_adapter_record
 from pipeline.plots import plot_loss
 from pipeline.runtime import disk_full
+from pipeline.terminal import progress, say
 from pipeline.train.disk_full import explain
-from pipeline.train.recipe import train_loop
+from pipeline.train.recipe import PROGRESS, train_loop
 from pipeline.train.recipe_config import RecipeConfig
 
 
@@ -74,9 +75,9 @@ def start_or_resume(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, fresh:
         for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
             if info.base_name.startswith(f"{cfg.name}-{out.name}-"):
                 fs.delete_dir(info.path)
-        print(f"{label}: --fresh: earlier checkpoints discarded; starting at step 0 of {recipe.train.max_steps}")
+        say(f"{label}: --fresh: earlier checkpoints discarded; starting at step 0 of {recipe.train.max_steps}")
     elif found := latest_checkpoint(storage, run):
-        print(f"{label}: resuming from step {found[0]} of {recipe.train.max_steps}, checkpoint {found[1]}")
+        say(f"{label}: resuming from step {found[0]} of {recipe.train.max_steps}, checkpoint {found[1]}")
     elif before and before["run"] != run:
         changed = [
             k
@@ -84,9 +85,9 @@ def start_or_resume(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, fresh:
             if before["inputs"].get(k) != recipe.inputs.get(k)
         ]
         why = f"its inputs changed ({', '.join(changed)})" if changed else "its settings changed"
-        print(f"{label}: starting fresh: {why} since the run in {storage}/{before['run']}")
+        say(f"{label}: starting fresh: {why} since the run in {storage}/{before['run']}")
     else:
-        print(f"{label}: starting at step 0 of {recipe.train.max_steps}")
+        say(f"{label}: starting at step 0 of {recipe.train.max_steps}")
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"run": run, "inputs": recipe.inputs}, indent=2))
     return run
@@ -116,8 +117,10 @@ def fit(
             failure_config=FailureConfig(max_failures=2),
         ),
     )
+    (out / PROGRESS).unlink(missing_ok=True)
     try:
-        result = trainer.fit()
+        with progress(recipe.train.max_steps, run_label(cfg, out), functools.partial(step_reached, out)):
+            result = trainer.fit()
     except Exception as e:
         if (full := disk_full(e)) is None:
             raise
@@ -130,6 +133,14 @@ def fit(
     history = json.loads((final / "state.json").read_text())["history"]
     plot_loss({out.name: history}, out / "loss.png")
     return final, history
+
+
+def step_reached(out: Path) -> int | None:
+    """The last step rank 0 logged (None before its first): read while the run goes on, so it may be mid-write."""
+    try:
+        return json.loads((out / PROGRESS).read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def history_summary(history: list[dict]) -> dict:

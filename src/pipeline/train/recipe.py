@@ -210,13 +210,18 @@ def evaluate(engine, objective, held_out: list[dict]) -> float | None:
     return round((total[0] / total[1]).item(), 5) if total[1] else None
 
 
+PROGRESS = "progress.json"  # rank 0's last logged step, for the driver's progress bar (fit.py)
+
+
 class Meter:
-    """Averages the loss and the objective's scalars over logging windows, across workers; writes TensorBoard."""
+    """Averages the loss and the objective's scalars over logging windows, across workers; writes TensorBoard
+    and the step reached (PROGRESS)."""
 
     def __init__(self, output_dir: str | None, rank: int, tokens_per_micro_batch: int):
         self.values: dict[str, list] = {}
         self.tokens, self.t0 = tokens_per_micro_batch * dist.get_world_size(), time.time()
         self.writer = SummaryWriter(Path(output_dir) / "tensorboard") if rank == 0 and output_dir else None
+        self.progress = Path(output_dir) / PROGRESS if self.writer else None
 
     def add(self, loss: torch.Tensor, stats: dict) -> None:
         for name, value in {"loss": loss, **stats}.items():
@@ -242,6 +247,7 @@ class Meter:
                 if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"{'eval' if name.startswith('eval') else 'train'}/{name}", value, step)
             self.writer.flush()
+            self.progress.write_text(json.dumps({"step": step, "loss": metrics["loss"]}))
         self.values = {}
         return metrics
 
