@@ -25,12 +25,15 @@ help:
 
 setup: $(VENV)/.installed
 
+# pip's own output (hundreds of lines where pip.conf names mirrors) goes to .venv/setup.log; its tail on failure
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
-	touch $@
+	@echo "setting up $(VENV): $(TORCH_SPEC) (CPU) first, then this package and its dependencies (log: $(VENV)/setup.log)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@( $(PY) -m pip install -q --upgrade pip \
+	  && ($(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)") \
+	  && $(PY) -m pip install -q -e ".[dev]" ) > $(VENV)/setup.log 2>&1 \
+	  || (tail -40 $(VENV)/setup.log; echo "setup failed: the whole log is $(VENV)/setup.log"; exit 1)
+	@touch $@
 
 data/corpus/.built: $(VENV)/.installed src/pipeline/sample_data.py
 	$(VENV)/bin/pipeline sample-data --out data

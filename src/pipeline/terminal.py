@@ -148,35 +148,27 @@ def logs() -> list[Path]:
 
 
 class _Bar:
-    """A tqdm bar whose clock starts at the first figure `done()` gives: the minutes Ray takes to start the
-    workers are not step time, and a resumed run's bar starts where it resumed."""
+    """A tqdm bar drawn from the first figure `done()` gives: the minutes Ray takes to start the workers
+    are not step time, and a resumed run's bar starts where it resumed."""
 
     def __init__(self, total: int, desc: str, unit: str, done: Callable[[], int | None]):
         self.total, self.desc, self.unit, self.done = total, desc, unit, done
-        self.bar = self._new(0)
-        self.started = False
-
-    def _new(self, initial: int) -> tqdm:
-        return tqdm(
-            total=self.total,
-            initial=initial,
-            desc=self.desc,
-            unit=self.unit,
-            file=_capture.terminal,
-            dynamic_ncols=True,
-        )
+        self.bar: tqdm | None = None
 
     def advance(self) -> None:
         if (n := self.done()) is None:
             return
         n = min(n, self.total)
-        if not self.started:
-            self.started = True
-            self.bar.leave = False
-            self.bar.close()
-            self.bar = self._new(n)
+        if self.bar is None:
+            self.bar = tqdm(
+                total=self.total, initial=n, desc=self.desc, unit=self.unit, file=_capture.terminal, dynamic_ncols=True
+            )
         elif n > self.bar.n:
             self.bar.update(n - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @contextmanager
@@ -201,4 +193,4 @@ def progress(total: int, desc: str, done: Callable[[], int | None], unit: str = 
     finally:
         stop.set()
         thread.join()
-        bar.bar.close()
+        bar.close()

@@ -116,6 +116,8 @@ def adapters_at_once(cfg: PipelineConfig, n: int, cluster: dict[str, float]) -> 
 
 def run_adapters(cfg: PipelineConfig, names: list[str], fresh: bool = False) -> dict[str, dict]:
     """The named adapters, as many at once as the cluster holds (adapters_at_once); manifests by name."""
+    if not names:
+        return {}
     at_once = adapters_at_once(cfg, len(names), ray.cluster_resources())
     log.info("adapt: %d adapter(s), %d at a time", len(names), at_once)
     with ThreadPoolExecutor(at_once, thread_name_prefix="adapt") as pool:  # Ray Train runs a fit per thread
