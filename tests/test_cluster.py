@@ -116,6 +116,14 @@ def test_rayservice_serve_config_is_a_valid_serve_deployment_of_our_app():
     assert gpu["applications"][0]["args"]["num_gpus"] == 1
 
 
+def test_a_replica_being_stopped_may_finish_a_request_as_long_as_one_may_run():
+    from serve.app import ingress_options, model_options
+
+    args = ServeArgs(model_dir="/mnt/runs/demo/quantize/awq", request_timeout_s=90)
+    assert model_options(args)["graceful_shutdown_timeout_s"] == 90
+    assert ingress_options(args)["graceful_shutdown_timeout_s"] == 90
+
+
 def test_kustomization_lists_files_that_exist():
     for path, doc in docs("Kustomization"):
         for resource in doc["resources"]:
