@@ -1,6 +1,7 @@
 """Safe loading: safetensors only, no model-shipped code unless trusted, safe YAML, loopback by default."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -96,3 +97,18 @@ def test_local_ray_runs_without_a_dashboard(ray_local):
 
     assert not ray.get_runtime_context().gcs_address.startswith("0.0.0.0")
     assert not ray._private.worker.global_worker.node.address_info.get("webui_url")
+
+
+@pytest.mark.integration
+def test_the_local_rays_processes_skip_the_actors_only_a_cluster_needs(ray_local):
+    """Ray Data's Parquet footer pool sized to the local CPUs, Ray Train's preemption watcher off: set
+    before the local Ray starts, so the processes it starts (where Ray Data and Ray Train run) see them."""
+    import ray
+
+    @ray.remote
+    def settings() -> tuple:
+        return tuple(
+            os.environ.get(k) for k in ("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+        )
+
+    assert ray.get(settings.remote()) == ("1", "0")
