@@ -123,10 +123,11 @@ def test_the_readme_walkthrough_and_what_a_rerun_does(tmp_path):
         server.wait(timeout=120)
     assert client.returncode == 0 and client.stdout.strip(), client.stderr[-2000:]
 
-    # the SFT stage alone (its settings and inputs are the same with the DPO stage left out): one run to wait for
+    # the SFT stage alone (its settings and inputs are the same with the DPO stage left out): its last
+    # checkpoint is the result, and no worker group starts
     sft_only = "train.stages=[{kind: sft, data: my-data.jsonl, max_steps: 20}]"
     again = pipeline("train", "--config", "mine.yaml", sft_only, cwd=tmp_path)
-    assert "train/sft: resuming from step 20 of 20" in again
+    assert "train/sft: resuming from step 20 of 20" in again and "train/sft: step 20 was its last" in again
 
     old_adapter = tmp_path / "old-adapter"
     shutil.copytree(tmp_path / "runs/mine/train/sft/final/model", old_adapter)  # trained on my-model

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow.fs as pafs
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.config import PipelineConfig
@@ -100,9 +100,29 @@ def fit(
     history. Rank 0 writes TensorBoard scalars to out/tensorboard (and profiler traces to out/profile).
     A run whose settings and inputs are unchanged resumes from its latest checkpoint, unless `fresh`."""
     recipe = recipe.model_copy(update={"output_dir": str(out)})
+    run, storage = start_or_resume(cfg, recipe, out, fresh), checkpoint_storage(cfg, out)
+    found = None if fresh else latest_checkpoint(storage, run)
+    if found and found[0] >= recipe.train.max_steps:
+        # a rerun of a run that reached its last step: its checkpoint is the result, no worker group to start
+        say(f"{run_label(cfg, out)}: step {found[0]} was its last; nothing left to train")
+        checkpoint = Checkpoint(found[1], filesystem=_storage(storage)[0])
+    else:
+        checkpoint = run_trainer(cfg, recipe, out, run, storage, datasets)
+    final = out / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    checkpoint.to_directory(str(final))
+    if (final / "model" / "adapter_config.json").is_file():  # an adapter says which base it belongs to
+        write_adapter_record(final / "model", recipe.base_model, recipe.inputs.get("base_model"))
+    history = json.loads((final / "state.json").read_text())["history"]
+    plot_loss({out.name: history}, out / "loss.png")
+    return final, history
+
+
+def run_trainer(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, run: str, storage: str, datasets: dict):
+    """The recipe on a Ray Train worker group (resuming `run` from its latest checkpoint in `storage`);
+    returns the final checkpoint."""
     train = cfg.train
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
-    run, storage = start_or_resume(cfg, recipe, out, fresh), checkpoint_storage(cfg, out)
     trainer = TorchTrainer(
         functools.partial(train_loop, recipe),
         scaling_config=ScalingConfig(
@@ -125,14 +145,7 @@ def fit(
         if (full := disk_full(e)) is None:
             raise
         raise explain(full, None if "://" in storage else Path(storage) / run, out) from e
-    final = out / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    result.checkpoint.to_directory(str(final))
-    if (final / "model" / "adapter_config.json").is_file():  # an adapter says which base it belongs to
-        write_adapter_record(final / "model", recipe.base_model, recipe.inputs.get("base_model"))
-    history = json.loads((final / "state.json").read_text())["history"]
-    plot_loss({out.name: history}, out / "loss.png")
-    return final, history
+    return result.checkpoint
 
 
 def step_reached(out: Path) -> int | None:
