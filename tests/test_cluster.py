@@ -76,6 +76,10 @@ def test_rayjobs_run_our_entrypoints_with_valid_configs_and_runtime_envs():
         assert ("rayClusterSpec" in doc["spec"]) != ("clusterSelector" in doc["spec"]), path
         stages.add(Path(script).stem)
     assert stages == {"curate", "train", "quantize", "distill", "adapt", "eval", "pipeline"}
+    # each entrypoint hands its own stage to the CLI (test_rayjob submits some of them as real jobs)
+    for script in (REPO / "rayjobs").glob("[!_]*.py"):
+        command = "run" if script.stem == "pipeline" else script.stem
+        assert f'run_stage("{command}")' in script.read_text(), script
 
 
 def test_clusters_keep_work_off_the_head_and_size_gpu_groups_consistently():

@@ -18,7 +18,7 @@ from conftest import REPO, TINY, free_port, logged_losses
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
-INTERVAL = 15
+INTERVAL, STEPS = 15, 40
 
 
 def kill_tree(pid: int) -> int:
@@ -43,7 +43,7 @@ def test_a_sigkilled_pipeline_run_resumes_where_it_died(tiny_corpus, tmp_path):
         f"runs_dir={tmp_path}",
         f"data.input=[{tiny_corpus}/*.jsonl]",
         f"serve.port={free_port()}",
-        "train.max_steps=60",
+        f"train.max_steps={STEPS}",
         f"train.checkpoint_every={INTERVAL}",
         "train.log_every=1",
         "train.eval_every=100",
@@ -73,8 +73,8 @@ def test_a_sigkilled_pipeline_run_resumes_where_it_died(tiny_corpus, tmp_path):
         f"from step {resumed} ({repeated} steps repeated, interval {INTERVAL}); repeated steps' loss within "
         f"{worst:.2%} of the killed run's"
     )
-    assert f"train/pretrain: resuming from step {resumed} of 60" in again.stdout
-    assert 0 < repeated <= INTERVAL and state["step"] == 60
+    assert f"train/pretrain: resuming from step {resumed} of {STEPS}" in again.stdout
+    assert 0 < repeated <= INTERVAL and state["step"] == STEPS
     assert worst < 0.05
     assert (train / "done.json").exists() and (tmp_path / "tiny" / "quantize" / "done.json").exists()
     assert "POST http://127.0.0.1" in again.stdout  # served and answered
