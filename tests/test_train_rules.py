@@ -285,3 +285,20 @@ def test_adapters_train_at_once_as_far_as_the_cluster_holds_their_worker_groups(
     assert adapters_at_once(gpus, 8, {"CPU": 64, "GPU": 8}) == 7  # CPUs bind first: (64 - 1) // 8
     assert adapters_at_once(gpus, 8, {"CPU": 128, "GPU": 4}) == 4
     assert adapters_at_once(load_config(TINY, ["adapters_at_once=2"]), 5, {"CPU": 2}) == 2  # the user's word
+
+
+def test_a_finished_runs_checkpoint_is_the_result_only_when_it_is_whole(tmp_path):
+    """A rerun of a run at its last step copies that checkpoint as the result, starting no worker group;
+    a damaged one is left for the recipe, which passes over it."""
+    from pipeline.train.checkpoint_manifest import write_manifest
+    from pipeline.train.fit import take_whole
+
+    checkpoint = tmp_path / "run" / "checkpoint_1"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text('{"step": 10}')
+    write_manifest(checkpoint, 0, 1)
+    assert take_whole(str(checkpoint), str(tmp_path / "run"), tmp_path / "final")
+    assert (tmp_path / "final" / "state.json").read_text() == '{"step": 10}'
+    (checkpoint / "state.json").write_text('{"step": 19}')  # same size, other bytes
+    assert not take_whole(str(checkpoint), str(tmp_path / "run"), tmp_path / "again")
+    assert not (tmp_path / "again").exists()

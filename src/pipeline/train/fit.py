@@ -17,6 +17,7 @@ from pipeline.loading import write_adapter_record
 from pipeline.plots import plot_loss
 from pipeline.runtime import disk_full
 from pipeline.terminal import progress, say
+from pipeline.train.checkpoint_manifest import damage
 from pipeline.train.disk_full import explain
 from pipeline.train.recipe import PROGRESS, train_loop
 from pipeline.train.recipe_config import RecipeConfig
@@ -102,20 +103,27 @@ def fit(
     recipe = recipe.model_copy(update={"output_dir": str(out)})
     run, storage = start_or_resume(cfg, recipe, out, fresh), checkpoint_storage(cfg, out)
     found = None if fresh else latest_checkpoint(storage, run)
-    if found and found[0] >= recipe.train.max_steps:
-        # a rerun of a run that reached its last step: its checkpoint is the result, no worker group to start
-        say(f"{run_label(cfg, out)}: step {found[0]} was its last; nothing left to train")
-        checkpoint = Checkpoint(found[1], filesystem=_storage(storage)[0])
-    else:
-        checkpoint = run_trainer(cfg, recipe, out, run, storage, datasets)
     final = out / "final"
     shutil.rmtree(final, ignore_errors=True)
-    checkpoint.to_directory(str(final))
+    if found and found[0] >= recipe.train.max_steps and take_whole(found[1], storage, final):
+        say(f"{run_label(cfg, out)}: step {found[0]} was its last; nothing left to train")
+    else:
+        run_trainer(cfg, recipe, out, run, storage, datasets).to_directory(str(final))
     if (final / "model" / "adapter_config.json").is_file():  # an adapter says which base it belongs to
         write_adapter_record(final / "model", recipe.base_model, recipe.inputs.get("base_model"))
     history = json.loads((final / "state.json").read_text())["history"]
     plot_loss({out.name: history}, out / "loss.png")
     return final, history
+
+
+def take_whole(checkpoint: str, storage: str, final: Path) -> bool:
+    """A rerun of a run that reached its last step: its checkpoint, copied to `final`, is the result and
+    no worker group starts. Not when it is damaged: the recipe then passes over it to the one before."""
+    Checkpoint(checkpoint, filesystem=_storage(storage)[0]).to_directory(str(final))
+    if damage(final) is None:
+        return True
+    shutil.rmtree(final)
+    return False
 
 
 def run_trainer(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, run: str, storage: str, datasets: dict):
