@@ -64,10 +64,11 @@ def latest_checkpoint(storage: str, run: str) -> tuple[int, str] | None:
     return None
 
 
-def start_or_resume(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, fresh: bool) -> str:
+def start_or_resume(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, fresh: bool) -> tuple[str, tuple | None]:
     """Say on the terminal whether this run resumes and why not; with `fresh`, discard earlier runs.
-    Returns the run's name."""
+    Returns the run's name and its latest checkpoint (step, folder), if it resumes."""
     run, storage = run_name(cfg, recipe, out), checkpoint_storage(cfg, out)
+    found = None if fresh else latest_checkpoint(storage, run)
     label = run_label(cfg, out)
     record = out / RUN_RECORD
     before = json.loads(record.read_text()) if record.is_file() else None
@@ -77,7 +78,7 @@ def start_or_resume(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, fresh:
             if info.base_name.startswith(f"{cfg.name}-{out.name}-"):
                 fs.delete_dir(info.path)
         say(f"{label}: --fresh: earlier checkpoints discarded; starting at step 0 of {recipe.train.max_steps}")
-    elif found := latest_checkpoint(storage, run):
+    elif found:
         say(f"{label}: resuming from step {found[0]} of {recipe.train.max_steps}, checkpoint {found[1]}")
     elif before and before["run"] != run:
         changed = [
@@ -91,7 +92,7 @@ def start_or_resume(cfg: PipelineConfig, recipe: RecipeConfig, out: Path, fresh:
         say(f"{label}: starting at step 0 of {recipe.train.max_steps}")
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"run": run, "inputs": recipe.inputs}, indent=2))
-    return run
+    return run, found
 
 
 def fit(
@@ -101,8 +102,7 @@ def fit(
     history. Rank 0 writes TensorBoard scalars to out/tensorboard (and profiler traces to out/profile).
     A run whose settings and inputs are unchanged resumes from its latest checkpoint, unless `fresh`."""
     recipe = recipe.model_copy(update={"output_dir": str(out)})
-    run, storage = start_or_resume(cfg, recipe, out, fresh), checkpoint_storage(cfg, out)
-    found = None if fresh else latest_checkpoint(storage, run)
+    (run, found), storage = start_or_resume(cfg, recipe, out, fresh), checkpoint_storage(cfg, out)
     final = out / "final"
     shutil.rmtree(final, ignore_errors=True)
     if found and found[0] >= recipe.train.max_steps and take_whole(found[1], storage, final):
