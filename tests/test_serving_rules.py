@@ -6,6 +6,7 @@ import json
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from peft import PeftModel
 from conftest import lora_adapter
 from pipeline.config import ConfigError
 from pipeline.digest import path_digest
-from pipeline.loading import check_adapter_base, write_adapter_record, write_quantized_record
+from pipeline.loading import check_adapter_base, load_tokenizer, write_adapter_record, write_quantized_record
+from pipeline.serving.adapter_rows import AdapterRows
 from pipeline.serving.adapters import (
     Adapter,
     AdapterCatalog,
@@ -423,3 +425,94 @@ def test_echo_gives_each_prompt_tokens_logprob_as_the_model_alone_does_in_a_padd
         assert len(completion.logprobs) == 1  # and the one token generated
     plain = asyncio.run(engine.complete(prompts[0], Sampling(1, logprobs=1)))
     assert plain.prompt_logprobs is None
+
+
+PAD = {"return_tensors": "pt", "padding": True}
+
+
+def peft_with_adapters(base: Path, tmp_path: Path) -> PeftModel:
+    """The tiny model holding three adapters unlike each other: rank 8 on q/v; rank 4 on q/k/v/o; and one
+    that also trains lm_head in full."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.loading import load_model
+
+    shapes = {
+        "alpha": LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        "beta": LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "gamma": LoraConfig(r=8, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False),
+    }
+    model = None
+    for seed, (name, lora) in enumerate(shapes.items()):
+        torch.manual_seed(seed)
+        built = get_peft_model(load_model(AutoModelForCausalLM, base), lora)
+        if name == "beta":  # LoRA's B starts at zero: give it weights so that it changes the answers
+            for p in (p for n, p in built.named_parameters() if "lora_B" in n):
+                torch.nn.init.normal_(p, std=0.2)
+        if name == "gamma":
+            torch.nn.init.normal_(built.base_model.model.lm_head.modules_to_save["default"].weight, std=0.1)
+        built.save_pretrained(tmp_path / name)
+        if model is None:
+            plain = load_model(AutoModelForCausalLM, base)
+            model = PeftModel.from_pretrained(plain, tmp_path / name, adapter_name=name)
+        else:
+            model.load_adapter(str(tmp_path / name), adapter_name=name)
+    return model.eval()
+
+
+def test_a_mixed_batch_gets_each_rows_adapter_as_peft_gives_it_alone(tiny_model_dir, tmp_path):
+    """Stacked adapters (two batched matmuls per layer) against peft with one adapter active at a time:
+    the same logits for every row, base rows included, and a module trained in full (gamma's lm_head)
+    follows its row too (peft's own mixed batches give every row its active adapter's copy, or none);
+    taking the hooks off gives peft its model back unchanged."""
+    model = peft_with_adapters(tiny_model_dir, tmp_path)
+    tokenizer = load_tokenizer(tiny_model_dir, padding_side="left")
+    rows = ["alpha", None, "beta", "gamma", "beta", None]
+    enc = tokenizer(["Permission is hereby granted"] * 3 + ["Copyright", "free of charge", "the Software"], **PAD)
+    with torch.no_grad():
+        alone = {}
+        for name in ("alpha", "beta", "gamma"):
+            model.set_adapter(name)
+            alone[name] = model(**enc).logits
+        with model.disable_adapter():
+            alone[None] = model(**enc).logits
+        before = model(**enc).logits  # peft's own: its active adapter (gamma, the last set) on every row
+        stacked = AdapterRows()
+        stacked.install(model)
+        assert stacked.stacked_bytes() > 0 and len(stacked.stacks) == 2 * 4  # q/k/v/o of both layers
+        with stacked.rows(rows):
+            got = model(**enc).logits
+        stacked.uninstall()
+        after = model(**enc).logits
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(got[i], alone[name][i], atol=1e-5, rtol=1e-5)
+    assert len({tuple(got[i, -1].topk(3).indices.tolist()) for i in (0, 1, 2, 3)}) == 4  # the adapters differ
+    torch.testing.assert_close(after, before)
+
+
+def test_generations_running_at_once_keep_their_own_rows(tiny_model_dir, tmp_path):
+    """A stream beside a batch on one replica: each thread's rows reach its own forward passes only
+    (peft's `adapter_names` hooks are the whole model's while a generate runs, so they would mix)."""
+    model = peft_with_adapters(tiny_model_dir, tmp_path)
+    tokenizer = load_tokenizer(tiny_model_dir, padding_side="left")
+    stacked = AdapterRows()
+    stacked.install(model)
+    jobs = {
+        "batch": (["alpha", None, "gamma"], ["Permission is", "Copyright", "free of charge"]),
+        "stream": (["beta"], ["the Software is provided"]),
+        "base": ([None], ["the Software is provided"]),
+    }
+
+    @torch.no_grad()
+    def greedy(job: str) -> list[list[int]]:
+        names, prompts = jobs[job]
+        with stacked.rows(names):
+            out = model.generate(**tokenizer(prompts, **PAD), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        return out.tolist()
+
+    alone = {job: greedy(job) for job in jobs}
+    assert alone["stream"] != alone["base"]
+    with ThreadPoolExecutor(3) as pool:
+        together = [pool.submit(greedy, job) for job in list(jobs) * 4]
+    assert [f.result() for f in together] == [alone[job] for job in list(jobs) * 4]

@@ -1,7 +1,7 @@
 """The transformers engine (CPU, or a GPU without vLLM): concurrent requests are merged into one
 `model.generate` call over the whole batch (left padding, batching.py); a stream generates alone,
 token by token, in a thread. With LoRA adapters the model is a peft model holding those loaded, and a
-batch may mix them: peft applies each row's adapter (`adapter_names`), so batching still pays off.
+batch may mix them: each row gets its own adapter (adapter_rows.py), so batching still pays off.
 Adapters come and go while the replica serves (Serve's multiplexing loads them on demand, least recently
 used out): a change to the model waits for the generations running on it, and an adapter is unloaded
 only when no request waiting or running still uses it."""
@@ -17,11 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from pipeline.loading import load_adapter, load_base_for_adapters, load_model, load_tokenizer, model_fingerprints
-from pipeline.serving.adapters import BASE
+from pipeline.serving.adapter_rows import AdapterRows
 from pipeline.serving.batching import BatchMerger
 from pipeline.serving.engine import Engine
 from pipeline.serving.types import Completion, Sampling, TokenLogprob, truncate_at_stop
@@ -104,6 +103,7 @@ class TransformersEngine(Engine):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = load_base(model_dir, trust_remote_code, lora).to(self.device).eval()
         self.fits = model_fingerprints(Path(model_dir)) if lora else set()  # once, for every adapter
+        self.rows = AdapterRows()
         self.lock, self.names = ModelLock(), itertools.count()
         self.adapters: dict[str, str] = {}  # model id -> its name inside the peft model (no dots allowed there)
         self.users: Counter[str] = Counter()  # model id -> requests waiting or running with it
@@ -132,7 +132,11 @@ class TransformersEngine(Engine):
                 return
         name = f"lora{next(self.names)}"
         with self.lock.changing():
-            self.model = load_adapter(self.model, path, adapter_name=name, fits=self.fits).eval()
+            self.rows.uninstall()
+            try:
+                self.model = load_adapter(self.model, path, adapter_name=name, fits=self.fits).eval()
+            finally:
+                self.rows.install(self.model)
             with self.bookkeeping:
                 self.adapters[model_id] = name
 
@@ -147,10 +151,12 @@ class TransformersEngine(Engine):
                 return
             self.retired.discard(model_id)
             name = self.adapters.pop(model_id)
+            self.rows.uninstall()
             if self.adapters:
                 self.model.delete_adapter(name)
             else:  # peft cannot hold zero adapters: after the last one, the plain model again
                 self.model = self.model.unload()
+            self.rows.install(self.model)
 
     @contextmanager
     def _using(self, model_id: str | None):
@@ -170,11 +176,9 @@ class TransformersEngine(Engine):
             if done:  # off the event loop: the unloading waits for the batch running now
                 asyncio.get_running_loop().run_in_executor(None, self._unload_if_idle, model_id)
 
-    def _adapter_names(self, sampling: list[Sampling]) -> dict:
-        """peft's per-row adapter for a batch that may mix them (none while the model holds no adapter)."""
-        if not isinstance(self.model, PeftModel):
-            return {}
-        return {"adapter_names": [self.adapters[r.adapter] if r.adapter else BASE for r in sampling]}
+    def _rows(self, sampling: list[Sampling]):
+        """Each row's adapter, for the forward passes of the calling thread."""
+        return self.rows.rows([self.adapters[r.adapter] if r.adapter else None for r in sampling])
 
     def _generate_kwargs(self, sampling: list[Sampling], prompt_width: int) -> dict:
         """For one group (sampling settings alike but for the adapter): the first row's settings."""
@@ -188,7 +192,6 @@ class TransformersEngine(Engine):
         processors = [OpenAIPenalties(prompt_width, s.presence_penalty, s.frequency_penalty)] if penalties else []
         return {
             "pad_token_id": self.tokenizer.pad_token_id,
-            **self._adapter_names(sampling),
             "logits_processor": LogitsProcessorList(processors),
             **choice,
         }
@@ -211,7 +214,7 @@ class TransformersEngine(Engine):
         width, first = enc["input_ids"].shape[1], sampling[0]
         if first.seed is not None:  # one generate runs at a time on a replica (the merger), so this is its seed
             torch.manual_seed(first.seed)
-        with self.lock.generating():
+        with self.lock.generating(), self._rows(sampling):
             out = self.model.generate(
                 **enc,
                 max_new_tokens=max(s.max_new_tokens for s in sampling),
@@ -239,8 +242,8 @@ class TransformersEngine(Engine):
         token has none), as lm-eval's loglikelihood tasks read them from an OpenAI server."""
         mask = enc["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt starts at position 0
-        with self.lock.generating():
-            logits = self.model(**enc, position_ids=positions, **self._adapter_names(sampling)).logits
+        with self.lock.generating(), self._rows(sampling):
+            logits = self.model(**enc, position_ids=positions).logits
         out = []
         for row, s in enumerate(sampling):
             real = mask[row].bool()
@@ -282,7 +285,7 @@ class TransformersEngine(Engine):
 
         @torch.no_grad()
         def generate():
-            with self.lock.generating():
+            with self.lock.generating(), self._rows([sampling]):
                 self.model.generate(**kwargs, **self._generate_kwargs([sampling], enc["input_ids"].shape[1]))
 
         thread = threading.Thread(target=generate, daemon=True)
