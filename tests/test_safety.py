@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,3 +114,29 @@ def test_the_local_rays_processes_skip_the_actors_only_a_cluster_needs(ray_local
         )
 
     assert ray.get(settings.remote()) == ("1", "0")
+
+
+ANOTHER_RAY = """
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+print("up", flush=True)
+input()
+cluster.shutdown()
+"""
+PROBE = "import ray; from pipeline.runtime import init_ray; init_ray(num_cpus=1); print(ray.cluster_resources()['CPU'])"
+
+
+@pytest.mark.integration
+def test_without_ray_address_a_run_starts_its_own_ray_beside_another_on_the_machine():
+    """A Ray that `ray start` (or a test's cluster) left on this machine is not joined: ray.init() alone
+    would find it through /tmp/ray and run the stage there."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    other = subprocess.Popen(
+        [sys.executable, "-c", ANOTHER_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert other.stdout.readline().strip() == "up"
+        probe = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=180)
+        assert probe.stdout.split()[-1:] == ["1.0"], probe.stdout + probe.stderr[-3000:]
+    finally:
+        other.communicate("stop\n", timeout=120)

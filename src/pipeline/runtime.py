@@ -18,8 +18,8 @@ log = logging.getLogger("pipeline")
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect once per process. With RAY_ADDRESS (or inside `ray job submit`) the cluster is used
-    unchanged; otherwise a local Ray starts here, with its dashboard off and nothing bound beyond
-    loopback."""
+    unchanged; otherwise a local Ray of this process's own starts here, with its dashboard off and
+    nothing bound beyond loopback."""
     ctx = ray.data.DataContext.get_current()
     # Sorts and groupings run as plain tasks: the hash shuffle starts aggregator actors, which
     # costs seconds per shuffle on a small cluster, more than curate's shuffles themselves.
@@ -38,7 +38,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         footer_actors = max(1, (num_cpus or os.cpu_count() or 2) // 2)
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(footer_actors))
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # "local": without it, ray.init() joins any cluster `ray start` left on this machine (found
+        # through /tmp/ray), so a run meant to be embedded would land on someone else's Ray
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
         log.info("started local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
     ctx.enable_progress_bars = True
 
