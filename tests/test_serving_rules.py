@@ -516,3 +516,15 @@ def test_generations_running_at_once_keep_their_own_rows(tiny_model_dir, tmp_pat
     with ThreadPoolExecutor(3) as pool:
         together = [pool.submit(greedy, job) for job in list(jobs) * 4]
     assert [f.result() for f in together] == [alone[job] for job in list(jobs) * 4]
+
+
+def test_a_model_saved_asking_for_its_routers_logits_still_generates_in_batches(tiny_model_dir, tmp_path):
+    """MoE models trained before the recipe stopped saving its training flag ask for the router's logits,
+    with which transformers fails any batched generate (its balancing loss against the whole mask)."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "output_router_logits": True}))
+    engine = TransformersEngine(str(model_dir), False)
+    done = engine.generate_batch(["Permission is hereby granted", "Copyright"], [Sampling(max_new_tokens=3)] * 2)
+    assert len(done) == 2 and all(0 < c.completion_tokens <= 3 for c in done)

@@ -125,6 +125,13 @@ def test_ddp_full_finetune_trains_every_weight(tiny_run, tmp_path):
     trained = AutoModelForCausalLM.from_pretrained(cfg.stage_dir("train") / "final" / "model")
     base = AutoModelForCausalLM.from_pretrained(m["base_model"])
     assert not torch.equal(trained.model.layers[0].mlp.experts.down_proj, base.model.layers[0].mlp.experts.down_proj)
+    # the router's logits were a training output: a saved config asking for them broke batched generation
+    assert not trained.config.output_router_logits
+    padded = {
+        "input_ids": torch.ones(2, 5, dtype=torch.long),
+        "attention_mask": torch.tensor([[0, 1, 1, 1, 1]] + [[1] * 5]),
+    }
+    assert trained.generate(**padded, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 8)
 
 
 def test_early_stopping_ends_a_run_whose_eval_loss_is_flat(tiny_run, tmp_path):

@@ -50,8 +50,14 @@ def load_with_adapters(model_dir: str, trust_remote_code: bool, adapters: dict[s
 def load_base(model_dir: str, trust_remote_code: bool, lora: bool):
     """The base model, ready for LoRA adapters when `lora`."""
     if lora:
-        return load_base_for_adapters(model_dir, trust_remote_code)
-    return load_model(AutoModelForCausalLM, model_dir, trust_remote_code)
+        model = load_base_for_adapters(model_dir, trust_remote_code)
+    else:
+        model = load_model(AutoModelForCausalLM, model_dir, trust_remote_code)
+    # an MoE model trained before recipe.as_saved was saved asking for its router's logits, which breaks
+    # every batched generate; generating never needs them
+    if getattr(model.config, "output_router_logits", False):
+        model.config.output_router_logits = False
+    return model
 
 
 class ModelLock:

@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -159,10 +159,28 @@ def resume(engine) -> State:
     return State()
 
 
+@contextmanager
+def as_saved(model: torch.nn.Module):
+    """The model's config as a trained model is saved with it: the MoE router's logits are a training
+    output (build_model asks for them, for the balancing loss). A saved config that asks for them breaks
+    every batched generate: transformers then computes that loss over each decode step against the whole
+    attention mask, and the shapes differ."""
+    config = getattr(model, "config", None)
+    asked = bool(getattr(config, "output_router_logits", False))
+    if asked:
+        config.output_router_logits = False
+    try:
+        yield
+    finally:
+        if asked:
+            config.output_router_logits = True
+
+
 def save_checkpoint(engine, state: State, metrics: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         engine.save(tmp)  # every rank writes its shard; Ray gathers all ranks' files in one folder
-        engine.save_model(Path(tmp) / "model")  # the adapter, or the whole model
+        with as_saved(engine.module):
+            engine.save_model(Path(tmp) / "model")  # the adapter, or the whole model
         if dist.get_rank() == 0:
             (Path(tmp) / "state.json").write_text(json.dumps(asdict(state)))
         write_manifest(Path(tmp), dist.get_rank(), dist.get_world_size())
