@@ -9,6 +9,10 @@ each, @serve.batch max 8 vs 1) and measures both at concurrency 1 and 8 in the s
 --compare-adapters N serves that model on one replica with N LoRA adapters (rank 8 on q/k/v/o, random
 weights: their values do not change the work) and measures QPS at concurrency 8 with every request
 on one adapter, then spread over all N (mixed batches), and the memory one loaded adapter takes.
+
+The requests cycle through PROMPTS, not one prompt: on a mixture-of-experts model a batch of identical
+rows routes every row to the same experts, which made one adapter (identical answers) look cheaper
+than eight (different answers) for a reason that real traffic does not have.
 """
 
 from __future__ import annotations
@@ -28,6 +32,25 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the serve/ app, when run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from emit import emit  # noqa: E402
+
+PROMPTS = [  # openings of licence texts like those of the demo corpus
+    "Permission is hereby granted, free of charge,",
+    "Redistribution and use in source and binary forms,",
+    "This program is free software; you can redistribute it",
+    'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY',
+    "Licensed under the Apache License, Version 2.0",
+    "Copyright notice and this permission notice shall be",
+    "You may not use this file except in compliance",
+    "In no event shall the authors or copyright holders",
+    "Neither the name of the copyright holder nor the names",
+    "This library is distributed in the hope that it will be useful,",
+    "The above copyright notice shall be included in all copies",
+    "Subject to the terms and conditions of this License,",
+    "A copy of the GNU General Public License is included",
+    "Unless required by applicable law or agreed to in writing,",
+    "Everyone is permitted to copy and distribute verbatim copies",
+    "The licenses for most software are designed to take away",
+]
 
 
 def percentiles(values: list[float]) -> dict:
@@ -88,7 +111,6 @@ def run_load(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     models = [model] if isinstance(model, str) else model
     body = {
-        "prompt": "Permission is hereby granted, free of charge,",
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream_options": {"include_usage": True},
@@ -101,7 +123,8 @@ def run_load(
         with requests.Session() as s:
             while time.perf_counter() < deadline:
                 i += 1
-                res = one_request(s, url, {**body, "model": models[i % len(models)]}, headers, stream)
+                asked = {**body, "model": models[i % len(models)], "prompt": PROMPTS[(i * 5) % len(PROMPTS)]}
+                res = one_request(s, url, asked, headers, stream)
                 with lock:
                     results.append(res)
 
@@ -210,12 +233,16 @@ def random_adapter(base: Path, base_digest: str, out: Path, seed: int) -> None:
     write_adapter_record(out, base, base_digest)
 
 
-def adapter_bytes(model_dir: Path, name: str, adapter: Path) -> int:
-    """Memory one loaded adapter takes on a replica: its LoRA tensors as the engine holds them."""
+def adapter_bytes(model_dir: Path, adapters: dict[str, Path]) -> int:
+    """Memory one loaded adapter takes on a replica, with `adapters` loaded: its LoRA tensors as peft holds
+    them, and its share of the stacks that mixed batches read (adapter_rows.py)."""
+    from pipeline.serving.adapter_rows import AdapterRows
     from pipeline.serving.transformers_engine import load_with_adapters
 
-    model = load_with_adapters(str(model_dir), False, {name: adapter})
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+    model, rows = load_with_adapters(str(model_dir), False, adapters), AdapterRows()
+    rows.install(model)
+    peft_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+    return (peft_bytes + rows.stacked_bytes()) // len(adapters)
 
 
 def compare_adapters(config: str, n_adapters: int, duration: float, max_tokens: int) -> dict:
@@ -256,7 +283,7 @@ def compare_adapters(config: str, n_adapters: int, duration: float, max_tokens: 
     one, spread = out["runs"]["one_adapter"]["qps"], out["runs"][f"over_{n_adapters}_adapters"]["qps"]
     out["spread_vs_one_qps"] = round(spread / one, 3) if one else None
     out["ok"] = bool(one) and spread >= 0.75 * one  # #17's target: within 25% of the single-adapter QPS
-    out["bytes_per_adapter"] = adapter_bytes(Path(args["model_dir"]), names[0], folder / names[0])
+    out["bytes_per_adapter"] = adapter_bytes(Path(args["model_dir"]), {name: folder / name for name in names})
     return out
 
 
