@@ -172,6 +172,15 @@ def logged_losses(tensorboard_dir: Path) -> dict[int, float]:
     return {e.step: e.value for e in scalars}
 
 
+def curate_outcome(curate_dir: Path) -> tuple[list, list]:
+    """A curate run's kept ids and texts and its rejected ids and reasons, in order: equal for equal runs."""
+    import pandas as pd
+
+    kept = pd.read_parquet(curate_dir / "kept", columns=["id", "text"]).sort_values("id")
+    rejected = pd.read_parquet(curate_dir / "rejected", columns=["id", "reason"]).sort_values(["id", "reason"])
+    return kept.values.tolist(), rejected.values.tolist()
+
+
 def tiny_curate(runs_dir: Path, corpus: Path) -> subprocess.CompletedProcess:
     """`pipeline curate` on the tiny config as a user runs it: its own process, output captured."""
     command = [sys.executable, "-m", "pipeline.cli", "curate", "--config", str(TINY), f"runs_dir={runs_dir}"]

@@ -5,21 +5,15 @@ input record accounted for. Figure: records in = kept + rejected on the disturbe
 import threading
 import time
 
-import pandas as pd
 import psutil
 import pytest
 
+from conftest import curate_outcome
 from pipeline.curate.stage import run_curate
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 # Ray names a worker process after the task it runs ("ray::MapBatches(...)"); idle ones are "ray::IDLE"
 DATA_TASKS = ("MapBatches", "FlatMap", "ReadFiles", "Map(", "HashAggregate")
-
-
-def outcome(curate_dir) -> tuple[list, list]:
-    kept = pd.read_parquet(curate_dir / "kept", columns=["id", "text"]).sort_values("id")
-    rejected = pd.read_parquet(curate_dir / "rejected", columns=["id", "reason"]).sort_values(["id", "reason"])
-    return kept.values.tolist(), rejected.values.tolist()
 
 
 def busy_data_worker() -> psutil.Process | None:
@@ -48,4 +42,4 @@ def test_a_killed_curate_worker_changes_nothing(tiny_run, tmp_path):
         f"+ {result['rejected']} rejected; output identical to the undisturbed run"
     )
     assert result["docs_in"] == result["kept"] + result["rejected"]
-    assert outcome(out) == outcome(tiny_run.stage_dir("curate"))
+    assert curate_outcome(out) == curate_outcome(tiny_run.stage_dir("curate"))
