@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,20 @@ def curate_outcome(curate_dir: Path) -> tuple[list, list]:
     kept = pd.read_parquet(curate_dir / "kept", columns=["id", "text"]).sort_values("id")
     rejected = pd.read_parquet(curate_dir / "rejected", columns=["id", "reason"]).sort_values(["id", "reason"])
     return kept.values.tolist(), rejected.values.tolist()
+
+
+def timed_generate(url: str, i: int, session=None) -> tuple[float, float, int | str]:
+    """One small /generate request (prompt number `i`): when it started, how long it took, and its
+    status, or the name of the client's error when no answer came."""
+    import requests
+
+    start = time.time()
+    try:
+        body = {"prompt": f"Permission {i}", "max_new_tokens": 4}
+        status = (session or requests).post(f"{url}/generate", json=body, timeout=120).status_code
+    except requests.RequestException as e:
+        status = type(e).__name__
+    return start, time.time() - start, status
 
 
 def tiny_curate(runs_dir: Path, corpus: Path) -> subprocess.CompletedProcess:

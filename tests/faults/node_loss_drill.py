@@ -115,6 +115,7 @@ def serve_load(cluster, nodes, runs: Path, corpus: Path, cfg) -> dict:
     AFTER_S once the replacement joined."""
     from ray import serve
 
+    from conftest import timed_generate
     from pipeline.serving.deploy import serve_args, wait_healthy
     from serve.app import build_app
 
@@ -132,14 +133,9 @@ def serve_load(cluster, nodes, runs: Path, corpus: Path, cfg) -> dict:
             for i in range(c, 10**9, 8):
                 if stop.is_set():
                     return
-                start = time.time()
-                try:
-                    body = {"prompt": f"Permission {i}", "max_new_tokens": 4}
-                    status = session.post(f"{url}/generate", json=body, timeout=120).status_code
-                except requests.RequestException as e:
-                    status = type(e).__name__
+                result = timed_generate(url, i, session)
                 with lock:
-                    results.append((start, time.time() - start, status))
+                    results.append(result)
 
     clients = [threading.Thread(target=client, args=(c,)) for c in range(8)]
     for thread in clients:

@@ -9,9 +9,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 from ray import serve
 
+from conftest import timed_generate
 from pipeline.handoff import merged_model_dir
 from pipeline.serving.deploy import serve_args, wait_healthy
 from serve.app import build_app
@@ -48,14 +48,9 @@ def test_scaling_and_redeploying_under_load_fails_no_request(tiny_run):
     done, results, lock = [0], [], threading.Lock()
 
     def one(i: int) -> None:
-        start = time.time()
-        try:
-            body = {"prompt": f"Permission {i}", "max_new_tokens": 4}
-            code = requests.post(f"{url}/generate", json=body, timeout=120).status_code
-        except requests.RequestException as e:
-            code = type(e).__name__
+        result = timed_generate(url, i)
         with lock:
-            results.append((start, time.time() - start, code))
+            results.append(result)
             done[0] += 1
 
     try:
