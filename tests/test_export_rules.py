@@ -48,3 +48,28 @@ def test_pipeline_run_counts_the_gates_documents_right_after_curate(tmp_path):
         check_gate_before_training(cfg)
     check_gate_before_training(cfg, force=True)
     check_gate_before_training(load_config(TINY, [f"runs_dir={tmp_path}", f"quantize.eval_samples={held}"]))
+
+
+def test_perplexity_is_the_language_models_alone_even_when_its_config_asks_for_router_logits(tiny_model_dir):
+    """The quality gate's perplexity is exp(next-token cross-entropy): an MoE model whose saved config asks
+    for its router's logits (fully fine-tuned before the recipe stopped saving that) gets the same score,
+    not its `loss`, which then carries the balancing loss too."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.loading import load_tokenizer
+    from pipeline.perplexity import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = load_tokenizer(tiny_model_dir)
+    texts = ["Permission is hereby granted, free of charge, to any person", "Copyright (C) the authors"]
+    plain, first = perplexity(model, tokenizer, texts, 32), perplexity(model, tokenizer, texts[:1], 32)
+    ids = tokenizer(texts[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert first == pytest.approx(math.exp(model(ids, labels=ids).loss))
+        model.config.output_router_logits = True
+        with_balancing = math.exp(model(ids, labels=ids).loss)
+    assert with_balancing > first * 1.001  # what the gate read from such a model before
+    assert perplexity(model, tokenizer, texts, 32) == pytest.approx(plain, rel=1e-6)
