@@ -63,5 +63,7 @@ def test_serving_loses_a_node_under_load_and_requests_fail_over(tiny_run, tiny_c
         f"{result['latency_max_s']} s; {result['failed_after_replacement']} failed of the "
         f"{result['requests_after_replacement']} sent after the node was replaced"
     )
-    assert result["failed"] <= 8  # at most the requests in flight when the node died (8 clients)
+    # only requests an ingress replica on the lost node held (8 clients: one each), or was handed in the
+    # moment before the proxy saw it die, may fail; runs here lost 0, 2 and 4
+    assert result["failed"] <= 2 * 8
     assert result["requests_after_replacement"] and not result["failed_after_replacement"]
