@@ -1,5 +1,7 @@
 """`ray job submit` against a real Ray head started here (ray start --head on free ports)."""
 
+import contextlib
+import json
 import os
 import re
 import signal
@@ -9,10 +11,12 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 from ray.job_submission import JobSubmissionClient
 
-from conftest import REPO, free_port
+from conftest import REPO, derived_config, free_port
+from pipeline.train.fit import step_reached
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +37,8 @@ def _env() -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def start_head() -> tuple[str, subprocess.Popen]:
+    """A Ray head of its own (its own ports and temp dir) in its own process group: its dashboard's address."""
     dash = free_port()
     temp = Path(f"/tmp/rj-{uuid.uuid4().hex[:6]}")  # Ray's socket paths must stay short
     cmd = [
@@ -67,7 +71,10 @@ def head(tmp_path_factory):
     ):
         assert proc.poll() is None and time.time() < deadline, "ray head did not come up"
         time.sleep(2)
-    yield address
+    return address, proc
+
+
+def stop_head(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGTERM)  # --block: the head takes its processes down with it
     try:
         proc.wait(timeout=10)
@@ -76,7 +83,18 @@ def head(tmp_path_factory):
         proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def head():
+    address, proc = start_head()
+    yield address
+    stop_head(proc)
+
+
 def submit(address: str, *entrypoint: str, timeout_s: int = 600) -> tuple[str, str]:
+    return wait_for(address, start_job(address, *entrypoint), timeout_s)
+
+
+def start_job(address: str, *entrypoint: str) -> str:
     job_id = f"test-{uuid.uuid4().hex[:8]}"
     subprocess.run(
         [
@@ -99,6 +117,10 @@ def submit(address: str, *entrypoint: str, timeout_s: int = 600) -> tuple[str, s
         capture_output=True,
         timeout=120,
     )
+    return job_id
+
+
+def wait_for(address: str, job_id: str, timeout_s: int = 600) -> tuple[str, str]:
     # wait in-process: a `ray job status` per poll is a Python start-up that takes the job's CPU
     client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {TOKEN.read_text().strip()}"})
     deadline = time.time() + timeout_s
@@ -153,3 +175,50 @@ def test_each_stage_runs_as_its_own_job_then_the_pipeline_job_skips_what_they_di
         assert f"{stage}: done earlier with these settings and inputs, skipped" in logs, stage
     assert (tmp_path / "tiny" / "train" / "final" / "model" / "adapter_config.json").is_file()
     assert "POST http://127.0.0.1" in logs and "/generate" in logs
+
+
+def kill_head(proc: subprocess.Popen) -> None:
+    """SIGKILL everything of a head at once, as when its pod dies: its process group (gcs, raylet,
+    dashboard) and every process it started, the Ray workers and the job's driver among them, which run
+    in sessions of their own (Ray Train's workers outlived the group's kill by two steps and a checkpoint)."""
+    started = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.faults
+def test_a_training_job_resumes_from_its_checkpoint_after_its_head_is_killed_and_restarted(tiny_run, tmp_path):
+    """#21: the head (and with it the job's driver and workers) SIGKILLed mid-training, a new head started,
+    the same job submitted again: training resumes from the last checkpoint in runs_dir storage."""
+    cfg = derived_config(tiny_run, tmp_path)  # the job trains on tiny_run's curated data, copied
+    job = ["python", "rayjobs/train.py", "--config", "configs/tiny.yaml", f"runs_dir={tmp_path}"]
+    job += [f"data.input={cfg.data.input}", "train.max_steps=25", "train.checkpoint_every=5", "train.log_every=1"]
+    address, proc = start_head()
+    try:
+        job_id = start_job(address, *job)
+        progress = cfg.stage_dir("train") / "pretrain"
+        deadline = time.time() + 600
+        while (step_reached(progress) or 0) < 8:  # past the step-5 checkpoint
+            assert time.time() < deadline, wait_for(address, job_id, 1)[1][-3000:]
+            time.sleep(0.5)
+        kill_head(proc)
+        killed_at = step_reached(progress)  # the last step logged before every process of the head was gone
+    finally:
+        if proc.poll() is None:
+            stop_head(proc)
+    address, proc = start_head()
+    try:
+        status, logs = wait_for(address, start_job(address, *job))
+    finally:
+        stop_head(proc)
+    assert status == "SUCCEEDED", logs[-3000:]
+    state = json.loads((cfg.stage_dir("train") / "final" / "state.json").read_text())
+    repeated = killed_at - state["resumed_at"][0]
+    print(
+        f"\nFIGURE head SIGKILLed at training step {killed_at}, new head, job resubmitted: resumed from step "
+        f"{state['resumed_at'][0]}, {repeated} steps repeated (checkpoint interval 5); finished {state['step']}"
+    )
+    assert state["step"] == 25 and 0 <= repeated <= 5
