@@ -82,8 +82,11 @@ class AdapterRows:
     def rows(self, names: list[str | None]) -> Iterator[None]:
         """Each row's adapter (peft's name; None or BASE for none) for the forward passes this thread runs."""
         peft_names = [name or BASE for name in names]
-        slots = torch.tensor([self.slot.get(name, 0) for name in peft_names])
-        self.local.names, self.local.slots = peft_names, (slots if bool(slots.any()) else None)
+        slots = [self.slot.get(name, 0) for name in peft_names]
+        # made once per generate on the stacks' device, not once per layer and token
+        device = self.stacks[0][0].device if self.stacks else None
+        self.local.names = peft_names
+        self.local.slots = torch.tensor(slots, device=device) if any(slots) else None
         try:
             yield
         finally:
@@ -108,7 +111,6 @@ class AdapterRows:
         x = args[0]
         if x.shape[0] != len(slots):
             raise RuntimeError(f"a batch of {x.shape[0]} rows was given adapters for {len(slots)}")
-        slots = slots.to(a_stack.device)
         h = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_stack.dtype)  # [rows, tokens, in]
         low = torch.bmm(h, a_stack[slots].transpose(1, 2))  # [rows, tokens, rank]
         delta = torch.bmm(low, b_stack[slots].transpose(1, 2))  # [rows, tokens, out]
