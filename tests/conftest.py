@@ -173,6 +173,15 @@ def logged_losses(tensorboard_dir: Path) -> dict[int, float]:
     return {e.step: e.value for e in scalars}
 
 
+# Ray titles a worker process after the task it runs ("ray::MapBatches(...)"); idle ones are "ray::IDLE"
+DATA_TASKS = ("MapBatches", "FlatMap", "ReadFiles", "Map(", "HashAggregate")
+
+
+def is_data_task(title: str) -> bool:
+    """A process title (its cmdline) that is a Ray Data task at work."""
+    return title.startswith("ray::") and any(task in title for task in DATA_TASKS)
+
+
 def curate_outcome(curate_dir: Path) -> tuple[list, list]:
     """A curate run's kept ids and texts and its rejected ids and reasons, in order: equal for equal runs."""
     import pandas as pd

@@ -27,7 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 REPLACEMENT_S = 5
 AFTER_S = 20  # serving: load goes on this long once the replacement node joined
-DATA_TASKS = ("MapBatches", "FlatMap", "ReadFiles", "Map(", "HashAggregate")
 
 
 def start_cluster() -> tuple[Cluster, list]:
@@ -81,16 +80,17 @@ def in_thread(work) -> tuple[threading.Thread, dict]:
     return thread, result
 
 
-def curate(cluster, nodes, runs: Path, corpus: Path, cfg) -> dict:
+def curate(cluster, nodes, cfg) -> dict:
+    from conftest import is_data_task
     from pipeline.curate.stage import run_curate
 
     thread, result = in_thread(lambda: run_curate(cfg))
-    killed = kill_when(cluster, nodes, lambda t: t.startswith("ray::") and any(d in t for d in DATA_TASKS), thread)
+    killed = kill_when(cluster, nodes, is_data_task, thread)
     thread.join(timeout=600)
     return {**killed, **result}
 
 
-def train(cluster, nodes, runs: Path, corpus: Path, cfg) -> dict:
+def train(cluster, nodes, cfg) -> dict:
     from pipeline.curate.stage import run_curate
     from pipeline.train.fit import step_reached
     from pipeline.train.stage import run_train
@@ -110,7 +110,7 @@ def train(cluster, nodes, runs: Path, corpus: Path, cfg) -> dict:
     return {**killed, "error": result.get("error"), "step": state.get("step"), "resumed_at": state.get("resumed_at")}
 
 
-def serve_load(cluster, nodes, runs: Path, corpus: Path, cfg) -> dict:
+def serve_load(cluster, nodes, cfg) -> dict:
     """8 clients send requests while a node with a model replica on it is lost and replaced, and for
     AFTER_S once the replacement joined."""
     from ray import serve
@@ -171,7 +171,7 @@ def main() -> None:
     cfg = tiny_config(runs, corpus, *overrides, "train.eval_every=100")
     cluster, nodes = start_cluster()
     try:
-        out = {"curate": curate, "train": train, "serve": serve_load}[scenario](cluster, nodes, runs, corpus, cfg)
+        out = {"curate": curate, "train": train, "serve": serve_load}[scenario](cluster, nodes, cfg)
     finally:
         ray.shutdown()
         cluster.shutdown()

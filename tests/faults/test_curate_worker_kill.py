@@ -8,18 +8,16 @@ import time
 import psutil
 import pytest
 
-from conftest import curate_outcome
+from conftest import curate_outcome, is_data_task
 from pipeline.curate.stage import run_curate
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
-# Ray names a worker process after the task it runs ("ray::MapBatches(...)"); idle ones are "ray::IDLE"
-DATA_TASKS = ("MapBatches", "FlatMap", "ReadFiles", "Map(", "HashAggregate")
 
 
 def busy_data_worker() -> psutil.Process | None:
     for proc in psutil.process_iter(["cmdline"]):
         title = " ".join(proc.info["cmdline"] or [])
-        if title.startswith("ray::") and any(t in title for t in DATA_TASKS):
+        if is_data_task(title):
             return proc
     return None
 
