@@ -1,4 +1,4 @@
-"""`pipeline {sample-data,curate,train,quantize,distill,adapt,eval,serve,run,plan}`: a command per stage; `run` for all.
+"""`pipeline {sample-data,curate,...,run,plan,console}`: a command per stage; `run` for all; `console` over them.
 
 Every stage reads the previous stage's folder and writes its own under runs/<name>/<stage>/.
 """
@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from pipeline import terminal
+from pipeline import journal, terminal
 from pipeline.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, keys_help, load_config
 from pipeline.errors import CheckpointDamagedError, QualityGateError, inner
 from pipeline.terminal import say
@@ -149,6 +149,22 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument(
                 "--force", action="store_true", help="serve the 4-bit model even when it fails the perplexity gate"
             )
+    console = sub.add_parser(
+        "console",
+        help="a web console over the runs (stages, data, training curves, export), a playground and launching",
+        description="A web console: every run under --runs with its stages and status, curate's rejects by reason, "
+        "training curves, the quantization and eval reports, a chat playground on --endpoint, and a Launch page "
+        "(local processes, or Ray jobs on RAY_ADDRESS).",
+    )
+    console.add_argument("--runs", default="runs", help="the runs folder (default: %(default)s)")
+    console.add_argument("--host", default="127.0.0.1", help="beyond 127.0.0.1 it requires PIPELINE_API_KEY")
+    console.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    console.add_argument(
+        "--endpoint",
+        default="http://127.0.0.1:8000",
+        help="the served model, for the playground (default: %(default)s)",
+    )
+    console.add_argument("--config", default=str(DEFAULT_CONFIG), help="the Launch page's default config")
     return p
 
 
@@ -201,10 +217,12 @@ def run_or_skip(cfg: PipelineConfig, stage: str, args, run):
     if not args.fresh and (summary := finished(cfg, stage)) is not None:
         where = cfg.stage_dir(stage)
         say(f"{stage}: done earlier with these settings and inputs, skipped ({where}; --fresh redoes it)")
+        journal.record(cfg, "stage_skipped", stage=stage)
         return summary
     terminal.log_to(stage)
     clear_done(cfg, stage)
-    summary = run()
+    with journal.stage(cfg, stage):
+        summary = run()
     mark_done(cfg, stage)
     return summary
 
@@ -231,12 +249,15 @@ def cmd_run(cfg: PipelineConfig, args) -> None:
         )
     if cfg.adapters:
         terminal.log_to("adapt")
-    adapters = cmd_adapt(cfg, [spec.name for spec in cfg.adapters], args.fresh)
+    with journal.stage(cfg, "adapters"):
+        adapters = cmd_adapt(cfg, [spec.name for spec in cfg.adapters], args.fresh)
     if cfg.eval.before_serving:
         terminal.log_to("eval")
-        cmd_eval(cfg)
+        with journal.stage(cfg, "eval"):
+            cmd_eval(cfg)
     terminal.log_to("serve")
-    url = deploy(cfg)
+    with journal.stage(cfg, "serve"):
+        url = deploy(cfg)
     prompt, key = sample_prompt(cfg), os.environ.get(cfg.serve.api_key_env)
     for model in [None, *adapters]:  # the same question to the model and to each of its adapters
         reply = generate(url, prompt, DEMO_TOKENS, key, model)
@@ -412,14 +433,28 @@ def cmd_plan(cfg: PipelineConfig, args) -> None:
 
 def log_dir(cfg: PipelineConfig) -> Path:
     """runs/<name>/logs; for a URI runs_dir, the run's folder in the local cache (logs are not pushed)."""
-    from pipeline.storage import cache_dir, is_uri
+    return journal.run_folder(cfg) / "logs"
 
-    return (cache_dir(cfg.runs_dir) if is_uri(cfg.runs_dir) else Path(cfg.runs_dir)) / cfg.name / "logs"
+
+def cmd_console(args) -> None:
+    import uvicorn
+
+    from pipeline.console.app import Settings, make_app, sha256
+
+    key = os.environ.get("PIPELINE_API_KEY")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        raise ConfigError(f"--host {args.host} opens the console beyond this machine: set PIPELINE_API_KEY first")
+    address = os.environ.get("RAY_ADDRESS")
+    settings = Settings(Path(args.runs), args.endpoint, sha256(key), address is not None, address, args.config)
+    say(f"console at http://{args.host}:{args.port} over {Path(args.runs).resolve()}; Ctrl-C to stop")
+    uvicorn.run(make_app(settings), host=args.host, port=args.port, log_level="warning")
 
 
 def dispatch(args, capture: bool = False) -> None:
     if args.command == "sample-data":
         return cmd_sample_data(args)
+    if args.command == "console":
+        return cmd_console(args)
     if args.command == "adapt":  # `adapter=NAME` reads like an override but names an adapter
         picked = [o.partition("=")[2] for o in args.overrides if o.startswith("adapter=")]
         args.adapter = (args.adapter or []) + picked
@@ -431,14 +466,25 @@ def dispatch(args, capture: bool = False) -> None:
     from pipeline.runtime import init_ray
     from pipeline.storage import staged
 
-    # seconds, before Ray starts
-    preflight.check(args.command, cfg, getattr(args, "input", None), getattr(args, "force_memory", False))
-    if capture:
-        terminal.capture(log_dir(cfg), args.command if args.command != "run" else "ray", args.verbose)
-    init_ray()
-    reads, writes = STAGE_IO[args.command]
-    with staged(cfg, reads, writes) as local:
-        run_command(local, args)
+    journal.command_started(cfg, args.command, getattr(args, "argv", []))
+    try:
+        # seconds, before Ray starts
+        preflight.check(args.command, cfg, getattr(args, "input", None), getattr(args, "force_memory", False))
+        if capture:
+            terminal.capture(log_dir(cfg), args.command if args.command != "run" else "ray", args.verbose)
+        init_ray()
+        reads, writes = STAGE_IO[args.command]
+        with staged(cfg, reads, writes) as local:
+            if args.command in ("run", "serve"):  # their stages are recorded one by one (run_or_skip)
+                run_command(local, args)
+            else:
+                with journal.stage(cfg, writes[0]):
+                    run_command(local, args)
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        journal.record(cfg, "end", status="interrupted" if interrupted else "failed", reason=describe(e))
+        raise
+    journal.record(cfg, "end", status="done")
     for stage in writes:
         if local.stage_dir(stage).is_dir():
             where = f"{cfg.runs_dir.rstrip('/')}/{cfg.name}/{stage}" if local is not cfg else local.stage_dir(stage)
@@ -470,6 +516,7 @@ def main(argv: list[str] | None = None, capture: bool = False) -> int:
     stages' own lines to runs/<name>/logs/ (pipeline.terminal); a caller in process keeps its stdout."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         dispatch(args, capture)
     except KeyboardInterrupt:
