@@ -159,14 +159,12 @@ def run_load(
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pipeline.plots import figure, save
 
     done = [start + lat for start, lat in result["_timeline"]]
     seconds = range(int(result["duration_s"]) + 1)
-    fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
+    fig, axes = figure(3, 1, size=(7, 7))
+    axes = axes[:, 0]
     axes[0].plot(list(seconds), [sum(1 for d in done if s <= d < s + 1) for s in seconds])
     axes[0].set_ylabel("QPS")
     axes[1].scatter([s for s, _ in result["_timeline"]], [lat for _, lat in result["_timeline"]], s=4)
@@ -177,8 +175,7 @@ def plot(result: dict, path: str) -> None:
     axes[2].set_ylabel("replicas")
     axes[2].set_xlabel("seconds")
     fig.suptitle(f"concurrency {result['concurrency']}: {result['qps']} QPS")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save(fig, path)
 
 
 def compare_batching(config: str, duration: float, max_tokens: int) -> dict:
