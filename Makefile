@@ -7,12 +7,14 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format bench-serve bench-adapters bench-curate bench-train bench-memory bench-soak clean help
+.PHONY: setup browser demo console console-screenshots test test-fast lint format bench-serve bench-adapters bench-curate bench-train bench-memory bench-soak clean help
 
 help:
 	@echo "make demo   - set up .venv, build the sample corpus, run curate -> train -> quantize -> serve"
 	@echo "make test   - set up .venv and run the whole test suite (unit + integration, ~70 minutes on 2 cores)"
 	@echo "make test-fast - the unit tests only: no Ray, under 2 minutes"
+	@echo "make console - after make demo: the web console on http://127.0.0.1:7860 (runs, data, training, playground)"
+	@echo "make console-screenshots - the console's browser tests, writing their screenshots to docs/console/"
 	@echo "make lint   - ruff check and ruff format --check (CI runs it first)"
 	@echo "make format - ruff format and the safe ruff fixes, in place"
 	@echo "make bench-serve - after make demo: serving QPS with @serve.batch on vs off (JSON)"
@@ -42,7 +44,19 @@ data/corpus/.built: $(VENV)/.installed src/pipeline/sample_data.py
 demo: setup data/corpus/.built
 	$(VENV)/bin/pipeline run --config configs/demo.yaml
 
-test: setup
+# the console's browser tests drive Debian's chromium (no browser download): installed with apt when root
+browser:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get install -y -q chromium >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
+	  || echo "could not install chromium: tests/test_console.py will say so"
+
+console: setup
+	$(VENV)/bin/pipeline console --runs runs --config configs/demo.yaml
+
+console-screenshots: setup browser
+	CONSOLE_SCREENSHOTS=docs/console $(PY) -m pytest tests/test_console.py $(PYTEST_ARGS)
+
+test: setup browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

@@ -6,7 +6,7 @@
 Each profile gets a shared-storage PVC and a RayCluster (CPU head that schedules no work, one
 worker group, in-tree autoscaling), which its kustomization.yaml applies; a RayJob per stage that
 runs on that RayCluster; a self-contained RayJob for the whole pipeline; and a RayService that
-serves the quantized model.
+serves the quantized model at / and the web console at /console.
 """
 
 from __future__ import annotations
@@ -140,7 +140,13 @@ def serve_config(profile: dict) -> dict:
                 "route_prefix": "/",
                 "import_path": "serve.app:build_app",
                 "args": args.model_dump(exclude_none=True),
-            }
+            },
+            {  # the web console over the runs on the PVC, with a playground on the endpoint beside it
+                "name": "console",
+                "route_prefix": "/console",
+                "import_path": "serve.console:build_console",
+                "args": {"runs_dir": RUNS, "endpoint": "http://127.0.0.1:8000", "config": profile["config"]},
+            },
         ],
     }
 

@@ -109,10 +109,11 @@ def test_rayservice_serve_config_is_a_valid_serve_deployment_of_our_app():
     for _, doc in docs("RayService"):
         serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
         ServeDeploySchema.model_validate(serve_config)
-        (app,) = serve_config["applications"]
-        module, attr = app["import_path"].split(":")
-        builder = getattr(importlib.import_module(module), attr)
-        assert callable(builder)
+        app, console = serve_config["applications"]
+        for application in (app, console):
+            module, attr = application["import_path"].split(":")
+            assert callable(getattr(importlib.import_module(module), attr))
+        assert console["route_prefix"] == "/console" and console["args"]["runs_dir"] == "/mnt/runs"
         args = ServeArgs(**app["args"])
         assert args.model_dir.startswith("/mnt/runs/") and args.model_dir.endswith("/quantize/awq")
         assert doc["spec"]["upgradeStrategy"]["type"] == "NewCluster"
