@@ -180,3 +180,11 @@ def test_a_jobs_log_shows_a_progress_bar_once_in_its_last_state(tmp_path):
     log.write_text("curate: 2 files\ncurate:  0%|  | 0/4\rcurate: 50%|# | 2/4\rcurate: 100%|##| 4/4\r\ndone\n")
     job = Job("curate-1", "curate", [], 0.0, "local", log=log)
     assert Launcher(tmp_path).logs(job) == "curate: 2 files\ncurate: 100%|##| 4/4\ndone\n"
+
+
+def test_the_console_refuses_to_listen_beyond_this_machine_without_a_key(monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.delenv("PIPELINE_API_KEY", raising=False)
+    assert main(["console", "--host", "0.0.0.0"]) == 2
+    assert "--host 0.0.0.0 opens the console beyond this machine: set PIPELINE_API_KEY" in capsys.readouterr().err

@@ -146,6 +146,22 @@ def test_failing_job_reports_failed_with_our_message(head, tmp_path):
     assert "run `pipeline train` first" in logs
 
 
+def test_the_consoles_launch_submits_a_ray_job_that_shows_up_under_runs(head, tiny_corpus, tmp_path):
+    from pipeline.console.launch import Launcher
+    from pipeline.console.runs import list_runs
+
+    launcher = Launcher(tmp_path, ray_jobs=True, address=head)
+    job = launcher.start("curate", str(REPO / "configs" / "tiny.yaml"), [f"data.input=[{tiny_corpus}/*.jsonl]"])
+    deadline = time.time() + 300
+    while launcher.status(job) in ("PENDING", "RUNNING") and time.time() < deadline:
+        time.sleep(1)
+    logs = launcher.logs(job)
+    assert launcher.status(job) == "SUCCEEDED", logs
+    assert re.search(r"curate: \d+ in, \d+ kept", logs) and "\r" not in logs
+    (run,) = list_runs(tmp_path)
+    assert (run.name, run.status, run.command, [s.name for s in run.stages]) == ("tiny", "done", "curate", ["curate"])
+
+
 @pytest.mark.slow
 def test_each_stage_runs_as_its_own_job_then_the_pipeline_job_skips_what_they_did(head, tiny_corpus, tmp_path):
     """The per-stage RayJobs of cluster/kuberay run these same entrypoints, one after another (distill,
