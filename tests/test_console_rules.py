@@ -188,3 +188,22 @@ def test_the_console_refuses_to_listen_beyond_this_machine_without_a_key(monkeyp
     monkeypatch.delenv("PIPELINE_API_KEY", raising=False)
     assert main(["console", "--host", "0.0.0.0"]) == 2
     assert "--host 0.0.0.0 opens the console beyond this machine: set PIPELINE_API_KEY" in capsys.readouterr().err
+
+
+def test_the_export_page_shows_the_eval_report_as_a_table_with_deltas_and_the_gate(curated):
+    score = {"value": 0.5, "stderr": 0.01, "higher_is_better": True}
+    report = {
+        "reference": "merged",
+        "models": {
+            "merged": {"scores": {"qa": {"acc": score}}},
+            "awq": {"scores": {"qa": {"acc": {**score, "value": 0.45}}}},
+        },
+        "deltas": {"awq": {"qa": {"acc": -0.05}}},
+        "gate": [{"model": "awq", "task": "qa", "metric": "acc", "max_drop": 0.1, "reference": "merged",
+                  "value": 0.45, "reference_value": 0.5, "drop": 0.05, "passed": True}],
+    }  # fmt: skip
+    (curated / "r1" / "eval").mkdir()
+    (curated / "r1" / "eval" / "report.json").write_text(json.dumps(report))
+    page = client(curated).get("/runs/r1/export").text
+    assert "<td>awq</td><td>qa</td><td>acc</td>" in page and "-0.0500" in page and "0.4500 &plusmn; 0.0100" in page
+    assert "passed" in page
