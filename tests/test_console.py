@@ -74,6 +74,29 @@ def test_the_runs_page_lists_the_finished_tiny_run(console, page, tiny_run, tmp_
     screenshot(page, "runs", tmp_path)
 
 
+def test_a_running_stage_updates_on_the_runs_page_without_a_reload(console, page, tiny_run):
+    """A run whose command is this test's process (alive, so running) at training step 3; the journal
+    and progress then move on as a run's would, and the open page follows."""
+    from pipeline import journal
+
+    cfg = tiny_run.model_copy(update={"name": "live"})
+    journal.command_started(cfg, "train", ["train"])
+    journal.record(cfg, "stage", stage="train")
+    progress = Path(tiny_run.runs_dir) / "live" / "train" / "sft" / "progress.json"
+    progress.parent.mkdir(parents=True)
+    progress.write_text('{"step": 3, "loss": 4.25}')
+    page.goto(console)
+    row = page.locator('tr[data-run="live"]')
+    assert row.locator(".status").first.inner_text() == "running"
+    assert "sft: step 3, loss 4.250" in row.inner_text()
+    progress.write_text('{"step": 9, "loss": 3.5}')
+    page.wait_for_function("document.querySelector('tr[data-run=live]').innerText.includes('step 9')", timeout=10_000)
+    journal.record(cfg, "stage_done", stage="train", seconds=42.0)
+    journal.record(cfg, "end", status="done")
+    page.wait_for_function("document.querySelector('tr[data-run=live] .status').innerText === 'done'", timeout=10_000)
+    assert "train 42 s" in page.locator('tr[data-run="live"]').inner_text()
+
+
 def test_the_data_page_shows_a_rejected_document_and_its_reason(console, page, tiny_run, tmp_path):
     page.goto(f"{console}/runs/{tiny_run.name}/data")
     page.get_by_role("link", name="too short (< 5 words)").click()

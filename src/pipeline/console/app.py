@@ -16,7 +16,7 @@ from pathlib import Path
 
 import requests
 import yaml
-from fastapi import FastAPI, Form, HTTPException, Request
+from fastapi import APIRouter, FastAPI, Form, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 from pydantic import BaseModel, Field
@@ -59,25 +59,41 @@ def _when(seconds: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
+class Pages:
+    """The templates, rendered with what every page needs (where the app is mounted, the endpoint)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.env = Environment(loader=PackageLoader("pipeline.console"), autoescape=select_autoescape())
+        self.env.filters["when"] = _when
+        self.env.filters["yaml"] = lambda value: yaml.safe_dump(value, sort_keys=False)
+
+    def __call__(self, name: str, **context) -> HTMLResponse:
+        html = self.env.get_template(name).render(endpoint=self.settings.endpoint, root=ROOT.get(), **context)
+        return HTMLResponse(html)
+
+
+def redirect(path: str) -> RedirectResponse:
+    return RedirectResponse(ROOT.get() + path, status_code=303)
+
+
 def make_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="llm-pipeline console", docs_url=None, redoc_url=None)
-    pages = Environment(loader=PackageLoader("pipeline.console"), autoescape=select_autoescape())
-    pages.filters["when"] = _when
-    pages.filters["yaml"] = lambda value: yaml.safe_dump(value, sort_keys=False)
-    launcher = Launcher(settings.runs_dir.resolve(), settings.ray_jobs, settings.ray_address)
-    key_sha256 = settings.api_key_sha256
+    pages = Pages(settings)
+    add_key_check(app, settings.api_key_sha256)
+    app.include_router(run_pages(settings, pages))
+    app.include_router(playground(settings, pages))
+    app.include_router(launch_pages(settings, pages))
 
-    def page(name: str, **context) -> HTMLResponse:
-        return HTMLResponse(pages.get_template(name).render(endpoint=settings.endpoint, root=ROOT.get(), **context))
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception):  # a message, never a stack trace
+        return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
 
-    def redirect(path: str) -> RedirectResponse:
-        return RedirectResponse(ROOT.get() + path, status_code=303)
+    return app
 
-    def run_folder(name: str) -> Path:
-        folder = settings.runs_dir / name
-        if "/" in name or name.startswith(".") or not folder.is_dir():
-            raise HTTPException(404, f"no run named {name!r} under {settings.runs_dir}")
-        return folder
+
+def add_key_check(app: FastAPI, key_sha256: str | None) -> None:
+    """With a key, every request shows it: a Bearer header, or the cookie /login?key=... sets."""
 
     @app.middleware("http")
     async def require_key(request: Request, call_next):
@@ -90,10 +106,6 @@ def make_app(settings: Settings) -> FastAPI:
             return await call_next(request)
         return JSONResponse({"error": "this console needs the API key: open /login?key=KEY once"}, status_code=401)
 
-    @app.exception_handler(Exception)
-    async def internal(_: Request, exc: Exception):  # a message, never a stack trace
-        return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
-
     @app.get("/login")
     def login(key: str):
         if key_sha256 and not hmac.compare_digest(sha256(key) or "", key_sha256):
@@ -102,34 +114,45 @@ def make_app(settings: Settings) -> FastAPI:
         response.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict")
         return response
 
+
+def run_pages(settings: Settings, page: Pages) -> APIRouter:
+    """Runs, and each run's stages, data, training and export pages."""
+    router = APIRouter()
+
+    def run_folder(name: str) -> Path:
+        folder = settings.runs_dir / name
+        if "/" in name or name.startswith(".") or not folder.is_dir():
+            raise HTTPException(404, f"no run named {name!r} under {settings.runs_dir}")
+        return folder
+
     # ---- runs -----------------------------------------------------------------------------------
-    @app.get("/", response_class=HTMLResponse)
+    @router.get("/", response_class=HTMLResponse)
     def runs_page():
         return page("runs.html", runs=runs.list_runs(settings.runs_dir), runs_dir=settings.runs_dir)
 
-    @app.get("/fragments/runs", response_class=HTMLResponse)
+    @router.get("/fragments/runs", response_class=HTMLResponse)
     def runs_table():
         return page("runs_table.html", runs=runs.list_runs(settings.runs_dir))
 
-    @app.get("/api/runs")
+    @router.get("/api/runs")
     def runs_json() -> list[dict]:
         return [
             {"name": r.name, "status": r.status, "reason": r.reason, "stages": [s.__dict__ for s in r.stages]}
             for r in runs.list_runs(settings.runs_dir)
         ]
 
-    @app.get("/runs/{name}", response_class=HTMLResponse)
+    @router.get("/runs/{name}", response_class=HTMLResponse)
     def run_page(name: str):
         return page("run.html", run=runs.read_run(run_folder(name)))
 
-    @app.get("/runs/{name}/file/{file}")
+    @router.get("/runs/{name}/file/{file}")
     def run_file(name: str, file: str):
         if file not in FILES or not (path := run_folder(name) / FILES[file]).is_file():
             raise HTTPException(404, f"run {name!r} has no {file}")
         return FileResponse(path)
 
     # ---- data -----------------------------------------------------------------------------------
-    @app.get("/runs/{name}/data", response_class=HTMLResponse)
+    @router.get("/runs/{name}/data", response_class=HTMLResponse)
     def data_page(name: str, which: str = "rejected", reason: str = "", offset: int = 0):
         if which not in ("kept", "rejected"):
             raise HTTPException(400, "which is kept or rejected")
@@ -140,7 +163,7 @@ def make_app(settings: Settings) -> FastAPI:
             "data.html", run=name, stats=stats, docs=docs, total=total, which=which, reason=reason, offset=offset
         )
 
-    @app.get("/runs/{name}/data/{which}/{doc_id:path}", response_class=HTMLResponse)
+    @router.get("/runs/{name}/data/{which}/{doc_id:path}", response_class=HTMLResponse)
     def document_page(name: str, which: str, doc_id: str):
         folder = run_folder(name)
         doc = runs.document(folder, which, doc_id)
@@ -151,7 +174,7 @@ def make_app(settings: Settings) -> FastAPI:
         return page("document.html", run=name, doc=doc, survivor=survivor, diff=diff)
 
     # ---- training, export -----------------------------------------------------------------------
-    @app.get("/runs/{name}/training", response_class=HTMLResponse)
+    @router.get("/runs/{name}/training", response_class=HTMLResponse)
     def training_page(name: str):
         folder = run_folder(name)
         histories, stopped_at = runs.training_histories(folder)
@@ -164,7 +187,7 @@ def make_app(settings: Settings) -> FastAPI:
             stopped_at=stopped_at,
         )
 
-    @app.get("/runs/{name}/export", response_class=HTMLResponse)
+    @router.get("/runs/{name}/export", response_class=HTMLResponse)
     def export_page(name: str):
         folder = run_folder(name)
         return page(
@@ -175,16 +198,22 @@ def make_app(settings: Settings) -> FastAPI:
             adapters=runs.adapters(folder),
         )
 
-    # ---- playground -----------------------------------------------------------------------------
+    return router
+
+
+def playground(settings: Settings, page: Pages) -> APIRouter:
+    """The chat page, and the endpoint's models and chat stream passed through (the key stays here)."""
+    router = APIRouter()
+
     def endpoint_headers() -> dict:
         key = os.environ.get("PIPELINE_API_KEY")
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    @app.get("/playground", response_class=HTMLResponse)
+    @router.get("/playground", response_class=HTMLResponse)
     def playground():
         return page("playground.html")
 
-    @app.get("/api/models")
+    @router.get("/api/models")
     def models() -> dict:
         try:
             reply = requests.get(f"{settings.endpoint}/v1/models", headers=endpoint_headers(), timeout=10)
@@ -194,7 +223,7 @@ def make_app(settings: Settings) -> FastAPI:
             raise HTTPException(502, f"the endpoint answered {reply.status_code}: {reply.text[:200]}")
         return reply.json()
 
-    @app.post("/api/chat")
+    @router.post("/api/chat")
     def chat(req: ChatRequest):
         """The endpoint's OpenAI chat stream, passed through as it comes (server-sent events)."""
         body = {
@@ -222,8 +251,15 @@ def make_app(settings: Settings) -> FastAPI:
             raise HTTPException(reply.status_code if reply.status_code < 500 else 502, reply.text[:500])
         return StreamingResponse(reply.iter_content(chunk_size=None), media_type="text/event-stream")
 
-    # ---- launch ---------------------------------------------------------------------------------
-    @app.get("/launch", response_class=HTMLResponse)
+    return router
+
+
+def launch_pages(settings: Settings, page: Pages) -> APIRouter:
+    """Start a stage or a run, follow its log, stop it."""
+    router = APIRouter()
+    launcher = Launcher(settings.runs_dir.resolve(), settings.ray_jobs, settings.ray_address)
+
+    @router.get("/launch", response_class=HTMLResponse)
     def launch_page():
         jobs = [(job, launcher.status(job)) for job in reversed(launcher.jobs.values())]
         return page(
@@ -234,7 +270,7 @@ def make_app(settings: Settings) -> FastAPI:
             where=(settings.ray_address or "this Ray cluster") if settings.ray_jobs else "local processes",
         )
 
-    @app.post("/launch")
+    @router.post("/launch")
     def launch(command: str = Form(...), config: str = Form(...), overrides: str = Form("")):
         try:
             job = launcher.start(command, config, overrides.split())
@@ -247,19 +283,19 @@ def make_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, f"no job {job_id!r} started by this console")
         return launcher.jobs[job_id]
 
-    @app.get("/jobs/{job_id}", response_class=HTMLResponse)
+    @router.get("/jobs/{job_id}", response_class=HTMLResponse)
     def job_page(job_id: str):
         job = job_or_404(job_id)
         return page("job.html", job=job, status=launcher.status(job))
 
-    @app.get("/api/jobs/{job_id}")
+    @router.get("/api/jobs/{job_id}")
     def job_json(job_id: str) -> dict:
         job = job_or_404(job_id)
         return {"id": job.id, "status": launcher.status(job), "logs": launcher.logs(job)[-20_000:]}
 
-    @app.post("/jobs/{job_id}/stop")
+    @router.post("/jobs/{job_id}/stop")
     def stop(job_id: str):
         launcher.stop(job_or_404(job_id))
         return redirect(f"/jobs/{job_id}")
 
-    return app
+    return router
