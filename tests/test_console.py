@@ -162,6 +162,21 @@ def test_a_curate_launched_from_the_page_finishes_and_appears_in_runs(console, p
     assert row.locator("td").nth(2).inner_text() == "curate"
 
 
+def test_a_launched_stage_stopped_from_its_page_ends_as_interrupted(console, page, tiny_corpus):
+    page.goto(f"{console}/launch")
+    page.select_option("select[name=command]", "curate")
+    page.fill("input[name=config]", str(TINY))
+    page.fill("input[name=overrides]", f"name=stopped data.input=[{tiny_corpus}/*.jsonl]")
+    page.click("#launch button")
+    page.wait_for_function("document.querySelector('#logs').textContent.includes('curate: 2 file(s)')", timeout=120_000)
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('#status').textContent === 'STOPPED'", timeout=60_000)
+    page.goto(console)
+    row = page.locator('tr[data-run="stopped"]')
+    assert row.locator(".status").first.inner_text() == "interrupted"
+    assert "curate" in row.locator("td").nth(4).inner_text()
+
+
 def test_the_console_serves_on_ray_serve_beside_the_endpoint_and_asks_for_the_key(tiny_run, endpoint, monkeypatch):
     from serve.console import build_console
 

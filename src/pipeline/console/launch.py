@@ -35,6 +35,7 @@ class Job:
     where: str  # "local" or the Ray address
     process: subprocess.Popen | None = None
     log: Path | None = None
+    stopped: bool = False  # stop() was asked for
 
 
 def entrypoint(command: str, config: str, overrides: list[str]) -> list[str]:
@@ -91,7 +92,9 @@ class Launcher:
         if self.ray_jobs:
             return str(self.client.get_job_status(job.id).value)
         code = job.process.poll()
-        return "RUNNING" if code is None else "SUCCEEDED" if code == 0 else "STOPPED" if code < 0 else "FAILED"
+        if code is None:
+            return "RUNNING"
+        return "SUCCEEDED" if code == 0 else "STOPPED" if job.stopped or code < 0 else "FAILED"
 
     def logs(self, job: Job) -> str:
         """What the job printed, with progress bars as a terminal shows them: their last state, not
@@ -106,6 +109,7 @@ class Launcher:
             return
         if job.process.poll() is not None:
             return
+        job.stopped = True
         os.killpg(job.process.pid, signal.SIGINT)
         try:
             job.process.wait(20)
