@@ -207,3 +207,19 @@ def test_the_export_page_shows_the_eval_report_as_a_table_with_deltas_and_the_ga
     page = client(curated).get("/runs/r1/export").text
     assert "<td>awq</td><td>qa</td><td>acc</td>" in page and "-0.0500" in page and "0.4500 &plusmn; 0.0100" in page
     assert "passed" in page
+
+
+def test_the_export_page_lists_each_adapter_with_its_losses_and_its_4_bit_base(curated):
+    manifest = {
+        "adapter": "support",
+        "rank": 8,
+        "lora": {"target_modules": ["q_proj", "v_proj"]},
+        "metrics": [{"stage": "sft", "eval_loss_before": 6.7, "eval_loss_last": 5.8}],
+        "quantized_base": {"merged_perplexity": 30.0, "quantized_perplexity": 30.3, "perplexity_change": 0.01,
+                           "passed": True},
+    }  # fmt: skip
+    (curated / "r1" / "adapters" / "support").mkdir(parents=True)
+    (curated / "r1" / "adapters" / "support" / "manifest.json").write_text(json.dumps(manifest))
+    page = client(curated).get("/runs/r1/export").text
+    assert "<td>support</td><td>8</td><td>q_proj, v_proj</td>" in page
+    assert "sft: 6.7 &rarr; 5.8" in page and "30.0 &rarr; 30.3 (+1.00%)" in page
