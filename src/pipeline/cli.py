@@ -149,6 +149,11 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument(
                 "--force", action="store_true", help="serve the 4-bit model even when it fails the perplexity gate"
             )
+    add_console_parser(sub)
+    return p
+
+
+def add_console_parser(sub) -> None:
     console = sub.add_parser(
         "console",
         help="a web console over the runs (stages, data, training curves, export), a playground and launching",
@@ -165,7 +170,6 @@ def _parser() -> argparse.ArgumentParser:
         help="the served model, for the playground (default: %(default)s)",
     )
     console.add_argument("--config", default=str(DEFAULT_CONFIG), help="the Launch page's default config")
-    return p
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
