@@ -223,3 +223,22 @@ def test_the_export_page_lists_each_adapter_with_its_losses_and_its_4_bit_base(c
     page = client(curated).get("/runs/r1/export").text
     assert "<td>support</td><td>8</td><td>q_proj, v_proj</td>" in page
     assert "sft: 6.7 &rarr; 5.8" in page and "30.0 &rarr; 30.3 (+1.00%)" in page
+
+
+def test_training_curves_come_from_tensorboard_per_stage_with_the_early_stop_step(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "r1"
+    for stage, steps in (("pretrain", [1, 5, 10]), ("sft", [1, 5])):
+        with SummaryWriter(str(run / "train" / stage / "tensorboard")) as writer:
+            for step in steps:
+                writer.add_scalar("train/loss", 5.0 - step / 10, step)
+                writer.add_scalar("train/lr", 1e-3, step)
+    (run / "train" / "sft" / "metrics.json").write_text(json.dumps({"stopped_early": True}))
+    (run / "train" / "metrics.json").write_text(json.dumps({"stages": [{"stage": "pretrain"}, {"stage": "sft"}]}))
+    histories, stopped_at = runs.training_histories(run)
+    assert [h["step"] for h in histories["pretrain"]] == [1, 5, 10] and histories["sft"][1]["loss"] == 4.5
+    assert stopped_at == 15  # sft's last step (5) after pretrain's 10
+    (run / "train" / "dpo").mkdir()  # listed before it logs anything
+    (run / "train" / "metrics.json").unlink()
+    assert list(runs.training_histories(run)[0]) == ["pretrain", "sft"]

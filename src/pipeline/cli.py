@@ -479,7 +479,8 @@ def dispatch(args, capture: bool = False) -> None:
         init_ray()
         reads, writes = STAGE_IO[args.command]
         with staged(cfg, reads, writes) as local:
-            if args.command in ("run", "serve"):  # their stages are recorded one by one (run_or_skip)
+            # `run` records its stages one by one (run_or_skip); `serve` writes no stage folder
+            if args.command in ("run", "serve"):
                 run_command(local, args)
             else:
                 with journal.stage(cfg, writes[0]):

@@ -89,8 +89,9 @@ def _command_status(command: dict | None, after: list[dict]) -> tuple[str, str]:
     return "killed", f"process {command.get('pid')} ended without saying how (killed?)"
 
 
-def _stages(run: Path, events: list[dict], status: str, reason: str) -> list[Stage]:
-    _, after = _last_command(events)
+def _stages(run: Path, events: list[dict], after: list[dict], status: str, reason: str) -> list[Stage]:
+    """Each stage that ran: done by its result file (with its last recorded wall time), then as the
+    last command's events (`after`) say."""
     seconds = {e["stage"]: e["seconds"] for e in events if e["event"] == "stage_done"}
     stages = {name: Stage(name, "done" if _has_result(run, name) else "", seconds.get(name)) for name in RESULTS}
     for e in after:
@@ -113,7 +114,7 @@ def read_run(path: Path) -> Run:
     run = Run(path.name, path, status, reason)
     if command is not None:
         run.command, run.started, run.config = command["command"], command["time"], command["config"]
-    run.stages = _stages(path, events, status, reason)
+    run.stages = _stages(path, events, after, status, reason)
     if status == "running":
         run.progress = training_progress(path)
     return run
@@ -186,7 +187,7 @@ def _stage_order(run: Path) -> list[str]:
     if summary and summary.get("stages"):
         return [s["stage"] for s in summary["stages"]]
     folders = [d for d in (run / "train").glob("*/tensorboard") if d.is_dir()]
-    return [d.parent.name for d in sorted(folders, key=lambda d: min(p.stat().st_mtime for p in d.iterdir()))]
+    return [d.parent.name for d in sorted(folders, key=lambda d: d.stat().st_ctime)]
 
 
 def _scalars(tensorboard: Path) -> list[dict]:
@@ -194,6 +195,8 @@ def _scalars(tensorboard: Path) -> list[dict]:
     resumed run), with the same keys as metrics.json's history."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not tensorboard.is_dir():  # a stage that has not logged yet
+        return []
     events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0}).Reload()
     by_step: dict[int, dict] = {}
     for tag in events.Tags()["scalars"]:
