@@ -101,7 +101,7 @@ def test_the_data_page_shows_a_rejected_document_and_its_reason(console, page, t
     page.goto(f"{console}/runs/{tiny_run.name}/data")
     page.get_by_role("link", name="too short (< 5 words)").click()
     rows = page.locator("#documents tr").filter(has=page.locator("td"))
-    assert "planted-short" in rows.all_inner_texts()[0] or "planted-short" in " ".join(rows.all_inner_texts())
+    assert any("planted-short" in row for row in rows.all_inner_texts())
     assert set(rows.locator("td.reason").all_inner_texts()) == {"too short (< 5 words)"}
     screenshot(page, "data", tmp_path)
     page.goto(f"{console}/runs/{tiny_run.name}/data/rejected/planted-near-copy")
@@ -127,6 +127,7 @@ def test_the_playground_streams_an_answer_from_the_served_model(console, page, t
     page.wait_for_function("document.querySelector('#model').options.length > 0")
     page.fill("#prompt", "Permission is hereby granted")
     page.fill("#max_tokens", "12")
+    page.fill("#temperature", "0")  # greedy: the same answer every run (sampled, it may stop at its first token)
     lengths = []
     page.expose_function("seen", lambda n: lengths.append(n))
     # record the answer's length at every change: a stream grows it piece by piece
@@ -138,8 +139,9 @@ def test_the_playground_streams_an_answer_from_the_served_model(console, page, t
     page.wait_for_selector("#figures[data-done]", timeout=120_000)
     figures = page.locator("#figures").inner_text()
     assert re.search(r"\d+ tokens; first token \d+ ms, whole answer \d+ ms", figures), figures
-    assert page.locator("#answer").inner_text().strip()
-    assert len([n for n in lengths if n > 0]) > 1, lengths  # more than one piece arrived
+    answer = page.locator("#answer").text_content()  # the tiny model's greedy answer may be all line breaks
+    print(f"\nplayground answer {answer!r}, its length as it grew {lengths}; {figures}")
+    assert answer and len([n for n in lengths if n > 0]) > 1, lengths  # more than one piece arrived
     screenshot(page, "playground", tmp_path)
 
 

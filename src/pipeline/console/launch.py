@@ -4,6 +4,7 @@ entrypoint that `ray job submit` runs, so a launched stage writes its journal an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -103,16 +104,17 @@ class Launcher:
         return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n"))
 
     def stop(self, job: Job) -> None:
-        """Ctrl-C first (the CLI records the run as interrupted), a kill after 20 s."""
+        """Ctrl-C to the command alone (the CLI records the run as interrupted and stops its Ray), then, after
+        it ends or 20 s, a kill of whatever it started and left."""
         if self.ray_jobs:
             self.client.stop_job(job.id)
             return
         if job.process.poll() is not None:
             return
         job.stopped = True
-        os.killpg(job.process.pid, signal.SIGINT)
-        try:
+        job.process.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             job.process.wait(20)
-        except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(job.process.pid, signal.SIGKILL)
-            job.process.wait()
+        job.process.wait()
