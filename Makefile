@@ -46,8 +46,8 @@ demo: setup data/corpus/.built
 
 # the console's browser tests drive Debian's chromium (no browser download): installed with apt when root
 browser:
-	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get install -y -q chromium >/dev/null 2>&1 \
-	  || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null)) \
 	  || echo "could not install chromium: tests/test_console.py will say so"
 
 console: setup
