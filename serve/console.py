@@ -30,8 +30,10 @@ def build_console(args: dict) -> Application:
         default_config=args.get("config", "configs/demo.yaml"),
     )
 
-    def console_app():  # built on the replica: an app with its routes does not pickle (a function, not a partial:
-        return make_app(settings)  # Serve takes any other callable for the ASGI app itself)
+    # the app is built on the replica: one with its routes does not pickle. A plain function, as Serve
+    # takes any other callable (a functools.partial, say) for the ASGI app itself
+    def console_app():
+        return make_app(settings)
 
     @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": float(args.get("num_cpus", 0.25))})
     @serve.ingress(console_app)

@@ -97,8 +97,9 @@ def add_key_check(app: FastAPI, key_sha256: str | None) -> None:
 
     @app.middleware("http")
     async def require_key(request: Request, call_next):
-        ROOT.set(request.scope.get("root_path", "").rstrip("/"))
-        if key_sha256 is None or request.url.path.endswith("/login"):
+        root = request.scope.get("root_path", "").rstrip("/")
+        ROOT.set(root)
+        if key_sha256 is None or request.url.path.removeprefix(root) == "/login":
             return await call_next(request)
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         presented = token if scheme.lower() == "bearer" else request.cookies.get(KEY_COOKIE, "")
