@@ -28,7 +28,7 @@ from pipeline.plots import plot_training
 KEY_COOKIE = "pipeline_console_key"
 # where the app is mounted: "" standalone, the route prefix under Ray Serve; every link and fetch starts with it
 ROOT: ContextVar[str] = ContextVar("root", default="")
-FILES = {"histograms.png": "curate/histograms.png", "loss.png": "train/loss.png"}
+FILES = {"histograms.png": "curate/histograms.png"}  # the files a page shows as they are
 
 
 def sha256(key: str | None) -> str | None:
