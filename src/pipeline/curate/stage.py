@@ -23,17 +23,14 @@ import ray
 
 from pipeline.config import DataConfig, PerplexityConfig, PipelineConfig
 from pipeline.curate import arrow_text
-from pipeline.curate.augment import augment
 from pipeline.curate.dedup_exact import exact_dedup
 from pipeline.curate.dedup_fuzzy import fuzzy_dedup
 from pipeline.curate.filters import apply_filters, build_filters
 from pipeline.curate.language import language_batch
 from pipeline.curate.normalize import normalize_batch
-from pipeline.curate.perplexity import PerplexityScorer
 from pipeline.curate.read import ReadOptions, expand_inputs, read_corpus
 from pipeline.curate.records import is_kept
 from pipeline.curate.web import extract_batch
-from pipeline.plots import plot_histograms
 from pipeline.runtime import atomic_dir
 from pipeline.terminal import progress
 
@@ -61,7 +58,14 @@ def map_step(name: str, fn: Callable, batch_format: str = "pyarrow", **kwargs) -
     return Step(name, lambda ds: ds.map_batches(fn, batch_format=batch_format, fn_kwargs=kwargs), fused=True)
 
 
+# The model steps import torch and transformers, and the histograms matplotlib, where they are used, not at the
+# top: every Ray worker that runs one of this module's functions (the write's row selection, say) imports
+# the module, and those imports cost it 6 s of a core (the bench's whole write took 11.8 s for it).
+
+
 def score_perplexity(ds: ray.data.Dataset, settings: PerplexityConfig, trust_remote_code: bool) -> ray.data.Dataset:
+    from pipeline.curate.perplexity import PerplexityScorer
+
     gpu = ray.cluster_resources().get("GPU", 0) > 0
     return ds.map_batches(
         PerplexityScorer,
@@ -104,6 +108,8 @@ def curate_steps(cfg: PipelineConfig) -> list[Step]:
     if data.dedup.fuzzy:
         steps.append(Step("fuzzy_dedup", partial(fuzzy_dedup, dedup=data.dedup)))
     if data.augment.back_translation_models or data.augment.synonym_model:
+        from pipeline.curate.augment import augment
+
         steps.append(
             Step("augment", partial(augment, settings=data.augment, trust_remote_code=cfg.model.trust_remote_code))
         )
@@ -205,6 +211,8 @@ def account(ds: ray.data.Dataset, n_in: int, histograms: Path) -> tuple[int, dic
         raise ConservationError(
             f"{n_in} records in, but {kept - augmented} kept (+{augmented} augmented) + {rejected} rejected"
         )
+    from pipeline.plots import plot_histograms
+
     plot_histograms(
         {
             "words per kept document": profile["words"].tolist(),
