@@ -163,7 +163,7 @@ def plot(result: dict, path: str) -> None:
 
     done = [start + lat for start, lat in result["_timeline"]]
     seconds = range(int(result["duration_s"]) + 1)
-    fig, axes = figure(3, 1, size=(7, 7))
+    fig, axes = figure(3, 1, size=(7, 7), sharex=True)
     axes = axes[:, 0]
     axes[0].plot(list(seconds), [sum(1 for d in done if s <= d < s + 1) for s in seconds])
     axes[0].set_ylabel("QPS")

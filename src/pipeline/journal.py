@@ -1,6 +1,6 @@
 """What was run on a run folder and how it ended: runs/<name>/journal.jsonl, one JSON line per event.
 
-The CLI appends a `command` line when a command starts (its config, pid and the stages it writes),
+The CLI appends a `command` line when a command starts (its arguments, config and pid),
 a `stage` line when a stage starts and a `stage_done` line with its wall time, and an `end` line
 with `done` or `failed` and the one-line reason the terminal showed. The console reads it back
 (pipeline.console.runs): a command with no `end` line is running while its pid lives, and was killed

@@ -49,8 +49,8 @@ TRAINING_PANELS = {
 plt.rcParams.update(STYLE)
 
 
-def figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (7, 3.5)):
-    return plt.subplots(rows, cols, figsize=size, squeeze=False)
+def figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (7, 3.5), **subplots):
+    return plt.subplots(rows, cols, figsize=size, squeeze=False, **subplots)
 
 
 def save(fig, path: Path | str | None = None, fmt: str = "png") -> Path | str:
