@@ -44,6 +44,15 @@ def test_a_finished_command_gives_each_stage_its_wall_time(tmp_path):
     assert all(s.seconds is not None for s in run.stages[:2])
 
 
+def test_a_journal_that_cannot_be_written_is_said_once_and_stops_nothing(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file where the runs folder would be")
+    cfg = config(tmp_path / "taken")
+    journal.command_started(cfg, "run", ["run"])
+    journal.record(cfg, "end", status="failed", reason="the command's own error")
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 1 and said[0].startswith(f"journal: could not append to {tmp_path / 'taken' / 'r1'}")
+
+
 def test_a_failed_stage_carries_the_reason_and_earlier_stages_stay_done(tmp_path):
     cfg = config(tmp_path)
     journal.command_started(cfg, "run", ["run"])

@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline import terminal
 from pipeline.config import PipelineConfig
 from pipeline.storage import cache_dir, is_uri
 
 JOURNAL = "journal.jsonl"
+_unwritable: set[Path] = set()  # journals this process could not append to; said once each
 
 
 def run_folder(cfg: PipelineConfig) -> Path:
@@ -28,10 +30,18 @@ def run_folder(cfg: PipelineConfig) -> Path:
 
 
 def record(cfg: PipelineConfig, event: str, **fields) -> None:
+    """Appends one event. The journal only records a run: on a full or read-only disk the command
+    fails where it writes its outputs, with an error that names them, and a journal line that cannot
+    be written must not stop it earlier or replace that error."""
     path = run_folder(cfg) / JOURNAL
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+    except OSError as e:
+        if path not in _unwritable:
+            _unwritable.add(path)
+            terminal.say(f"journal: could not append to {path} ({e.strerror}); the console will not show the rest")
 
 
 def command_started(cfg: PipelineConfig, command: str, argv: list[str]) -> None:
