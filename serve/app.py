@@ -39,7 +39,7 @@ from pipeline.serving.metrics import ServeMetrics
 from pipeline.serving.openai_format import APIError, ChunkWriter, completion_body, error_response
 from pipeline.serving.request_limits import RequestLimits
 from pipeline.serving.schemas import ChatRequest, CompletionRequest, GenerateRequest, ServeArgs
-from pipeline.serving.types import Completion, Sampling, StopCutter
+from pipeline.serving.types import Completion, Prompt, Sampling, StopCutter
 
 log = logging.getLogger("pipeline.serve")
 api = FastAPI(
@@ -169,9 +169,15 @@ class LLMServer:
         return self.generator.options(stream=stream, **options)
 
     def _sampling(
-        self, prompt: str, max_tokens: int | None, temperature: float, top_p: float, stop: list[str], **more
+        self, prompt: Prompt, max_tokens: int | None, temperature: float, top_p: float, stop: list[str], **more
     ) -> Sampling:
         """`more`: seed, presence_penalty, frequency_penalty, logprobs (OpenAI routes)."""
+        if (token := self.tokens.unknown_token(prompt)) is not None:
+            raise APIError(
+                400,
+                f"prompt token id {token} is not in the model's vocabulary of {len(self.tokens.tokenizer)}",
+                param="prompt",
+            )
         n_prompt = self.tokens.count_tokens(prompt)
         if n_prompt > self.args.max_prompt_tokens:
             raise APIError(
@@ -224,7 +230,7 @@ class LLMServer:
         self.metrics.retries.inc()
         log.warning("a model replica died under a request (%s); retrying on another", type(error).__name__)
 
-    async def _complete(self, prompt: str, sampling: Sampling) -> Completion:
+    async def _complete(self, prompt: Prompt, sampling: Sampling) -> Completion:
         for attempt in range(RETRIES + 1):
             try:
                 c = await self._on(sampling).complete.remote(prompt, sampling)
@@ -235,7 +241,7 @@ class LLMServer:
         self.metrics.tokens.labels("completion").inc(c.completion_tokens)
         return c
 
-    async def _pieces(self, prompt: str, sampling: Sampling) -> AsyncIterator[str]:
+    async def _pieces(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[str]:
         """A stream is retried only until its first piece: after that the client already has text."""
         for attempt in range(RETRIES + 1):
             started = False
@@ -250,7 +256,7 @@ class LLMServer:
                 self._replica_died(attempt, e)
 
     async def _sse(
-        self, model: str, prompt: str, sampling: Sampling, chat: bool, include_usage: bool
+        self, model: str, prompt: Prompt, sampling: Sampling, chat: bool, include_usage: bool
     ) -> AsyncIterator[str]:
         writer, cutter, first = ChunkWriter(model, chat), StopCutter(sampling.stop), True
         async for piece in self._pieces(prompt, sampling):
@@ -271,7 +277,7 @@ class LLMServer:
         self.metrics.tokens.labels("prompt").inc(n_prompt)
         self.metrics.tokens.labels("completion").inc(n_out)
 
-    async def _openai(self, prompt: str, req, max_tokens: int | None, chat: bool):
+    async def _openai(self, prompt: Prompt, req, max_tokens: int | None, chat: bool):
         sampling = self._sampling(
             prompt,
             max_tokens,
@@ -298,7 +304,7 @@ class LLMServer:
         )
         # usage counts the returned text as a stream of it would be counted
         completion_tokens = sum(self.tokens.count_tokens(c.text) for c in choices)
-        n_prompt, echo = self.tokens.count_tokens(prompt), prompt if sampling.echo else None
+        n_prompt, echo = self.tokens.count_tokens(prompt), self.tokens.prompt_text(prompt) if sampling.echo else None
         return completion_body(req.model, choices, chat, n_prompt, completion_tokens, echo)
 
     # ---- routes ---------------------------------------------------------------------------------

@@ -171,6 +171,12 @@ def test_openai_parameters_are_honoured_or_refused_by_name(app):
     assert echoed["text"].startswith("Permission is hereby") and "".join(scores["tokens"]) == echoed["text"]
     assert scores["token_logprobs"][0] is None and scores["top_logprobs"][0] is None  # nothing predicts it
     assert all(lp <= 0 for lp in scores["token_logprobs"][1:]) and len(scores["tokens"]) >= 3
+    ids = [40, 7, 80, 12]  # a prompt as token ids, as lm-eval sends a window of a document (ASCII bytes)
+    by_ids = post(url, "/v1/completions", {**echo, "prompt": [ids], "echo": True}).json()
+    scores = by_ids["choices"][0]["logprobs"]
+    assert by_ids["usage"]["prompt_tokens"] == len(ids) and len(scores["tokens"]) == len(ids) + 1
+    assert by_ids["choices"][0]["text"].startswith("".join(scores["tokens"][: len(ids)]))
+    assert scores["token_logprobs"][0] is None
 
     penalised = post(
         url, "/v1/chat/completions", {**chat, "temperature": 0, "presence_penalty": 2.0, "frequency_penalty": 2.0}
@@ -222,6 +228,8 @@ def test_official_openai_client(app):
         ("/generate", {"prompt": "word " * 5000}, 400, "prompt"),
         ("/generate", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
         ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": [5, 10**9]}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": [[-1]]}, 400, "prompt"),
         ("/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model"),
         ("/v1/completions", {"model": "tiny", "prompt": "a", "echo": True, "stream": True}, 400, None),
         ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),

@@ -235,6 +235,12 @@ def test_openai_requests_refuse_what_the_server_does_not_implement():
     for odd in ({}, [], None, 3):  # any JSON as a part's type is refused as a 4xx (a dict one was a 500 in fuzzing)
         with pytest.raises(ValidationError, match="only text content parts"):
             ChatRequest(model="m", messages=[{"role": "user", "content": [{"type": odd, "text": "x"}]}])
+    # a prompt is text or token ids, one of either (as lm-eval sends a scored window: a batch of one)
+    for given, prompt in (("hi", "hi"), (["hi"], "hi"), ([5, 6], [5, 6]), ([[5, 6]], [5, 6])):
+        assert CompletionRequest(model="m", prompt=given).prompt == prompt
+    for refused in ("", [], [[]], ["a", "b"], [[5], [6]], [5, "a"]):
+        with pytest.raises(ValidationError):
+            CompletionRequest(model="m", prompt=refused)
 
 
 def test_presence_and_frequency_penalties_count_generated_tokens_only():
@@ -269,7 +275,9 @@ def test_logprobs_take_the_shape_each_openai_api_uses():
 
 
 def test_vllm_gets_every_sampling_setting():
-    from pipeline.serving.vllm_engine import sampling_params
+    from pipeline.serving.vllm_engine import sampling_params, vllm_prompt
+
+    assert vllm_prompt("hi") == "hi" and vllm_prompt([5, 6]) == {"prompt_token_ids": [5, 6]}
 
     params = sampling_params(
         Sampling(
@@ -425,6 +433,50 @@ def test_echo_gives_each_prompt_tokens_logprob_as_the_model_alone_does_in_a_padd
         assert len(completion.logprobs) == 1  # and the one token generated
     plain = asyncio.run(engine.complete(prompts[0], Sampling(1, logprobs=1)))
     assert plain.prompt_logprobs is None
+
+
+def test_a_prompt_given_as_token_ids_is_read_as_given_in_a_batch_with_text(tiny_model_dir):
+    """Ids that tokenizing their text again would not give back (as a window cut inside a word, here a word's
+    letters one by one) are scored as those ids, beside a text prompt in the same padded batch."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.loading import load_model, load_tokenizer
+
+    engine = TransformersEngine(str(tiny_model_dir), False, max_batch_size=4, batch_wait_timeout_s=0.05)
+    model, tokenizer = load_model(AutoModelForCausalLM, tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+    ids = tokenizer.convert_tokens_to_ids(list("Permission"))  # letter by letter: no merges
+    assert tokenizer(tokenizer.decode(ids))["input_ids"] != ids
+    echo = Sampling(2, logprobs=0, echo=True)
+
+    async def both():
+        return await asyncio.gather(engine.complete(ids, echo), engine.complete("Copyright", echo))
+
+    by_ids, by_text = asyncio.run(both())
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert [t.token for t in by_ids.prompt_logprobs] == [tokenizer.decode([i]) for i in ids]
+    assert [t.logprob for t in by_ids.prompt_logprobs[1:]] == pytest.approx(expected.tolist(), abs=2e-4)
+    assert by_ids.prompt_tokens == len(ids)
+    assert by_text.prompt_tokens == len(tokenizer("Copyright")["input_ids"]) == len(by_text.prompt_logprobs)
+    greedy = tokenizer.decode([int(logits[-1].argmax())], skip_special_tokens=True)
+    assert by_ids.text.startswith(greedy)
+
+
+def test_a_generated_eos_is_scored_though_not_in_the_text(tiny_model_dir):
+    """lm-eval reads a window's loglikelihood as every logprob but the last, the generated token's: when that
+    token is EOS it must be there too, or the window's own last token is dropped instead."""
+    engine = TransformersEngine(str(tiny_model_dir), False, max_batch_size=1)
+    head, eos = engine.model.get_output_embeddings(), engine.tokenizer.eos_token_id
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[eos] = 1e4  # the model now always ends here
+    engine.model.set_output_embeddings(biased)
+    done = asyncio.run(engine.complete("Permission is hereby", Sampling(1, logprobs=1, echo=True)))
+    assert (done.text, done.finish_reason, done.completion_tokens) == ("", "stop", 1)
+    assert [t.token for t in done.logprobs] == [engine.tokenizer.eos_token] and done.logprobs[0].logprob == 0
 
 
 PAD = {"return_tensors": "pt", "padding": True}

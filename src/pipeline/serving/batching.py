@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from pipeline.serving.types import Completion, Sampling
+from pipeline.serving.types import Completion, Prompt, Sampling
 
 
 class BatchMerger:
     def __init__(
         self,
-        generate_batch: Callable[[list[str], list[Sampling]], list[Completion]],
+        generate_batch: Callable[[list[Prompt], list[Sampling]], list[Completion]],
         max_batch_size: int,
         fill_wait_s: float = 0.0,
         on_batch: Callable[[int], None] = lambda n: None,
@@ -26,10 +26,10 @@ class BatchMerger:
         """`generate_batch` runs in a thread; `on_batch` hears each call's batch size (for metrics)."""
         self.generate_batch, self.max_batch_size, self.on_batch = generate_batch, max_batch_size, on_batch
         self.fill_wait_s = fill_wait_s
-        self.pending: list[tuple[str, Sampling, asyncio.Future]] = []
+        self.pending: list[tuple[Prompt, Sampling, asyncio.Future]] = []
         self.busy = asyncio.Lock()
 
-    async def run(self, prompt: str, sampling: Sampling) -> Completion:
+    async def run(self, prompt: Prompt, sampling: Sampling) -> Completion:
         future = asyncio.get_running_loop().create_future()
         self.pending.append((prompt, sampling, future))
         async with self.busy:

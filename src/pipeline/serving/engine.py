@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from pipeline.loading import load_tokenizer
-from pipeline.serving.types import Completion, Sampling
+from pipeline.serving.types import Completion, Prompt, Sampling
 
 # Used when a tokenizer ships no chat template (the demo's freshly trained BPE has none).
 DEFAULT_CHAT_TEMPLATE = (
@@ -22,8 +22,20 @@ DEFAULT_CHAT_TEMPLATE = (
 class TokenizerOps:
     """What every engine, and the ingress, does with a Hugging Face tokenizer (`self.tokenizer`)."""
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def count_tokens(self, prompt: Prompt) -> int:
+        if isinstance(prompt, list):
+            return len(prompt)
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def prompt_text(self, prompt: Prompt) -> str:
+        """The text a completion with `echo` starts with."""
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+
+    def unknown_token(self, prompt: Prompt) -> int | None:
+        """A token id of the prompt that the tokenizer does not have, if any (the model would fail on it)."""
+        if isinstance(prompt, list):
+            return next((t for t in prompt if not 0 <= t < len(self.tokenizer)), None)
+        return None
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         template = None if self.tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
@@ -41,11 +53,11 @@ class Tokenizer(TokenizerOps):
 
 class Engine(TokenizerOps, ABC):
     @abstractmethod
-    async def complete(self, prompt: str, sampling: Sampling) -> Completion:
+    async def complete(self, prompt: Prompt, sampling: Sampling) -> Completion:
         """The whole answer to one prompt; concurrent calls may be batched together."""
 
     @abstractmethod
-    def stream(self, prompt: str, sampling: Sampling) -> AsyncIterator[str]:
+    def stream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[str]:
         """The answer's text, piece by piece as it is generated (an async generator)."""
 
     @abstractmethod

@@ -17,7 +17,7 @@ from ray import serve
 
 from pipeline.serving.engines import load_engine
 from pipeline.serving.schemas import ServeArgs
-from pipeline.serving.types import Completion, Sampling
+from pipeline.serving.types import Completion, Prompt, Sampling
 
 
 @serve.deployment
@@ -42,11 +42,11 @@ class Generator:
         # built here, not as a decorated method: the bound on loaded adapters is a setting
         self.load_adapter = serve.multiplexed(max_num_models_per_replica=args.max_loras)(load)
 
-    async def complete(self, prompt: str, sampling: Sampling) -> Completion:
+    async def complete(self, prompt: Prompt, sampling: Sampling) -> Completion:
         await self._adapter_ready()
         return await self.engine.complete(prompt, sampling)
 
-    async def stream(self, prompt: str, sampling: Sampling) -> AsyncIterator[str]:
+    async def stream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[str]:
         await self._adapter_ready()
         async for piece in self.engine.stream(prompt, sampling):
             yield piece

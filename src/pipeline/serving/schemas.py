@@ -107,7 +107,7 @@ class _OpenAIRequest(BaseModel):
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="text, or the token ids to read")
     logprobs: int | None = Field(None, ge=0, le=5, description="the legacy API's count of top alternatives")
     echo: bool = Field(
         False, description="the text starts with the prompt, and logprobs with the prompt's (lm-eval's loglikelihood)"
@@ -125,7 +125,7 @@ class CompletionRequest(_OpenAIRequest):
     @field_validator("prompt")
     @classmethod
     def _one_nonempty_prompt(cls, v):
-        prompts = [v] if isinstance(v, str) else v
+        prompts = [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else v
         if len(prompts) != 1 or not prompts[0]:
             raise ValueError("exactly one non-empty prompt is supported")
         return prompts[0]

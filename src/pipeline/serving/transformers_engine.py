@@ -23,7 +23,7 @@ from pipeline.loading import load_adapter, load_base_for_adapters, load_model, l
 from pipeline.serving.adapter_rows import AdapterRows
 from pipeline.serving.batching import BatchMerger
 from pipeline.serving.engine import Engine
-from pipeline.serving.types import Completion, Sampling, TokenLogprob, truncate_at_stop
+from pipeline.serving.types import Completion, Prompt, Sampling, TokenLogprob, truncate_at_stop
 
 
 class OpenAIPenalties(LogitsProcessor):
@@ -117,11 +117,11 @@ class TransformersEngine(Engine):
         self.bookkeeping = threading.Lock()
         self.merger = BatchMerger(self.generate_batch, max_batch_size, batch_wait_timeout_s, on_batch)
 
-    async def complete(self, prompt: str, sampling: Sampling) -> Completion:
+    async def complete(self, prompt: Prompt, sampling: Sampling) -> Completion:
         with self._using(sampling.adapter):
             return await self.merger.run(prompt, sampling)
 
-    async def stream(self, prompt: str, sampling: Sampling) -> AsyncIterator[str]:
+    async def stream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[str]:
         with self._using(sampling.adapter):
             pieces, done = self._stream_in_thread(prompt, sampling), object()
             while (piece := await asyncio.to_thread(next, pieces, done)) is not done:  # each wait off the loop
@@ -203,7 +203,7 @@ class TransformersEngine(Engine):
         }
 
     @torch.no_grad()
-    def generate_batch(self, prompts: list[str], sampling: list[Sampling]) -> list[Completion]:
+    def generate_batch(self, prompts: list[Prompt], sampling: list[Sampling]) -> list[Completion]:
         """One forward pass per token for the whole batch; requests whose sampling settings differ
         from each other are generated in separate groups."""
         results: list[Completion | None] = [None] * len(prompts)
@@ -215,8 +215,13 @@ class TransformersEngine(Engine):
                 results[i] = c
         return results
 
-    def _generate_group(self, prompts: list[str], sampling: list[Sampling]) -> list[Completion]:
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+    def _encode(self, prompts: list[Prompt]):
+        """The batch's input ids, left-padded, and attention mask; a prompt given as ids is taken as it is."""
+        ids = [p if isinstance(p, list) else self.tokenizer(p)["input_ids"] for p in prompts]
+        return self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
+
+    def _generate_group(self, prompts: list[Prompt], sampling: list[Sampling]) -> list[Completion]:
+        enc = self._encode(prompts)
         width, first = enc["input_ids"].shape[1], sampling[0]
         if first.seed is not None:  # one generate runs at a time on a replica (the merger), so this is its seed
             torch.manual_seed(first.seed)
@@ -235,7 +240,10 @@ class TransformersEngine(Engine):
             hit_eos = eos in new
             new = new[: new.index(eos)] if hit_eos else new
             text, stopped = truncate_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), s.stop)
-            logprobs = None if s.logprobs is None else self._logprobs(out.logits, row, new, s.logprobs)
+            # the EOS token is generated, and scored, though not in the text: as vLLM and OpenAI give it, and
+            # as lm-eval, which drops the last logprob as the generated token's, needs it
+            scored = new + [eos] * hit_eos
+            logprobs = None if s.logprobs is None else self._logprobs(out.logits, row, scored, s.logprobs)
             finish = "stop" if hit_eos or stopped else "length"
             completions.append(Completion(text, int(mask.sum()), len(new) + hit_eos, finish, logprobs))
         if first.echo and first.logprobs is not None:
@@ -279,11 +287,11 @@ class TransformersEngine(Engine):
             )
         return out
 
-    def _stream_in_thread(self, prompt: str, sampling: Sampling) -> Iterator[str]:
+    def _stream_in_thread(self, prompt: Prompt, sampling: Sampling) -> Iterator[str]:
         """Yield text pieces as they are generated (generation runs in a thread)."""
         from transformers import TextIteratorStreamer
 
-        enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+        enc = self._encode([prompt])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)

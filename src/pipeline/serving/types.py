@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# A prompt as text, or as the token ids the model reads (OpenAI's completions API takes both). Ids are
+# read as given: lm-eval scores a window of a long document by its ids, which decoded to text and
+# tokenized again need not come back the same where the window's edge cuts a word.
+Prompt = str | list[int]
+
 
 @dataclass(frozen=True)
 class Sampling:

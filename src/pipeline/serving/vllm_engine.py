@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.loading import check_adapter_base, load_tokenizer, model_fingerprints
 from pipeline.serving.adapters import check_lora_rank
 from pipeline.serving.engine import Engine
-from pipeline.serving.types import Completion, Sampling, TokenLogprob, truncate_at_stop
+from pipeline.serving.types import Completion, Prompt, Sampling, TokenLogprob, truncate_at_stop
 
 
 def sampling_params(s: Sampling) -> dict:
@@ -28,6 +28,11 @@ def sampling_params(s: Sampling) -> dict:
         "logprobs": s.logprobs,
         "prompt_logprobs": s.logprobs if s.echo else None,
     }
+
+
+def vllm_prompt(prompt: Prompt) -> str | dict:
+    """What vLLM's generate takes: the text, or a TokensPrompt (a dict) for token ids."""
+    return prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt}
 
 
 def token_logprobs(token_ids: list[int], positions: list[dict]) -> list[TokenLogprob]:
@@ -70,12 +75,13 @@ class VLLMEngine(Engine):
 
         return SamplingParams(**sampling_params(s))
 
-    async def _outputs(self, prompt: str, s: Sampling):
+    async def _outputs(self, prompt: Prompt, s: Sampling):
         lora = self.loras[s.adapter] if s.adapter else None
-        async for out in self.engine.generate(prompt, self._params(s), request_id=uuid.uuid4().hex, lora_request=lora):
+        request = {"request_id": uuid.uuid4().hex, "lora_request": lora}
+        async for out in self.engine.generate(vllm_prompt(prompt), self._params(s), **request):
             yield out
 
-    async def complete(self, prompt: str, sampling: Sampling) -> Completion:
+    async def complete(self, prompt: Prompt, sampling: Sampling) -> Completion:
         final = None
         async for output in self._outputs(prompt, sampling):
             final = output  # each output holds the whole text so far; the last one is the answer
@@ -91,7 +97,7 @@ class VLLMEngine(Engine):
             text, len(final.prompt_token_ids), len(choice.token_ids), choice.finish_reason or "stop", logprobs, prompt
         )
 
-    async def stream(self, prompt: str, sampling: Sampling) -> AsyncIterator[str]:
+    async def stream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[str]:
         sent = 0
         async for out in self._outputs(prompt, sampling):
             text = out.outputs[0].text
