@@ -113,6 +113,14 @@ def test_a_task_file_whose_data_is_missing_is_a_clear_error(tmp_path):
         task_specs(cfg, tmp_path / "data")
 
 
+def rolling_windows(max_seq_len: int) -> list:
+    """The windows lm-eval scores a 300-token document in (its loglikelihood_rolling)."""
+    from lm_eval import utils
+
+    windows = utils.get_rolling_token_windows(list(range(300)), prefix_token=-1, max_seq_len=max_seq_len, context_len=1)
+    return [utils.make_disjoint_window(w) for w in windows]
+
+
 def test_the_endpoint_is_scored_through_lm_evals_completions_backend_on_our_route():
     from pathlib import Path
 
@@ -125,15 +133,16 @@ def test_the_endpoint_is_scored_through_lm_evals_completions_backend_on_our_rout
         "model": "x",
         "tokenizer": "/runs/x/quantize/awq",
         "tokenizer_backend": "huggingface",
-        "tokenized_requests": False,
+        "tokenized_requests": True,
         "num_concurrent": 4,
-        "max_length": 1025,  # windows of 1023 tokens, sent with the one after: 1024, the server's limit
+        "max_length": 1025,  # windows of 1023 tokens, each sent after its context token: 1024, the server's limit
         "max_retries": 3,
         "header": {"Authorization": "Bearer secret"},
     }
     settings.max_length = 64
     assert "header" not in endpoint_args(endpoint, settings, 1024, None)
-    assert endpoint_args(endpoint, settings, 1024, None)["max_length"] == 66
+    api_length = endpoint_args(endpoint, settings, 1024, None)["max_length"]
+    assert rolling_windows(api_length - 2) == rolling_windows(64)  # as lm-eval cuts for an API and for HF
     with pytest.raises(ConfigError, match=r"eval.max_length 64: .*serve.max_prompt_tokens \(64\)"):
         endpoint_args(endpoint, settings, 64, None)
 

@@ -105,14 +105,18 @@ def _hf_model(model: EvalModel, settings: EvalConfig, trust_remote_code: bool):
         device=device,
         batch_size=settings.batch_size,
         max_length=settings.max_length,
+        # a 16-bit model's log-softmax in 16 bits is off by about 0.05% of the loglikelihood, as the
+        # server's (in 32 bits, as vLLM's) is not: scored alike, in-process and endpoint agree
+        softmax_dtype="float32",
     )
 
 
 def endpoint_args(model: EvalModel, settings: EvalConfig, max_prompt_tokens: int, api_key: str | None) -> dict:
     """lm-eval's local-completions backend on our OpenAI route: loglikelihoods come from the prompt's own
-    logprobs (echo), prompts go as text (the server tokenizes them as the HF tokenizer here does), a
-    batch's worth of requests at once so that the server batches them. A window of a long document is
-    sent as its max_length tokens and the one after it (scored, not read), which the server must take."""
+    logprobs (echo), prompts go as token ids (a window of a long document starts and ends where its tokens
+    do; decoded to text and tokenized again by the server it could come back as other tokens), a batch's
+    worth of requests at once so that the server batches them. A window is sent as its max_length tokens
+    and the one after it (scored, not read), which the server must take."""
     window = settings.max_length or max_prompt_tokens - 1
     if window + 1 > max_prompt_tokens:
         raise ConfigError(
@@ -124,10 +128,11 @@ def endpoint_args(model: EvalModel, settings: EvalConfig, max_prompt_tokens: int
         "model": model.served_as,
         "tokenizer": str(model.path),
         "tokenizer_backend": "huggingface",
-        "tokenized_requests": False,
+        "tokenized_requests": True,
         "num_concurrent": settings.batch_size,
-        # lm-eval's API backend keeps 2 of max_length for itself (the token generated, the context): +2 cuts
-        # long documents into windows of the HF backend's length, so the two score the same tokens
+        # lm-eval keeps one of an API's max_length for the token generated and cuts a document into windows one
+        # shorter again (a window is sent after its context token); its HF backend's windows are max_length
+        # long: +2 gives the two the same windows
         "max_length": window + 2,
         "max_retries": 3,
         **({"header": {"Authorization": f"Bearer {api_key}"}} if api_key else {}),
