@@ -115,8 +115,9 @@ def endpoint_args(model: EvalModel, settings: EvalConfig, max_prompt_tokens: int
     """lm-eval's local-completions backend on our OpenAI route: loglikelihoods come from the prompt's own
     logprobs (echo), prompts go as token ids (a window of a long document starts and ends where its tokens
     do; decoded to text and tokenized again by the server it could come back as other tokens), a batch's
-    worth of requests at once so that the server batches them. A window is sent as its max_length tokens
-    and the one after it (scored, not read), which the server must take."""
+    worth of requests at once so that the server batches them. A window of eval.max_length tokens is sent
+    after its context token, and one token is generated (scored, not read): the server must take
+    max_length + 1 prompt tokens."""
     window = settings.max_length or max_prompt_tokens - 1
     if window + 1 > max_prompt_tokens:
         raise ConfigError(
