@@ -284,3 +284,26 @@ def test_compressed_files_are_read_and_corrupt_ones_rejected(tmp_path, suffix, c
     (bad,) = file_records(str(broken), ReadOptions())
     assert bad["reason"].startswith("unreadable file") and bad["id"] == str(broken)
     assert bad["step"] == "read"
+
+
+def test_reads_share_a_task_with_the_steps_after_them_only_when_files_outnumber_the_cpus():
+    from pipeline.curate.read import read_cpus
+
+    assert read_cpus(64, 2) == 1.0  # bench/curate.py's corpus: read, normalize and filter a file in one task
+    assert read_cpus(4, 2) == 1.0
+    assert read_cpus(3, 2) == 0.5  # a large file's blocks are processed on every core
+    assert read_cpus(1, 16) == 0.5
+
+
+def test_curate_turns_ray_datas_reservations_off_for_itself_only():
+    import ray
+
+    from pipeline.curate.stage import every_cpu_from_the_start
+
+    context = ray.data.DataContext.get_current()
+    assert context.op_resource_reservation_enabled
+    with every_cpu_from_the_start():
+        assert not context.op_resource_reservation_enabled
+    with pytest.raises(ValueError), every_cpu_from_the_start():
+        raise ValueError("a failed curate")
+    assert context.op_resource_reservation_enabled
