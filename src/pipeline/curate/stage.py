@@ -177,9 +177,8 @@ def every_cpu_from_the_start():
     into each execution, and runs one task at a time until then. Curate is half a dozen short executions
     (each group of steps, the two writes, the counts), each on what the one before materialized (the first
     on the input files), so the allocator's reservations between the operators of a long pipeline have
-    little to arbitrate here:
-    without it, bench/curate.py's curate takes 17.3 s instead of 20.7 on 2 CPUs. Datasets keep the
-    setting they were made under, so it is off for curate's and only for them."""
+    little to arbitrate here: without it, bench/curate.py's curate takes 17.3 s instead of 20.7 on 2 CPUs.
+    Datasets keep the setting they were made under, so it is off for curate's and only for them."""
     context = ray.data.DataContext.get_current()
     before, context.op_resource_reservation_enabled = context.op_resource_reservation_enabled, False
     try:
