@@ -153,9 +153,23 @@ def test_early_stopping_ends_a_run_whose_eval_loss_is_flat(tiny_run, tmp_path):
     assert [h["step"] for h in m["history"] if "eval_loss" in h] == [2, 4, 6, 8]
 
 
+def task_workers() -> set[int]:
+    """The processes the local Ray runs plain tasks in (one CPU each, so several at once)."""
+    import os
+
+    import ray
+
+    def pid() -> int:
+        return os.getpid()
+
+    return set(ray.get([ray.remote(num_cpus=1)(pid).remote() for _ in range(8)]))
+
+
 def test_staged_pretrain_sft_dpo_each_from_the_previous_model(tiny_run, tmp_path):
     """SFT learns the responses; DPO on a small preference set raises the chosen-over-rejected margin
-    against its reference (the SFT model: the DPO adapter switched off)."""
+    against its reference (the SFT model: the DPO adapter switched off). The local Ray's idle task workers
+    outlive the stages' training runs (runtime.workers_kept): each stage tokenizes in processes that have
+    transformers imported and the tokenizer loaded."""
     from pipeline.train.stage import run_train
 
     prefs = tmp_path / "prefs.jsonl"
@@ -166,7 +180,9 @@ def test_staged_pretrain_sft_dpo_each_from_the_previous_model(tiny_run, tmp_path
         f"max_steps: 10}}, {{kind: dpo, data: {prefs}, max_steps: 20, lr: 5.0e-3, beta: 0.5}}]"
     )
     cfg = derived_config(tiny_run, tmp_path, stages, "train.checkpoint_every=20")
+    before = task_workers()
     m = run_train(cfg)
+    assert task_workers() & before, "every task worker was replaced while the stages trained"
     assert [s["stage"] for s in m["stages"]] == ["pretrain", "sft", "dpo"]
     train = cfg.stage_dir("train")
     assert m["stages"][1]["base_model"] == str(train / "sft" / "base")  # pretrain merged into sft's base

@@ -302,3 +302,18 @@ def test_a_finished_runs_checkpoint_is_the_result_only_when_it_is_whole(tmp_path
     (checkpoint / "state.json").write_text('{"step": 19}')  # same size, other bytes
     assert not take_whole(str(checkpoint), str(tmp_path / "run"), tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_a_tokenizer_is_loaded_once_per_worker_until_its_files_change(tmp_path):
+    """Task workers outlive stages, so the per-process tokenizer cache is keyed on the files as well as the
+    path: a model rebuilt at the same path (the README walkthrough does this) is tokenized with its own."""
+    from pipeline.model import train_tokenizer
+    from pipeline.train.data import _tokenizer
+
+    texts = [f"document {i} about {w}" for i in range(50) for w in ("cats", "dogs", "ships")]
+    train_tokenizer(texts, 270).save_pretrained(tmp_path)
+    first = _tokenizer(str(tmp_path), False)
+    assert _tokenizer(str(tmp_path), False) is first
+    train_tokenizer(texts, 290).save_pretrained(tmp_path)
+    rebuilt = _tokenizer(str(tmp_path), False)
+    assert rebuilt is not first and len(rebuilt) != len(first)

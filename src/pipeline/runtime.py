@@ -35,14 +35,30 @@ def init_ray(num_cpus: int | None = None) -> None:
         # listing on a pool of 32 actors, sized for thousands of files on object storage (on 2 CPUs: 6-9
         # -> 3.5 CPU-seconds per read of the tiny training set with one). Ray Train watches for nodes being
         # drained (preempted); one local node never is.
-        footer_actors = max(1, (num_cpus or os.cpu_count() or 2) // 2)
-        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(footer_actors))
+        cpus = num_cpus or os.cpu_count() or 2
+        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(max(1, cpus // 2)))
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # "local": without it, ray.init() joins any cluster `ray start` left on this machine (found
         # through /tmp/ray), so a run meant to be embedded would land on someone else's Ray
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+            _system_config={"num_workers_soft_limit": workers_kept(cpus)},
+        )
         log.info("started local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
     ctx.enable_progress_bars = True
+
+
+def workers_kept(cpus: int) -> int:
+    """How many worker processes the local Ray keeps before it ends idle ones. Ray's default is one per
+    CPU, and it counts actors: a training run holds ten or so (its workers, controller, placement-group
+    cleaner, synchronization actor, dataset manager, split coordinators and Ray Data's two), so every run
+    ended the idle task workers, and the next stage's tokenizing tasks started new processes that import
+    transformers and load the tokenizer again, 6 s of a core each. The room for a run's actors keeps
+    them; an idle worker holds memory (its imports), never CPUs."""
+    return 2 * cpus + 16
 
 
 def rows_per_batch(ds: ray.data.Dataset, target_bytes: int = 32 << 20) -> int:

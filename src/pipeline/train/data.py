@@ -27,9 +27,22 @@ from pipeline.train.formats import RecordError, preference_texts, prompt_and_res
 IGNORE = -100  # label of tokens the loss skips (prompts, padding)
 
 
-@lru_cache(maxsize=2)
 def _tokenizer(path: str, trust_remote_code: bool):
+    """The tokenizer in `path`, loaded once per worker process for as long as its files are unchanged: task
+    workers outlive a stage (runtime.workers_kept), and a model may be rebuilt at the same path."""
+    return _loaded_tokenizer(path, trust_remote_code, files_stamp(path))
+
+
+@lru_cache(maxsize=2)
+def _loaded_tokenizer(path: str, trust_remote_code: bool, stamp: tuple) -> object:
     return load_tokenizer(path, trust_remote_code)
+
+
+def files_stamp(folder: str) -> tuple:
+    """(name, size, mtime) of each file in `folder` (none if it is missing, which the load then reports):
+    changes when any of them is rewritten."""
+    stats = ((p.name, p.stat()) for p in Path(folder).glob("*") if p.is_file())
+    return tuple(sorted((name, s.st_size, s.st_mtime_ns) for name, s in stats))
 
 
 def tensor_table(columns: dict[str, np.ndarray]) -> pa.Table:
