@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -33,6 +34,21 @@ def test_every_code_point_is_space_split_stripped_and_normalized_as_python_does(
     assert arrow_text.normalize(column).to_pylist() == [normalize_text(t) for t in texts]
     alone = pa.array(EVERY_CODE_POINT, pa.large_string())
     assert arrow_text.is_blank(alone).to_pylist() == [not c.strip() for c in EVERY_CODE_POINT]
+
+
+def test_words_are_counted_in_any_layout_of_a_column():
+    """Slices, both string types, nulls, empty rows, chunks, and a row with a non-ASCII space among ASCII ones."""
+    texts = ["", None, " a  b ", "", "x\u3000y z", "é\tb\x1c", "\x00 \x08\x0e", "last"]
+    python = [len((t or "").split()) for t in texts]
+    for kind in (pa.string(), pa.large_string()):
+        column = pa.array(["pad words"] + texts, kind)
+        assert arrow_text.word_counts(column.slice(1)).to_pylist() == python
+        assert arrow_text.word_counts(pa.chunked_array([column.slice(1, 3), column.slice(4)])).to_pylist() == python
+    assert arrow_text.word_counts(pa.array([], pa.large_string())).to_pylist() == []
+    validity, offsets = np.packbits([1, 0], bitorder="little"), np.array([0, 3, 6], np.int64)
+    buffers = [pa.py_buffer(b) for b in (validity, offsets, b"a bc d")]
+    null_with_bytes = pa.Array.from_buffers(pa.large_string(), 2, buffers)
+    assert arrow_text.word_counts(null_with_bytes).to_pylist() == [2, 0]
 
 
 def arrow_chain(path: Path, filters: list) -> list[tuple]:

@@ -2,6 +2,8 @@
 why, which exact copy survives, which candidate pairs a bucket makes, which pairs verification keeps,
 and how near duplicates point at their survivor."""
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -21,7 +23,7 @@ from pipeline.curate.dedup_fuzzy import (
 )
 from pipeline.curate.filters import Length, Repetition, Script, SymbolRatio, apply_filters, build_filters
 from pipeline.curate.normalize import normalize_batch
-from pipeline.curate.records import record, reject
+from pipeline.curate.records import STRING, record, reject
 
 PROSE = (
     "Permission is hereby granted, free of charge, to any person obtaining a copy of this software\n"
@@ -95,6 +97,14 @@ def test_each_filter_drops_what_it_should_and_keeps_prose(make, text, dropped):
     f = make()
     assert dropped in f(text)
     assert f(PROSE) is None
+
+
+@pytest.mark.parametrize("bounds", list(itertools.product((0, 3), (0, 4), (0, 12), (0, 20))))
+def test_the_length_filter_on_a_column_says_what_it_says_of_each_text(bounds):
+    """Bounds of 0 are off and are not checked at all on the column; the reasons stay the per-text ones."""
+    length = Length(*bounds)
+    texts = ["", "one", "one two three", "one two three four five", "a\u3000b c", "x" * 25, "  spaced  out  "]
+    assert length.reasons(pa.array(texts, STRING)).to_pylist() == [length(t) or "" for t in texts]
 
 
 def test_the_lowest_kept_id_survives_an_exact_duplicate_group():

@@ -36,6 +36,7 @@ SPACE_CODES = [c for c in range(sys.maxunicode + 1) if chr(c).isspace()]
 SPACE = _ranges(SPACE_CODES)  # what Python calls whitespace
 SPACE_NOT_NEWLINE = _ranges([c for c in SPACE_CODES if c != ord("\n")])
 ODD_SPACE = _ranges([c for c in SPACE_CODES if c not in (ord("\n"), ord(" "))])
+WIDE_SPACE = _ranges([c for c in SPACE_CODES if c > 127])
 
 
 @cache
@@ -50,30 +51,73 @@ def is_blank(texts: pa.Array) -> pa.Array:
 
 
 def word_counts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """`len(text.split())` per row. Arrow's utf8_split_whitespace splits on the same characters as Python,
-    but at each one: a run of n whitespace characters leaves n - 1 empty strings, which are not counted.
-    (A regex counting the words takes three times as long: one match per word.)"""
+    """`len(text.split())` per row (null: 0), counted on the UTF-8 bytes: a word starts at each byte that is
+    not whitespace after one that is. That takes every whitespace character to be one ASCII byte; the rare
+    rows holding one of Python's non-ASCII spaces (U+0085, U+00A0, U+3000, ...) are split by Arrow instead."""
     counts = []
     for chunk in texts.chunks if isinstance(texts, pa.ChunkedArray) else [texts]:
-        parts = pc.utf8_split_whitespace(chunk)
-        words = pc.not_equal(pc.list_flatten(parts), "").to_numpy(zero_copy_only=False)
-        rows = pc.list_parent_indices(parts).to_numpy()
-        counts.append(np.bincount(rows[words], minlength=len(chunk)))
+        chunk_counts = _byte_word_counts(chunk)
+        wide = pc.invert(pc.fill_null(pc.string_is_ascii(chunk), True))
+        if pc.any(wide).as_py():
+            rows = pc.indices_nonzero(wide)
+            wide = pc.match_substring_regex(chunk.take(rows), f"[{WIDE_SPACE}]")
+            rows = rows.filter(wide).to_numpy()
+            chunk_counts[rows] = _split_word_counts(chunk.take(rows))
+        counts.append(chunk_counts)
     return pa.array(np.concatenate(counts) if counts else [], pa.int64())
+
+
+def _byte_word_counts(chunk: pa.Array) -> np.ndarray:
+    """Words per row where whitespace is one of Python's ASCII spaces (a non-ASCII byte is part of a word)."""
+    width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+    _, offsets, data = chunk.buffers()
+    ends = np.frombuffer(offsets, width, len(chunk) + 1, chunk.offset * np.dtype(width).itemsize).astype(np.int64)
+    counts = np.zeros(len(chunk), np.int64)
+    start, end = int(ends[0]), int(ends[-1])
+    if end == start:
+        return counts
+    data = np.frombuffer(data, np.uint8, end - start, start)
+    # not a space: above " ", or a control character that Python does not call whitespace (comparisons, not
+    # a lookup table: five times as fast)
+    word = (data > 32) | (data < 9) | ((data > 13) & (data < 28))
+    starts = word.copy()
+    starts[1:] &= ~word[:-1]
+    nonempty = ends[1:] > ends[:-1]
+    firsts = ends[:-1][nonempty] - start
+    starts[firsts] = word[firsts]  # a row's first byte starts a word whatever the row before ended with
+    counts[nonempty] = np.add.reduceat(starts, firsts, dtype=np.int64)
+    if chunk.null_count:  # a null row's bytes, if it has any, are no text
+        counts[pc.is_null(chunk).to_numpy(zero_copy_only=False)] = 0
+    return counts
+
+
+def _split_word_counts(texts: pa.Array) -> np.ndarray:
+    """Arrow's utf8_split_whitespace splits on the same characters as Python, but at each one: a run of n
+    whitespace characters leaves n - 1 empty strings, which are not counted."""
+    parts = pc.utf8_split_whitespace(texts)
+    words = pc.not_equal(pc.list_flatten(parts), "").to_numpy(zero_copy_only=False)
+    rows = pc.list_parent_indices(parts).to_numpy()
+    return np.bincount(rows[words], minlength=len(texts))
 
 
 def normalize(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     """normalize.normalize_text (without lowercasing) per row: NFKC, one newline style, runs of other
     whitespace to one space, lines stripped, at most one blank line in a row, the whole stripped."""
     text = nfkc(texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts)
-    if pc.any(pc.match_substring(text, "\r")).as_py():
+    if _holds(text, "\r"):
         text = pc.replace_substring(pc.replace_substring(text, "\r\n", "\n"), "\r", "\n")
     # each run of whitespace but newlines to one space: the runs that are not one space already
     text = pc.replace_substring_regex(text, f"[{SPACE_NOT_NEWLINE}]{{2,}}|[{ODD_SPACE}]", " ")
     text = pc.replace_substring_regex(text, " \n ?|\n ", "\n")  # strip the lines: their ends hold one space at most
-    if pc.any(pc.match_substring(text, "\n\n\n")).as_py():
+    if _holds(text, "\n\n\n"):
         text = pc.replace_substring_regex(text, "\n{3,}", "\n\n")
     return pc.utf8_trim(text, " \n")  # the only whitespace left
+
+
+def _holds(texts: pa.Array, pattern: str) -> bool:
+    """Whether some row holds `pattern`, a string without regex syntax: RE2's search is ten times as fast as
+    Arrow's match_substring."""
+    return pc.any(pc.match_substring_regex(texts, pattern)).as_py()
 
 
 def nfkc(texts: pa.Array) -> pa.Array:

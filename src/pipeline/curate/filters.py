@@ -38,19 +38,20 @@ class Length:
         return None
 
     def reasons(self, texts: pa.Array) -> pa.Array:
-        """What __call__ says of each text, for a whole column at once (in Arrow)."""
-        words, chars = arrow_text.word_counts(texts), pc.utf8_length(texts)
-        checks = [
-            (pc.less(words, self.min_words), f"too short (< {self.min_words} words)"),
-            (pc.less(chars, self.min_chars), f"too short (< {self.min_chars} characters)"),
+        """What __call__ says of each text, for a whole column at once (in Arrow). A bound of 0 drops nothing,
+        so only the bounds that are set are checked (and words counted only if one of theirs is)."""
+        words = arrow_text.word_counts(texts) if self.min_words or self.max_words else None
+        chars = pc.utf8_length(texts) if self.min_chars or self.max_chars else None
+        checks = [  # __call__'s order: the first check that fails names the reason
+            (self.min_words, pc.less, words, f"too short (< {self.min_words} words)"),
+            (self.max_words, pc.greater, words, f"too long (> {self.max_words} words)"),
+            (self.min_chars, pc.less, chars, f"too short (< {self.min_chars} characters)"),
+            (self.max_chars, pc.greater, chars, f"too long (> {self.max_chars} characters)"),
         ]
-        if self.max_words:
-            checks.insert(1, (pc.greater(words, self.max_words), f"too long (> {self.max_words} words)"))
-        if self.max_chars:
-            checks.append((pc.greater(chars, self.max_chars), f"too long (> {self.max_chars} characters)"))
         out = pa.nulls(len(texts), STRING)
-        for hit, reason in reversed(checks):  # __call__'s order: the first check that fails names the reason
-            out = pc.if_else(hit, pa.scalar(reason, STRING), out)
+        for bound, fails, values, reason in reversed(checks):
+            if bound:
+                out = pc.if_else(fails(values, bound), pa.scalar(reason, STRING), out)
         return pc.fill_null(out, "")
 
 
