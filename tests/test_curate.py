@@ -254,7 +254,9 @@ def test_curate_options_perplexity_metadata_shards_and_plot(ray_local, tiny_run,
     from pipeline.curate.perplexity import PerplexityScorer
 
     model = tiny_run.stage_dir("quantize") / "merged"
-    real = pq.read_table(tiny_run.stage_dir("curate") / "kept").to_pandas()["text"].tolist()[:40]
+    # the first 40 by id: kept/'s row order follows curate's hash sorts, and so would the sample
+    kept = pq.read_table(tiny_run.stage_dir("curate") / "kept").to_pandas().sort_values("id")
+    real = kept["text"].tolist()[:40]
     rng = random.Random(0)
     gibberish = [" ".join("".join(rng.choice("ÆØÅßþðæœ") for _ in range(7)) for _ in range(60)) for _ in range(10)]
     scorer = PerplexityScorer(str(model), trust_remote_code=False, max_tokens=64, max_perplexity=1e9)

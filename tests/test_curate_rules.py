@@ -109,17 +109,28 @@ def test_the_length_filter_on_a_column_says_what_it_says_of_each_text(bounds):
 
 def test_the_lowest_kept_id_survives_an_exact_duplicate_group():
     block = add_digest(
-        table(
-            {"id": "b", "text": PROSE},
-            {"id": "c", "text": PROSE},
-            {"id": "a", "text": PROSE, "reason": "too short", "step": "filters"},
-            {"id": "d", "text": "something else"},
+        arrow(
+            table(
+                {"id": "c", "text": PROSE},
+                {"id": "b", "text": PROSE},
+                {"id": "a", "text": PROSE, "reason": "too short", "step": "filters"},
+                {"id": "d", "text": "something else"},
+                {"id": "e", "text": PROSE},
+            )
         )
     )
-    out = mark_exact_duplicates(block.sort_values("digest")).set_index("id")
-    assert out.loc["c", ["reason", "step", "duplicate_of"]].tolist() == ["exact duplicate", "exact_dedup", "b"]
+    out = mark_exact_duplicates(block).to_pandas().set_index("id")
+    assert out.loc["c", ["reason", "step", "duplicate_of", "jaccard"]].tolist() == [
+        "exact duplicate",
+        "exact_dedup",
+        "b",
+        1.0,
+    ]
+    assert out.loc["e", ["reason", "duplicate_of"]].tolist() == ["exact duplicate", "b"]
     assert out.loc["b", "reason"] == "" and out.loc["d", "reason"] == ""
     assert out.loc["a", ["reason", "duplicate_of"]].tolist() == ["too short", ""], "a rejected row is no survivor"
+    unique = block.filter(pa.array([False, True, False, True, False]))
+    assert mark_exact_duplicates(unique)["reason"].to_pylist() == ["", ""]
 
 
 def bucket_block(buckets: dict[int, list[int]]) -> pa.Table:
