@@ -89,12 +89,12 @@ def build_crawl(folder: Path, pages: list[Path], files: int) -> None:
 def ours(folder: Path, workers: int) -> dict:
     import ray
 
-    from pipeline.curate.read import ReadOptions, read_corpus
+    from pipeline.curate.read import ReadOptions, expand_inputs, read_corpus
     from pipeline.curate.web import extract_batch
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     start = time.perf_counter()
-    ds = read_corpus([str(folder)], ReadOptions()).map_batches(extract_batch, batch_format="pandas")
+    ds = read_corpus(expand_inputs([str(folder)]), ReadOptions()).map_batches(extract_batch, batch_format="pandas")
     words = ds.map_batches(_words_of_pages, batch_format="pandas").to_pandas()["words"]
     seconds = time.perf_counter() - start
     ray.shutdown()

@@ -295,8 +295,8 @@ def read_files(batch: dict, opts: ReadOptions) -> Iterator[pa.Table]:
         yield from file_blocks(str(path), opts)
 
 
-def read_corpus(patterns: list[str], opts: ReadOptions) -> ray.data.Dataset:
-    files = expand_inputs(patterns)
+def read_corpus(files: list[str], opts: ReadOptions) -> ray.data.Dataset:
+    """`files`: expand_inputs' list (run_curate has it already, to size the input)."""
     for f in files:
         file_format(f)  # fail fast, before any task runs, on a file we cannot read
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
