@@ -47,6 +47,8 @@ def mark_exact_duplicates(block: pa.Table) -> pa.Table:
     """Within a block holding every copy of its texts: each kept copy whose id is not the lowest of its
     copies' is a duplicate of that lowest id."""
     kept = pc.indices_nonzero(is_kept(block))
+    if len(kept) < 2:
+        return block
     rows = block.select([*DIGEST, "id"]).take(kept)
     order = pc.sort_indices(rows, sort_keys=[(DIGEST[0], "ascending"), (DIGEST[1], "ascending"), ("id", "ascending")])
     high, low = (rows[c].take(order).to_numpy() for c in DIGEST)
