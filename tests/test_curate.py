@@ -216,11 +216,13 @@ def test_fuzzy_dedup_is_the_same_whatever_the_block_count(ray_local, tiny_corpus
     assert len(first) > 50
 
 
-def test_fuzzy_dedup_with_nothing_to_compare(ray_local):
+def test_dedup_with_nothing_to_compare(ray_local):
     import ray
 
     from pipeline.config import DedupConfig
+    from pipeline.curate.dedup_exact import exact_dedup
     from pipeline.curate.dedup_fuzzy import fuzzy_dedup
+    from pipeline.curate.records import record, table
 
     text = "the same five words here"
     df = pd.DataFrame(
@@ -242,6 +244,11 @@ def test_fuzzy_dedup_with_nothing_to_compare(ray_local):
     assert near(marked) == 0 and marked.to_pandas()["reason"].tolist() == ["too short", "too short"]
     marked, figures = fuzzy_dedup(ray.data.from_pandas(df.iloc[:0]), DedupConfig())
     assert near(marked) == 0 and marked.count() == 0 and figures["removed"] == 0
+
+    rejected = table([record(i, text=text, reason="too short", step="filters") for i in ("a", "b")])
+    marked = exact_dedup(ray.data.from_arrow(rejected)).to_pandas()
+    assert marked["reason"].tolist() == ["too short", "too short"] and "digest_high" not in marked
+    assert exact_dedup(ray.data.from_arrow(table([]))).count() == 0
 
 
 def test_curate_options_perplexity_metadata_shards_and_plot(ray_local, tiny_run, tmp_path):
