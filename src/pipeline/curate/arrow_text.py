@@ -69,26 +69,35 @@ def word_counts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 def _byte_word_counts(chunk: pa.Array) -> np.ndarray:
     """Words per row where whitespace is one of Python's ASCII spaces (a non-ASCII byte is part of a word)."""
-    width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
-    _, offsets, data = chunk.buffers()
-    ends = np.frombuffer(offsets, width, len(chunk) + 1, chunk.offset * np.dtype(width).itemsize).astype(np.int64)
+    data, ends = utf8_bytes(chunk)
     counts = np.zeros(len(chunk), np.int64)
-    start, end = int(ends[0]), int(ends[-1])
-    if end == start:
+    if not len(data):
         return counts
-    data = np.frombuffer(data, np.uint8, end - start, start)
     # not a space: above " ", or a control character that Python does not call whitespace (comparisons, not
     # a lookup table: five times as fast)
     word = (data > 32) | (data < 9) | ((data > 13) & (data < 28))
     starts = word.copy()
     starts[1:] &= ~word[:-1]
     nonempty = ends[1:] > ends[:-1]
-    firsts = ends[:-1][nonempty] - start
+    firsts = ends[:-1][nonempty]
     starts[firsts] = word[firsts]  # a row's first byte starts a word whatever the row before ended with
     counts[nonempty] = np.add.reduceat(starts, firsts, dtype=np.int64)
     if chunk.null_count:  # a null row's bytes, if it has any, are no text
         counts[pc.is_null(chunk).to_numpy(zero_copy_only=False)] = 0
     return counts
+
+
+def utf8_bytes(texts) -> tuple[np.ndarray, np.ndarray]:
+    """The texts' UTF-8 bytes as one uint8 array (no copy for Arrow input) and each text's start in it, with
+    a final end. `texts`: an Arrow string array (chunked or not) or a list of str."""
+    arr = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
+    if not isinstance(arr, pa.Array):
+        arr = pa.array(arr, type=pa.large_string())
+    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset : arr.offset + len(arr) + 1].astype(np.int64)
+    data = arr.buffers()[2]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
+    return data[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
 def _split_word_counts(texts: pa.Array) -> np.ndarray:

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from pipeline.curate.arrow_text import utf8_bytes
 from pipeline.curate.dedup_fuzzy import even_split
 from pipeline.curate.records import STRING, is_kept, reject, set_column
 from pipeline.runtime import rows_per_batch
@@ -35,24 +36,20 @@ def add_digest(batch: pa.Table) -> pa.Table:
 
 def _utf8(column: pa.ChunkedArray | pa.Array) -> list[memoryview]:
     """Each row's UTF-8 bytes, as views of the column's buffer (no Python strings made)."""
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    column = column.cast(STRING)
-    _, offsets, data = column.buffers()
-    ends = np.frombuffer(offsets, np.int64, len(column) + 1, column.offset * 8).tolist()
-    data = memoryview(data) if data is not None else memoryview(b"")
-    return [data[start:end] for start, end in zip(ends[:-1], ends[1:])]
+    data, ends = utf8_bytes(column)
+    view = memoryview(data)
+    return [view[start:end] for start, end in zip(ends[:-1].tolist(), ends[1:].tolist())]
 
 
 def mark_exact_duplicates(block: pa.Table) -> pa.Table:
     """Within a block holding every copy of its texts: each kept copy whose id is not the lowest of its
     copies' is a duplicate of that lowest id."""
     kept = pc.indices_nonzero(is_kept(block))
-    if len(kept) < 2:
-        return block
     rows = block.select([*DIGEST, "id"]).take(kept)
     order = pc.sort_indices(rows, sort_keys=[(DIGEST[0], "ascending"), (DIGEST[1], "ascending"), ("id", "ascending")])
     high, low = (rows[c].take(order).to_numpy() for c in DIGEST)
-    copy = np.r_[False, (high[1:] == high[:-1]) & (low[1:] == low[:-1])]  # of the row before: same text
+    copy = np.zeros(len(high), bool)  # of the row before: the same text
+    copy[1:] = (high[1:] == high[:-1]) & (low[1:] == low[:-1])
     first = np.maximum.accumulate(np.where(copy, 0, np.arange(len(copy))))  # each row's first copy: lowest id
     ids = rows["id"].take(order)
     lowest = ids.take(pa.array(first, pa.int64()))

@@ -22,7 +22,8 @@ Thue-Morse strings); a collision can only merge two shingles, and candidates are
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
+
+from pipeline.curate.arrow_text import utf8_bytes
 
 SEED = 1  # fixed: signatures must agree across workers and runs
 CHUNK_BYTES = 1 << 20  # text hashed at once: its scratch arrays take ~34 bytes per byte of text
@@ -69,23 +70,11 @@ def _powers(base: int, n: int) -> np.ndarray:
 _BUF = _Buffers()
 
 
-def _utf8(texts) -> tuple[np.ndarray, np.ndarray]:
-    """The texts' UTF-8 bytes as one uint8 array (no copy for Arrow input) and document offsets."""
-    arr = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
-    if not isinstance(arr, pa.Array):
-        arr = pa.array(arr, type=pa.large_string())
-    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-    offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset : arr.offset + len(arr) + 1].astype(np.int64)
-    data = arr.buffers()[2]
-    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
-    return data[offsets[0] : offsets[-1]], offsets - offsets[0]
-
-
 def _chunks(texts):
     """(first document, UTF-8 bytes, document offsets) for runs of at most CHUNK_BYTES of text
     (a longer document is a run alone). Working chunk by chunk keeps every temporary small enough
     to be reused from the heap: fresh pages cost more here than the arithmetic done in them."""
-    data, offsets = _utf8(texts)
+    data, offsets = utf8_bytes(texts)
     lo, n = 0, len(offsets) - 1
     while lo < n:
         hi = int(np.searchsorted(offsets, offsets[lo] + CHUNK_BYTES, side="right")) - 1
