@@ -160,7 +160,8 @@ def test_adapters_train_on_the_runs_model_from_their_own_data_and_serve_on_its_4
         if name == "names":
             stages.append({"kind": "dpo", "data": "data/preferences.jsonl", "max_steps": 8, "lr": 5e-3})
         cfg.adapters.append(AdapterSpec(name=name, stages=stages, lora=lora))
-    part = {"kind": "pretrain", "where": {"id": "c*"}, "max_steps": 10, "lr": 5e-3}  # packages named c*
+    # packages named c*: 45 documents to train on, 3 held out; 10 steps at this rate overshot (5.933 -> 5.949)
+    part = {"kind": "pretrain", "where": {"id": "c*"}, "max_steps": 20, "lr": 5e-3}
     cfg.adapters.append(AdapterSpec(name="c-packages", stages=[part], lora=lora))
     with pytest.raises(ConfigError, match="no adapter 'other' in this config; it has: counts, names, c-packages"):
         run_adapt(cfg, "other")
@@ -171,7 +172,7 @@ def test_adapters_train_on_the_runs_model_from_their_own_data_and_serve_on_its_4
     assert manifests["names"]["trained"]["started"] < manifests["counts"]["trained"]["finished"]
     assert manifests["counts"]["trained"]["started"] < manifests["names"]["trained"]["finished"]  # at once
     part = run_adapt(cfg, "c-packages")  # alone: it streams the corpus, whose read tasks need a free CPU
-    assert part["stages"][0]["where"] == {"id": "c*"} and part["metrics"][0]["steps"] == 10
+    assert part["stages"][0]["where"] == {"id": "c*"} and part["metrics"][0]["steps"] == 20
     assert part["quantized_base"]["eval_documents"] > 0  # scored on held-out documents of its part
     assert part["metrics"][0]["eval_loss_last"] < part["metrics"][0]["eval_loss_before"], part["metrics"]
     with pytest.raises(ConfigError, match=r"no curated document .* matches where=\{'id': 'nothing\*'\}; its fields"):
