@@ -329,3 +329,34 @@ def test_curate_turns_ray_datas_reservations_off_for_itself_only():
     with pytest.raises(ValueError), every_cpu_from_the_start():
         raise ValueError("a failed curate")
     assert context.op_resource_reservation_enabled
+
+
+def test_a_blocks_tally_counts_every_row_by_reason_and_bins_only_the_kept_ones():
+    from pipeline.curate.stage import HISTOGRAM_BINS, _tally
+
+    batch = arrow(
+        table(
+            {"id": "a", "text": "one two three"},
+            {"id": "b", "text": " ".join(["w"] * 250)},
+            {"id": "c", "text": "one two three", "augmented_from": "a"},
+            {"id": "d", "text": "", "reason": "empty", "step": "read"},
+            {"id": "e", "text": "x y", "reason": "too short", "step": "filters"},
+            {"id": "f", "text": "x y z", "reason": "too short", "step": "filters"},
+        )
+    )
+    batch = batch.append_column("perplexity", pa.array([12.0, None, 3000.0, None, 5.0, 5.0]))
+    rows = {(r["step"], r["reason"]): r for r in _tally(batch).to_pylist()}
+    assert {k: r["count_all"] for k, r in rows.items()} == {
+        ("", ""): 3,
+        ("read", "empty"): 1,
+        ("filters", "too short"): 2,
+    }
+    kept = rows[("", "")]
+    assert kept["augmented"] == 1 and len(kept["words"]) == len(HISTOGRAM_BINS) - 1
+    filled = {int(i): n for i, n in enumerate(kept["words"]) if n}
+    assert filled == {
+        int(np.searchsorted(HISTOGRAM_BINS, 3, "right")) - 1: 2,
+        int(np.searchsorted(HISTOGRAM_BINS, 250, "right")) - 1: 1,
+    }
+    assert sum(kept["perplexity"]) == 2  # the kept rows with a score; rejected rows are in no histogram
+    assert rows[("filters", "too short")]["words"] == [] and rows[("filters", "too short")]["augmented"] == 0

@@ -110,17 +110,16 @@ def plot_training(histories: dict[str, list[dict]], stopped_at: int | None = Non
     return save(fig, fmt="svg")
 
 
-def plot_histograms(series: dict[str, list[float]], path: Path, title: str = "") -> Path:
-    """One histogram per named series (log-scaled x when it spans orders of magnitude)."""
-    series = {name: values for name, values in series.items() if len(values)}
+def plot_histograms(series: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str = "") -> Path:
+    """One histogram per named series of (bin edges, counts) over log-spaced bins, drawn on a log x axis
+    between its first and last filled bin; a series with no counts is left out."""
+    series = {name: (edges, counts) for name, (edges, counts) in series.items() if np.any(counts)}
     fig, axes = figure(1, max(len(series), 1), size=(5 * max(len(series), 1), 3.5))
-    for ax, (name, values) in zip(axes[0], series.items()):
-        positive = [v for v in values if v > 0]
-        wide = positive and max(positive) / max(min(positive), 1e-9) > 100
-        bins = np.geomspace(min(positive), max(positive), 40) if wide else 40
-        ax.hist(positive if wide else values, bins=bins, color=COLORS[0], alpha=0.85)
-        if wide:
-            ax.set_xscale("log")
+    for ax, (name, (edges, counts)) in zip(axes[0], series.items()):
+        filled = np.flatnonzero(counts)
+        first, last = filled[0], filled[-1] + 1
+        ax.stairs(counts[first:last], edges[first : last + 1], fill=True, color=COLORS[0], alpha=0.85)
+        ax.set_xscale("log")
         ax.set_xlabel(name)
         ax.set_ylabel("documents")
     if title:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -142,22 +143,42 @@ def _select(batch: pa.Table, kept: bool, columns: list[str]) -> pa.Table:
     return rows.select([c for c in columns if c in batch.column_names])
 
 
-def _counts(ds: ray.data.Dataset) -> dict[tuple[str, str], int]:
-    """Rows per (step, reason); ("", "") are the kept rows."""
-    return {(r["step"], r["reason"]): r["count()"] for r in ds.groupby(["step", "reason"]).count().take_all()}
+# The kept documents' histograms are tallied inside the blocks over fixed bins, twenty a decade, so that the
+# driver receives a few rows per block however large the corpus, never a row per document.
+HISTOGRAM_BINS = np.geomspace(1, 1e8, 161)
+HISTOGRAMS = {"words": "words per kept document", "perplexity": "perplexity (reference LM)"}
+TALLY_SCHEMA = pa.schema(
+    [
+        ("step", pa.string()),
+        ("reason", pa.string()),
+        ("count_all", pa.int64()),
+        ("augmented", pa.int64()),
+        ("words", pa.list_(pa.int64())),
+        ("perplexity", pa.list_(pa.int64())),
+    ]
+)
 
 
-def _kept_profile(batch: pa.Table) -> pa.Table:
-    """One small row per kept document: its length, perplexity and whether augmentation made it."""
+def _histogram(values: pa.Array) -> list[int]:
+    """Counts over HISTOGRAM_BINS; nulls are left out, values below 1 (an empty text) go to the first bin."""
+    values = pc.drop_null(values).to_numpy(zero_copy_only=False).astype(np.float64)
+    return np.histogram(np.clip(values, 1, HISTOGRAM_BINS[-1]), HISTOGRAM_BINS)[0].tolist()
+
+
+def _tally(batch: pa.Table) -> pa.Table:
+    """This block's rows per (step, reason) ("" and "" for the kept ones); the kept row also carries how
+    many augmentation made and the kept documents' histograms."""
+    groups = batch.group_by(["step", "reason"]).aggregate([([], "count_all")]).to_pylist()
     kept = batch.filter(is_kept(batch))
     perplexity = kept["perplexity"] if "perplexity" in kept.column_names else pa.nulls(len(kept), pa.float64())
-    return pa.table(
-        {
-            "words": arrow_text.word_counts(kept["text"]),
-            "augmented": pc.not_equal(kept["augmented_from"], ""),
-            "perplexity": pc.cast(perplexity, pa.float64()),
-        }
-    )
+    profile = {
+        "augmented": pc.sum(pc.not_equal(kept["augmented_from"], "")).as_py() or 0,
+        "words": _histogram(arrow_text.word_counts(kept["text"])),
+        "perplexity": _histogram(perplexity),
+    }
+    empty = {"augmented": 0, "words": [], "perplexity": []}
+    rows = [{**g, **(profile if g["step"] == g["reason"] == "" else empty)} for g in groups]
+    return pa.Table.from_pylist(rows, schema=TALLY_SCHEMA)
 
 
 def write_outputs(ds: ray.data.Dataset, tmp: Path, rows_per_shard: int) -> None:
@@ -175,7 +196,7 @@ def write_outputs(ds: ray.data.Dataset, tmp: Path, rows_per_shard: int) -> None:
 def every_cpu_from_the_start():
     """Ray Data's resource allocator learns the cluster's CPUs from its autoscaling coordinator about a second
     into each execution, and runs one task at a time until then. Curate is half a dozen short executions
-    (each group of steps, the two writes, the counts), each on what the one before materialized (the first
+    (each group of steps, the two writes, the tally), each on what the one before materialized (the first
     on the input files), so the allocator's reservations between the operators of a long pipeline have
     little to arbitrate here: without it, bench/curate.py's curate takes 17.3 s instead of 20.7 on 2 CPUs.
     Datasets keep the setting they were made under, so it is off for curate's and only for them."""
@@ -219,10 +240,17 @@ def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: st
 
 def account(ds: ray.data.Dataset, n_in: int, histograms: Path) -> tuple[int, dict[tuple[str, str], int], int]:
     """Kept rows, rejected rows per (step, reason) and augmented rows, checked to add up to the input;
-    the kept documents' histograms drawn."""
-    counts = _counts(ds)
-    profile = ds.map_batches(_kept_profile, batch_format="pyarrow").to_pandas()
-    augmented = int(profile["augmented"].sum())
+    the kept documents' histograms drawn. One pass over the blocks, which send their tallies."""
+    tallies = ray.get(ds.map_batches(_tally, batch_format="pyarrow").to_arrow_refs())
+    counts: dict[tuple[str, str], int] = {}
+    augmented, bins = 0, {name: np.zeros(len(HISTOGRAM_BINS) - 1, np.int64) for name in HISTOGRAMS}
+    for row in (row for tally in tallies for row in tally.to_pylist()):
+        key = (row["step"], row["reason"])
+        counts[key] = counts.get(key, 0) + row["count_all"]
+        if key == ("", ""):
+            augmented += row["augmented"]
+            for name in HISTOGRAMS:
+                bins[name] += row[name]
     kept = counts.pop(("", ""), 0)
     rejected = sum(counts.values())
     if kept - augmented + rejected != n_in:
@@ -231,14 +259,8 @@ def account(ds: ray.data.Dataset, n_in: int, histograms: Path) -> tuple[int, dic
         )
     from pipeline.plots import plot_histograms
 
-    plot_histograms(
-        {
-            "words per kept document": profile["words"].tolist(),
-            "perplexity (reference LM)": profile["perplexity"].dropna().tolist(),
-        },
-        histograms,
-        title=f"{kept} kept of {n_in} documents",
-    )
+    series = {label: (HISTOGRAM_BINS, bins[name]) for name, label in HISTOGRAMS.items()}
+    plot_histograms(series, histograms, title=f"{kept} kept of {n_in} documents")
     return kept, counts, augmented
 
 
