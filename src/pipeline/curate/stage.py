@@ -160,7 +160,8 @@ TALLY_SCHEMA = pa.schema(
 
 
 def _histogram(values: pa.Array) -> list[int]:
-    """Counts over HISTOGRAM_BINS; nulls are left out, values below 1 (an empty text) go to the first bin."""
+    """Counts over HISTOGRAM_BINS: nulls and NaN (rows never scored) are left out, values below 1 (an empty
+    text) go to the first bin and infinite ones to the last."""
     values = pc.drop_null(values).to_numpy(zero_copy_only=False).astype(np.float64)
     return np.histogram(np.clip(values, 1, HISTOGRAM_BINS[-1]), HISTOGRAM_BINS)[0].tolist()
 
