@@ -274,9 +274,10 @@ def dense_model(tokenizer_dir: Path, out: Path) -> int:
 
 
 def test_sharded_strategies_load_without_a_whole_model_on_every_worker(tiny_run, tiny_model_dir, tmp_path):
-    """ZeRO-3 partitions the model as transformers builds it (deepspeed.zero.Init) and loads it module by
-    module: right after loading, before DeepSpeed wraps it, each of the 2 workers holds half the parameters.
-    FSDP2: rank 0 alone reads the weights, worker 1 builds on the meta device and receives its shards.
+    """ZeRO-3 partitions the model as transformers builds it (deepspeed.zero.Init) and rank 0 streams the
+    checkpoint into the partitions module by module: right after loading, before DeepSpeed wraps it, each of
+    the 2 workers holds half the parameters. FSDP2: every worker builds on the meta device, rank 0 alone
+    reads the weights, a decoder layer at a time, and each worker receives its shards.
     Both start from the same loss, to the last digit: every weight arrived. With bf16, FSDP2 and DDP hold
     the frozen base in 16 bits. (ZeRO-2 keeps a whole replica per worker by design. How much memory
     loading took is in the metrics too; on a CPU it is an upper bound, see train/memory.py, so it is not
@@ -304,6 +305,9 @@ def test_sharded_strategies_load_without_a_whole_model_on_every_worker(tiny_run,
         first[name] = run_train(cfg)["history"][0]
     with_lora = first["fsdp"]["params_whole_gib"]
     assert whole / 2**30 < with_lora < 1.05 * whole / 2**30  # the base and its LoRA adapters
+    for name in ("zero3", "fsdp", "fsdp_bf16"):  # the dense base's checkpoint went to the shards a module at a time
+        assert first[name]["weights_streamed"], first[name]
+    assert not first["ddp_bf16"]["weights_streamed"]  # a whole replica on each worker: from_pretrained
     for name in ("zero3", "fsdp"):
         assert first[name]["params_whole_gib"] == with_lora, first[name]
         assert first[name]["params_held_gib"] == pytest.approx([with_lora / 2] * 2, rel=0.02), first[name]

@@ -19,6 +19,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import ray.train
 import torch
@@ -34,10 +35,11 @@ from pipeline.train import fused_loss
 from pipeline.train.batch_size import choose_batch_size
 from pipeline.train.checkpoint_manifest import candidates, damage, write_manifest
 from pipeline.train.ewc import EWC
-from pipeline.train.memory import LoadMeter, peak_memory
+from pipeline.train.memory import LoadMeter, peak_memory, return_freed_memory
 from pipeline.train.objectives import causal_lm, make_objective
 from pipeline.train.recipe_config import RecipeConfig
 from pipeline.train.strategy import autocast_dtype, build_engine, partitioned_loading, place
+from pipeline.train.streamed_load import Checkpoint, Source, empty_model, fill_partitions, rank0_source, streams
 
 log = logging.getLogger("pipeline.train")
 
@@ -70,8 +72,18 @@ def train_in_fp32(model: torch.nn.Module, train: TrainConfig) -> None:
             param.data = param.data.float()
 
 
-def build_model(config: RecipeConfig) -> torch.nn.Module:
-    """The stage's base with LoRA adapters, or the whole model trainable for a full fine-tune."""
+class Built(NamedTuple):
+    model: torch.nn.Module
+    source: Source | None  # FSDP2, rank 0: where strategy.place reads the whole tensors it sends the workers
+    streamed: bool  # the checkpoint went into the shards a module at a time
+
+
+def build_model(config: RecipeConfig) -> Built:
+    """The stage's base with LoRA adapters, or the whole model trainable for a full fine-tune.
+
+    Sharded runs (ZeRO-3, FSDP2) stream a checkpoint that stores the model's parameters under their own
+    names into the shards, a module at a time (streamed_load.py). Other checkpoints load through
+    `from_pretrained`: under ZeRO-3 into partitions, under FSDP2 on rank 0 alone, whole."""
     trust, train = config.model.trust_remote_code, config.train
     architecture = load_model_config(config.base_model, trust)
     if hasattr(architecture, "router_aux_loss_coef"):
@@ -79,11 +91,15 @@ def build_model(config: RecipeConfig) -> torch.nn.Module:
         if train.router_aux_loss_coef is not None:
             architecture.router_aux_loss_coef = train.router_aux_loss_coef
     kwargs = {"dtype": load_dtype(train), "attn_implementation": attention_kernel(train)}
-    # FSDP2: rank 0 alone reads the weights and sends each worker its shards (strategy.place)
-    empty = train.strategy == "fsdp" and dist.is_initialized() and dist.get_rank() > 0
-    with partitioned_loading(train), torch.device("meta") if empty else nullcontext():
+    fsdp, rank = train.strategy == "fsdp", dist.get_rank() if dist.is_initialized() else 0
+    checkpoint = streamable_checkpoint(config, architecture, kwargs)
+    empty = fsdp and dist.is_initialized() and (checkpoint is not None or rank > 0)
+    with partitioned_loading(train):
         if empty:
+            model = empty_model(architecture, trust, **kwargs)
+        elif checkpoint is not None:  # ZeRO-3: partitioned as it is built (deepspeed.zero.Init), then filled
             model = model_from_config(AutoModelForCausalLM, architecture, trust, **kwargs)
+            fill_partitions(model, checkpoint)
         else:
             model = load_model(AutoModelForCausalLM, config.base_model, trust, config=architecture, **kwargs)
         if train.gradient_checkpointing:
@@ -92,10 +108,25 @@ def build_model(config: RecipeConfig) -> torch.nn.Module:
         if lora is not None:
             model = get_peft_model(model, lora.peft_config())
     train_in_fp32(model, train)
+    source = rank0_source(model, checkpoint) if fsdp and rank == 0 and dist.is_initialized() else None
     if train.compile:  # layer by layer, as torchtitan does: small graphs, and the shards stay outside them
         for layer in decoder_layers(model):
             layer.compile()
-    return model
+    if rank == 0 and train.shards_parameters:
+        how = "streamed into the shards" if checkpoint is not None else "loaded whole by from_pretrained"
+        log.info("%s: %s", config.base_model, how)
+    return Built(model, source, checkpoint is not None)
+
+
+def streamable_checkpoint(config: RecipeConfig, architecture, kwargs: dict) -> Checkpoint | None:
+    """The base's checkpoint when a sharded run can stream it: it holds the model's own parameter names."""
+    if not (config.train.shards_parameters and dist.is_initialized()):
+        return None
+    if not Checkpoint.in_folder(config.base_model):
+        return None  # load_model says why it cannot load it
+    checkpoint = Checkpoint(config.base_model)
+    skeleton = empty_model(architecture, config.model.trust_remote_code, **kwargs)
+    return checkpoint if streams(skeleton, checkpoint) else None
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -299,8 +330,10 @@ def train_loop(config: RecipeConfig) -> None:
     rank = ctx.get_world_rank()
     device = torch.device("cuda", ctx.get_local_rank()) if train.use_gpu else torch.device("cpu")
 
+    return_freed_memory()
     with LoadMeter(device) as load:
-        model = place(build_model(config), train, device)
+        built = build_model(config)
+        model = place(built.model, built.source, train, device)
     loaded = load.report(model, collective_device())
     switches = speed_switches(model, config, device)
     if rank == 0:
@@ -321,6 +354,7 @@ def train_loop(config: RecipeConfig) -> None:
         ray.train.get_dataset_shard("previous_eval"), train.eval_batches, micro, device
     )
     meter = Meter(config.output_dir, rank, micro * config.model.seq_len)
+    first_step = {"batch_size": micro, **switches, **loaded.metrics(), "weights_streamed": built.streamed}
     # the held-out loss of the model as it came in: what the run improved on (an adapter's manifest quotes it)
     before = evaluate(engine, objective, held_out) if state.step == 0 else None
 
@@ -338,7 +372,7 @@ def train_loop(config: RecipeConfig) -> None:
             state.micro_batches += train.grad_accum
             if train.inject_fault_at_step == state.step and rank == 0 and not state.resumed_at:
                 raise RuntimeError(f"fault drill: worker 0 fails at step {state.step} (train.inject_fault_at_step)")
-            extra = {"batch_size": micro, **switches, **loaded.metrics()} if state.step == 1 else {}
+            extra = dict(first_step) if state.step == 1 else {}
             if state.step == 1 and before is not None:
                 extra["eval_loss_before"] = before
             if state.step % train.eval_every == 0 and (eval_loss := evaluate(engine, objective, held_out)) is not None:

@@ -20,6 +20,7 @@ from transformers import get_cosine_schedule_with_warmup
 from pipeline.config import TrainConfig
 from pipeline.plan import ZERO3_LIVE_PARAMETERS
 from pipeline.train.sharded_save import save_sharded_model
+from pipeline.train.streamed_load import Source, send_shards
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -272,26 +273,19 @@ def shard(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
     fully_shard(model, mp_policy=policy)
 
 
-def place(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """Puts a built model where training keeps it. FSDP2 shards it over the workers; only rank 0 loaded
-    weights (the others built the model on the meta device, see recipe.build_model) and it sends each
-    worker its shards, so the job holds one whole copy for a moment, not one per worker."""
+def place(model: torch.nn.Module, source: Source | None, train: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """Puts a built model where training keeps it. FSDP2 shards it over the workers, which built it on the
+    meta device (but rank 0, when it loaded it whole); rank 0 reads each decoder layer's whole tensors
+    from `source` and sends every worker its shards (streamed_load.send_shards)."""
     if train.strategy != "fsdp":
         return model.to(device)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    loaded = dist.get_rank() == 0
-    whole = model.state_dict() if loaded else {}
-    persistent = set(whole) if loaded else set(model.state_dict())
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}  # computed when built
     shard(model, autocast_dtype(train))
-    if not loaded:
-        model.to_empty(device=device)
-    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del whole
-    # buffers kept out of state dicts (RoPE's frequencies) are computed at construction: not on the meta device
-    for name, buffer in model.named_buffers():
-        if name not in persistent:
-            dist.broadcast(buffer, src=0)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    send_shards(model, source)
     return model
 
 

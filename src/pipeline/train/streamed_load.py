@@ -1,0 +1,161 @@
+"""Loading a checkpoint straight into a model sharded over the workers, one module at a time, so that no
+worker ever holds the whole model: rank 0 alone reads the files, a decoder layer (FSDP2) or a module
+(ZeRO-3) at a time, and every worker keeps its shard of it.
+
+The files are read with `pread`, not memory-mapped: the pages of a mapped file that were read stay in the
+process's resident memory until the file is closed, so reading a mapped checkpoint through costs its whole
+size however little is kept. Streaming needs a checkpoint that stores each parameter under the model's own
+name; one that transformers converts while loading (transformers 5 fuses per-expert MoE weights into 3-D
+parameters) is loaded whole by `from_pretrained` instead (recipe.build_model says which one ran).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+from pipeline.loading import model_from_config
+
+Source = Callable[[str], "torch.Tensor | None"]  # a parameter's whole value by its name in the model, on rank 0
+
+
+class Checkpoint:
+    """The safetensors files of a Hugging Face model folder, read a tensor at a time (a file stays open
+    while the object lives: with `pread`, an open file holds no memory)."""
+
+    def __init__(self, model_dir: str | Path):
+        model_dir, self._handles = Path(model_dir), {}
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {key: model_dir / name for key, name in weight_map.items()}
+        else:
+            single = model_dir / "model.safetensors"
+            with safe_open(single, framework="pt", backend="pread") as handle:
+                self.file_of = dict.fromkeys(handle.keys(), single)
+
+    @staticmethod
+    def in_folder(model_dir: str | Path) -> bool:
+        return any((Path(model_dir) / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.file_of
+
+    def read(self, key: str) -> torch.Tensor:
+        file = self.file_of[key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt", backend="pread")
+        return self._handles[file].get_tensor(key)
+
+
+def empty_model(architecture, trust_remote_code: bool = False, **kwargs) -> torch.nn.Module:
+    """The causal LM `architecture` describes with its parameters on the meta device and its buffers real:
+    what a model computes as it is built and keeps out of its checkpoint (RoPE's frequencies) is then right
+    on every worker without being sent."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = model_from_config(AutoModelForCausalLM, architecture, trust_remote_code, **kwargs)
+    model.tie_weights()  # the context made a new meta parameter of each one assigned, the tied head's too
+    return model
+
+
+def base_key(name: str) -> str:
+    """A parameter's name in the base model's checkpoint, from its name in a peft model: the `base_model.model.`
+    prefix and the wrappers' own levels (`base_layer`, `original_module`, `modules_to_save.<adapter>`) left out."""
+    name = name.removeprefix("base_model.model.")
+    return re.sub(r"\.(base_layer|original_module|modules_to_save\.[^.]+)(?=\.)", "", name)
+
+
+def streams(model: torch.nn.Module, checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint holds every parameter and persistent buffer of `model` (a transformers model,
+    before LoRA) under the model's own name. A tied weight counts once, under its first name."""
+    every_name = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    persistent_buffers = set(model.state_dict(keep_vars=True)) - every_name
+    needed = [name for name, _ in model.named_parameters()] + sorted(persistent_buffers)
+    return all(name in checkpoint for name in needed)
+
+
+def fill_partitions(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
+    """ZeRO-3: every worker takes part; each module's parameters are gathered in turn, rank 0 copies the
+    checkpoint's values in, and DeepSpeed partitions them again as the block ends. Buffers are not
+    partitioned: each worker reads its own."""
+    import deepspeed
+
+    for prefix, module in model.named_modules():
+        named = {joined(prefix, name): param for name, param in module.named_parameters(recurse=False)}
+        stored = {key: param for key, param in named.items() if key in checkpoint}
+        if stored:
+            with deepspeed.zero.GatheredParameters(list(stored.values()), modifier_rank=0), torch.no_grad():
+                if dist.get_rank() == 0:
+                    for key, param in stored.items():
+                        param.data.copy_(checkpoint.read(key))
+        for name, buffer in module.named_buffers(recurse=False):
+            if (key := joined(prefix, name)) in checkpoint:
+                with torch.no_grad():
+                    buffer.copy_(checkpoint.read(key))
+
+
+def adapter_initial_values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A peft model built on the meta device (its base is in the checkpoint): the LoRA weights' initial
+    values, made as peft makes them (A like nn.Linear, B zero), by their names in the model."""
+    from peft.tuners.lora import LoraLayer
+
+    values = {}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.lora_A.keys() | module.lora_embedding_A.keys():
+            for layers in (module.lora_A, module.lora_B):
+                if adapter in layers:
+                    layers[adapter].to_empty(device="cpu")
+            for weights in (module.lora_embedding_A, module.lora_embedding_B):
+                if adapter in weights:
+                    weights[adapter] = torch.nn.Parameter(torch.empty_like(weights[adapter], device="cpu"))
+            module.reset_lora_parameters(adapter, True)  # peft's default init: LoraSettings chooses no other
+        values |= {f"{prefix}.{n}": p.detach().clone() for n, p in module.named_parameters() if not p.is_meta}
+    return values
+
+
+def send_shards(model: torch.nn.Module, source: Source | None) -> None:
+    """FSDP2, after fully_shard and to_empty: every worker takes part; rank 0 (the one with a `source`) reads
+    each decoder layer's whole tensors, then the rest's, and each worker keeps its shards of them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    layers = [(p, m) for p, m in model.named_modules() if type(m).__name__.endswith("DecoderLayer")]
+    sent = set()
+    for prefix, unit in [*layers, ("", model)]:
+        mine = {n: t for n, t in unit.state_dict(keep_vars=True).items() if joined(prefix, n) not in sent}
+        sent |= {joined(prefix, n) for n in mine}
+        whole = {}
+        if source is not None:
+            values = {n: source(joined(prefix, n)) for n in mine}
+            whole = {n: v.to(mine[n].dtype) for n, v in values.items() if v is not None}
+        set_model_state_dict(unit, whole, options=options)
+
+
+def joined(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def rank0_source(model: torch.nn.Module, checkpoint: Checkpoint | None) -> Source:
+    """Where rank 0 takes each whole tensor it sends: from the checkpoint, a tensor at a time (LoRA's
+    initial values made here); or, with no streamable checkpoint, from the model it loaded whole."""
+    if checkpoint is None:
+        return model.state_dict().get
+    initial = adapter_initial_values(model)
+
+    def value(name: str) -> torch.Tensor | None:
+        if name in initial:
+            return initial[name]
+        return checkpoint.read(base_key(name)) if base_key(name) in checkpoint else None
+
+    return value
