@@ -76,7 +76,7 @@ bench-curate: setup  # ~10 minutes on 2 cores; builds its corpus from this machi
 bench-train: setup  # ~12 minutes on 2 cores (3 interleaved repeats)
 	$(PY) bench/train.py --steps 40 --out runs/bench-train.json
 
-bench-memory: setup  # ~22 minutes on 2 cores and most of 24 GiB: run it on an otherwise idle machine
+bench-memory: setup  # ~10 minutes on 2 cores and most of 24 GiB: run it on an otherwise idle machine
 	$(PY) bench/memory.py --out runs/bench-memory.json
 
 bench-soak: setup  # ~30 minutes on 2 cores: builds the tiny run itself

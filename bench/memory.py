@@ -1,11 +1,12 @@
 """Memory per worker, measured against the plan: a ~1B-parameter dense model trained for a few steps by the
 real recipe on 2 Ray Train workers, under ZeRO-2, ZeRO-3 and FSDP2, with LoRA and as a full fine-tune.
 
-    python bench/memory.py [--out runs/bench-memory.json]     # make bench-memory; ~22 minutes on 2 cores
+    python bench/memory.py [--out runs/bench-memory.json]     # make bench-memory; ~10 minutes on 2 cores
 
 The base is built by the script (random init, an HF folder with safetensors in bf16). Each run is
-`pipeline.train.fit`, the function the train stage calls: loading (ZeRO-3 inside deepspeed.zero.Init,
-FSDP2 on the meta device with rank 0 broadcasting), 2 optimizer steps and the final checkpoint. A thread
+`pipeline.train.fit`, the function the train stage calls: loading (ZeRO-3 built inside deepspeed.zero.Init,
+FSDP2 on the meta device, rank 0 streaming the checkpoint into the shards a module at a time), 2 optimizer
+steps and the final checkpoint. A thread
 reads every Ray Train worker's VmHWM (the kernel's record of its peak resident set) from /proc while it
 runs; the plan is `pipeline plan`'s figure for the same config (pipeline/plan.py).
 
