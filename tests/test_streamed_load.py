@@ -14,8 +14,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
 
+from pipeline.loading import Checkpoint
 from pipeline.train.streamed_load import (
-    Checkpoint,
     adapter_initial_values,
     base_key,
     empty_model,

@@ -66,6 +66,42 @@ def load_model_config(path: str | Path, trust_remote_code: bool = False, **kwarg
     return _from_pretrained(AutoConfig.from_pretrained, path, trust_remote_code, **kwargs)
 
 
+class Checkpoint:
+    """The safetensors files of a Hugging Face model folder, read a tensor at a time, with `pread`: the pages
+    of a memory-mapped file that were read stay in the process's resident memory until the file is closed,
+    so reading a mapped checkpoint through costs its whole size however little is kept. A file stays open
+    while the object lives (with `pread`, an open file holds no memory). `file_of`: each tensor's file,
+    empty for a folder without safetensors."""
+
+    def __init__(self, model_dir: str | Path):
+        model_dir, self._handles = Path(model_dir), {}
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {name: model_dir / file for name, file in weight_map.items()}
+            return
+        self.file_of = {}
+        for file in sorted(model_dir.glob("*.safetensors")):
+            self.file_of |= dict.fromkeys(self._file(file).keys(), file)
+
+    def _file(self, file: Path):
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt", backend="pread")
+        return self._handles[file]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def read(self, name: str):
+        return self._file(self.file_of[name]).get_tensor(name)
+
+    def slice(self, name: str):
+        """The tensor's shape and dtype (`get_shape()`, `get_dtype()`), read without its data."""
+        return self._file(self.file_of[name]).get_slice(name)
+
+
 RECORD = "pipeline.json"  # beside an adapter: the base it was trained on; beside a 4-bit model: its 16-bit source
 
 

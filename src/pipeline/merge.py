@@ -2,7 +2,7 @@
 before quantization; it also gives each training stage after the first its starting model. A fully
 fine-tuned model is only cast.
 
-The merge streams: tensors are read one at a time from the base's safetensors shards (memory-mapped),
+The merge streams: tensors are read one at a time from the base's safetensors shards (loading.Checkpoint),
 W + (alpha / r) * B @ A is computed in fp32 for the adapted ones, and output shards of at most
 `max_shard_bytes` are written as they fill, so its memory is one output shard, not the model. The
 output keeps the base's dtype unless asked for another. Adapters it cannot read as plain LoRA deltas
@@ -15,15 +15,20 @@ import json
 import logging
 import math
 import shutil
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from pipeline.loading import check_adapter_base, load_adapter, load_model, load_model_config, load_tokenizer
+from pipeline.loading import (
+    Checkpoint,
+    check_adapter_base,
+    load_adapter,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+)
 from pipeline.shards import MAX_SHARD_BYTES, pack, write_shards
 
 log = logging.getLogger("pipeline.merge")
@@ -67,18 +72,6 @@ def merge_adapter(
     return out
 
 
-def base_shards(model_dir: Path) -> dict[str, Path]:
-    """Each tensor name of a safetensors model and the shard that holds it."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return {name: model_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    found = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            found.update(dict.fromkeys(f.keys(), shard))
-    return found
-
-
 def lora_deltas(adapter_dir: Path, names: set[str]) -> tuple[dict, dict, float] | None:
     """({weight: (A, B)}, {weight: replacement}, scale) of a plain LoRA adapter whose every tensor has a
     base weight in `names`; None otherwise."""
@@ -110,35 +103,33 @@ def stream_merge(
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> bool:
     """Write base (+ adapter) to `out` tensor by tensor; False, writing nothing, when it cannot."""
-    shards = base_shards(base_dir)
-    if not shards:
+    checkpoint = Checkpoint(base_dir)
+    if not checkpoint.file_of:
         return False
     deltas, replaced, scale = {}, {}, 0.0
     if adapter_dir is not None:
-        found = lora_deltas(adapter_dir, set(shards))
+        found = lora_deltas(adapter_dir, set(checkpoint.file_of))
         if found is None:
             return False
         deltas, replaced, scale = found
     out.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        files = {path: stack.enter_context(safe_open(path, "pt")) for path in set(shards.values())}
 
-        def size(name: str) -> int:
-            view = files[shards[name]].get_slice(name)
-            width = (dtype or DTYPES.get(view.get_dtype(), torch.float32)).itemsize
-            return math.prod(view.get_shape()) * width
+    def size(name: str) -> int:
+        view = checkpoint.slice(name)
+        width = (dtype or DTYPES.get(view.get_dtype(), torch.float32)).itemsize
+        return math.prod(view.get_shape()) * width
 
-        def merged(name: str) -> torch.Tensor:
-            tensor = replaced.get(name)
-            tensor = files[shards[name]].get_tensor(name) if tensor is None else tensor
-            target = (dtype or tensor.dtype) if tensor.is_floating_point() else tensor.dtype
-            if name in deltas:
-                a, b = deltas[name]
-                tensor = tensor.float() + scale * (b.float() @ a.float())
-            return tensor.to(target).contiguous()
+    def merged(name: str) -> torch.Tensor:
+        tensor = replaced.get(name)
+        tensor = checkpoint.read(name) if tensor is None else tensor
+        target = (dtype or tensor.dtype) if tensor.is_floating_point() else tensor.dtype
+        if name in deltas:
+            a, b = deltas[name]
+            tensor = tensor.float() + scale * (b.float() @ a.float())
+        return tensor.to(target).contiguous()
 
-        groups = pack(list(shards), size, max_shard_bytes)
-        write_shards(out, [lambda group=group: {key: merged(key) for key in group} for group in groups])
+    groups = pack(list(checkpoint.file_of), size, max_shard_bytes)
+    write_shards(out, [lambda group=group: {key: merged(key) for key in group} for group in groups])
     architecture = load_model_config(base_dir, trust_remote_code)
     if dtype is not None:
         architecture.dtype = dtype

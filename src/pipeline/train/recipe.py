@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import TrainConfig
 from pipeline.errors import CheckpointDamagedError
-from pipeline.loading import load_model, load_model_config, model_from_config
+from pipeline.loading import Checkpoint, load_model, load_model_config, model_from_config
 from pipeline.train import fused_loss
 from pipeline.train.batch_size import choose_batch_size
 from pipeline.train.checkpoint_manifest import candidates, damage, write_manifest
@@ -39,7 +39,7 @@ from pipeline.train.memory import LoadMeter, peak_memory, return_freed_memory
 from pipeline.train.objectives import causal_lm, make_objective
 from pipeline.train.recipe_config import RecipeConfig
 from pipeline.train.strategy import autocast_dtype, build_engine, partitioned_loading, place
-from pipeline.train.streamed_load import Checkpoint, Source, empty_model, fill_partitions, rank0_source, streams
+from pipeline.train.streamed_load import Source, empty_model, fill_partitions, rank0_source, streams
 
 log = logging.getLogger("pipeline.train")
 
@@ -122,9 +122,9 @@ def streamable_checkpoint(config: RecipeConfig, architecture, kwargs: dict) -> C
     """The base's checkpoint when a sharded run can stream it: it holds the model's own parameter names."""
     if not (config.train.shards_parameters and dist.is_initialized()):
         return None
-    if not Checkpoint.in_folder(config.base_model):
-        return None  # load_model says why it cannot load it
     checkpoint = Checkpoint(config.base_model)
+    if not checkpoint.file_of:
+        return None  # load_model says why it cannot load it
     skeleton = empty_model(architecture, config.model.trust_remote_code, **kwargs)
     return checkpoint if streams(skeleton, checkpoint) else None
 

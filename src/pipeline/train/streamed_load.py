@@ -2,56 +2,23 @@
 worker ever holds the whole model: rank 0 alone reads the files, a decoder layer (FSDP2) or a module
 (ZeRO-3) at a time, and every worker keeps its shard of it.
 
-The files are read with `pread`, not memory-mapped: the pages of a mapped file that were read stay in the
-process's resident memory until the file is closed, so reading a mapped checkpoint through costs its whole
-size however little is kept. Streaming needs a checkpoint that stores each parameter under the model's own
-name; one that transformers converts while loading (transformers 5 fuses per-expert MoE weights into 3-D
-parameters) is loaded whole by `from_pretrained` instead (recipe.build_model says which one ran).
+The files are read with `pread` (loading.Checkpoint). Streaming needs a checkpoint that stores each
+parameter under the model's own name; one that transformers converts while loading (transformers 5 fuses
+per-expert MoE weights into 3-D parameters) is loaded whole by `from_pretrained` instead
+(recipe.build_model says which one ran).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 
-from pipeline.loading import model_from_config
+from pipeline.loading import Checkpoint, model_from_config
 
 Source = Callable[[str], "torch.Tensor | None"]  # a parameter's whole value by its name in the model, on rank 0
-
-
-class Checkpoint:
-    """The safetensors files of a Hugging Face model folder, read a tensor at a time (a file stays open
-    while the object lives: with `pread`, an open file holds no memory)."""
-
-    def __init__(self, model_dir: str | Path):
-        model_dir, self._handles = Path(model_dir), {}
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.file_of = {key: model_dir / name for key, name in weight_map.items()}
-        else:
-            single = model_dir / "model.safetensors"
-            with safe_open(single, framework="pt", backend="pread") as handle:
-                self.file_of = dict.fromkeys(handle.keys(), single)
-
-    @staticmethod
-    def in_folder(model_dir: str | Path) -> bool:
-        return any((Path(model_dir) / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.file_of
-
-    def read(self, key: str) -> torch.Tensor:
-        file = self.file_of[key]
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt", backend="pread")
-        return self._handles[file].get_tensor(key)
 
 
 def empty_model(architecture, trust_remote_code: bool = False, **kwargs) -> torch.nn.Module:
