@@ -61,7 +61,7 @@ def plain_loop(recipe: RecipeConfig, rows: np.ndarray, steps: int, device: torch
     from transformers import get_cosine_schedule_with_warmup
 
     train = recipe.train
-    model = build_model(recipe).to(device)
+    model = build_model(recipe).model.to(device)
     switches = speed_switches(model, recipe, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
@@ -210,7 +210,7 @@ def main() -> None:
             ours[strategy]["recipe_overhead_pct"] = round(
                 100 * (1 - ours[strategy]["tokens_per_s"] / in_worker["tokens_per_s"]), 2
             )
-    n_params = sum(p.numel() for p in build_model(recipe_config(cfg, base, tmp)).parameters())
+    n_params = sum(p.numel() for p in build_model(recipe_config(cfg, base, tmp)).model.parameters())
     result = {
         "bench": "train",
         "device": torch.cuda.get_device_name()
