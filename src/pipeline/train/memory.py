@@ -42,7 +42,11 @@ def return_freed_memory(threshold_bytes: int = 128 * 1024) -> None:
     grows with every size it serves. A worker that loads a model a module at a time and gathers shards a
     layer at a time serves many such sizes: on 2 CPU workers sharding a 1B bf16 model (bench/memory.py), each
     worker's peak was 3.8-4.5 GiB with glibc's default against 2.0-2.3 GiB with a fixed threshold, for a
-    2.1-2.4 GiB plan, at the same losses and speed. A no-op where the C library has no `mallopt`."""
+    2.1-2.4 GiB plan, at the same losses and speed. It has a price where a step allocates and frees many
+    mid-sized tensors: each one above the threshold is mapped afresh and its pages faulted in, so a DDP run
+    of bench/train.py (small-moe, 1 MiB activations) trained at half its speed with it (1,328 against
+    2,775 tokens/s). Sharded runs (ZeRO-3, FSDP2) set it; runs that keep a whole replica per worker do
+    not. A no-op where the C library has no `mallopt`."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt:
         mallopt(-3, threshold_bytes)  # M_MMAP_THRESHOLD in malloc.h

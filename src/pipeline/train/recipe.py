@@ -330,7 +330,8 @@ def train_loop(config: RecipeConfig) -> None:
     rank = ctx.get_world_rank()
     device = torch.device("cuda", ctx.get_local_rank()) if train.use_gpu else torch.device("cpu")
 
-    return_freed_memory()
+    if train.shards_parameters:  # where holding no whole model is the point; it costs speed (memory.py)
+        return_freed_memory()
     with LoadMeter(device) as load:
         built = build_model(config)
         model = place(built.model, built.source, train, device)
