@@ -183,7 +183,14 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-memory-", dir=os.environ.get("BENCH_TMP")))
+    # the runs' checkpoints take tens of GB (a 1B full fine-tune's optimizer state): removed when done
+    with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=os.environ.get("BENCH_TMP")) as scratch:
+        result = measure(args, Path(scratch))
+    emit(result, args.out)
+    ray.shutdown()
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> dict:
     parameters = build_base(tmp / "base", args.hidden, args.layers, args.intermediate, args.vocab)
     rows = np.random.default_rng(0).integers(4, args.vocab, (2 * (args.steps + 4), args.seq_len))
     common = [
@@ -206,7 +213,7 @@ def main() -> None:
         runs[name] = one_run(name, common + RUNS[name] + [precision], tmp / "base", rows, tmp, room)
         print(name, json.dumps(runs[name]), file=sys.stderr, flush=True)
     checks = verdict(runs, 4 * parameters)
-    result = {
+    return {
         "bench": "memory",
         "device": f"cpu: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
         f"{psutil.virtual_memory().total / GIB:.0f} GiB",
@@ -220,8 +227,6 @@ def main() -> None:
         "checks": checks,
         "ok": bool(checks) and all(v is not False for c in checks.values() for v in c.values()),
     }
-    emit(result, args.out)
-    ray.shutdown()
 
 
 if __name__ == "__main__":
