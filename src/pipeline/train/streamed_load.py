@@ -95,9 +95,11 @@ def send_shards(model: torch.nn.Module, source: Source | None) -> None:
     """FSDP2, after fully_shard and to_empty: every worker takes part; rank 0 (the one with a `source`) reads
     each decoder layer's whole tensors, then the rest's, and each worker keeps its shards of them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    layers = [(p, m) for p, m in model.named_modules() if type(m).__name__.endswith("DecoderLayer")]
+    # the units strategy.shard made, so that what is sent at once is what FSDP2 gathers at once
+    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, FSDPModule) and m is not model]
     sent = set()
     for prefix, unit in [*layers, ("", model)]:
         mine = {n: t for n, t in unit.state_dict(keep_vars=True).items() if joined(prefix, n) not in sent}
