@@ -14,6 +14,9 @@ removed_without_kept_neighbour = removed documents that no kept document resembl
 same_as_python_rules: what curate rejected before dedup, and the text it passed on, are exactly what the
 rules give when applied one record at a time in plain Python (python_rules), as curate did before its
 bulk work moved into Arrow.
+curate_again_in_the_same_ray: the same curate once more in the same Ray. The first run also starts Ray
+Data's actors and its worker processes' imports and memory, which a second one has; memory_first_touch
+says what memory costs a new process on this machine.
 Prints one JSON object.
 """
 
@@ -24,6 +27,7 @@ import gzip
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -129,6 +133,23 @@ def baseline(ids: list[str], texts: list[str], threshold: float, num_perm: int, 
     return removed, time.perf_counter() - start
 
 
+def memory_touch_seconds() -> dict:
+    """Seconds a new process takes to first touch 1 GiB: after the machine's free memory sat idle, and
+    right after another process freed as much. On this VM the two differ twentyfold or more (the guest hands
+    memory that stays free for about 2 s back to its host, and taking it back is slow), which is part of
+    what a first curate in a fresh Ray pays over a second one."""
+    code = (
+        "import numpy, time; s = time.perf_counter(); numpy.ones(1 << 27, numpy.int64); print(time.perf_counter() - s)"
+    )
+
+    def touch() -> float:
+        return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+    time.sleep(5)
+    idle = touch()
+    return {"after_idle": round(idle, 2), "after_a_free": round(touch(), 2)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=float, default=200, help="corpus size in MB (default: %(default)s)")
@@ -170,6 +191,9 @@ def main() -> None:
     out = cfg.stage_dir("curate")
     kept = pq.read_table(out / "kept", columns=["id", "text"]).to_pandas()
     rejected = pq.read_table(out / "rejected", columns=["id", "text", "reason", "step"]).to_pandas()
+    start = time.perf_counter()
+    again = run_curate(cfg)  # the same Ray: its worker processes and Ray Data's actors have started
+    again_s = time.perf_counter() - start
     t = time.perf_counter()
     identical = same_as_python_rules(files, build_filters(cfg.data.filters), kept, rejected)
     python_s = time.perf_counter() - t
@@ -205,6 +229,13 @@ def main() -> None:
             "same_as_python_rules": identical,
             "python_rules_seconds_one_process": round(python_s, 1),
         },
+        "curate_again_in_the_same_ray": {
+            "seconds": round(again_s, 1),
+            "mb_per_s": round(in_bytes / 1e6 / again_s, 2),
+            "seconds_by_step": again["seconds"],
+            "same_result": again["by_reason"] == stats["by_reason"],
+        },
+        "memory_first_touch_s_per_gib": memory_touch_seconds(),
         "dedup_input": {"docs": len(ids), "mb": round(fuzzy_mb, 1)},
         "ours_fuzzy_dedup": {
             "seconds": round(ours_s, 1),
