@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo   - set up .venv, build the sample corpus, run curate -> train -> quantize -> serve"
-	@echo "make test   - set up .venv and run the whole test suite (unit + integration, ~70 minutes on 2 cores)"
+	@echo "make test   - set up .venv and run the whole test suite (unit + integration, 50-60 minutes on 2 cores)"
 	@echo "make test-fast - the unit tests only: no Ray, under 2 minutes"
 	@echo "make console - after make demo: the web console on http://127.0.0.1:7860 (runs, data, training, playground)"
 	@echo "make console-screenshots - the console's browser tests, writing their screenshots to docs/console/"
