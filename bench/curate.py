@@ -14,9 +14,9 @@ removed_without_kept_neighbour = removed documents that no kept document resembl
 same_as_python_rules: what curate rejected before dedup, and the text it passed on, are exactly what the
 rules give when applied one record at a time in plain Python (python_rules), as curate did before its
 bulk work moved into Arrow.
-curate_again_in_the_same_ray: the same curate once more in the same Ray. The first run also starts Ray
-Data's actors and its worker processes' imports and memory, which a second one has; memory_first_touch
-says what memory costs a new process on this machine.
+curate_again_in_the_same_ray: the same curate once more in the same Ray. The first run also pays for
+starting Ray Data's actors and for its worker processes' first imports and memory, which a second one
+finds in place; memory_first_touch_s_per_gib says what memory costs a new process on this machine.
 Prints one JSON object.
 """
 
