@@ -45,7 +45,9 @@ def return_freed_memory(threshold_bytes: int = 128 * 1024) -> None:
     2.1-2.4 GiB plan, at the same losses and speed. It has a price where a step allocates and frees many
     mid-sized tensors: each one above the threshold is mapped afresh and its pages faulted in, so a DDP run
     of bench/train.py (small-moe, 1 MiB activations) trained at half its speed with it (1,328 against
-    2,775 tokens/s). Sharded runs (ZeRO-3, FSDP2) set it; runs that keep a whole replica per worker do
+    2,775 tokens/s). The price is that high on the 2-CPU VM measured, which hands memory that stays free
+    for two seconds back to its host: a first touch costs 7.7 s per GiB there (bench/curate.py,
+    memory_first_touch_s_per_gib). Sharded runs (ZeRO-3, FSDP2) set it; runs that keep a whole replica per worker do
     not. A no-op where the C library has no `mallopt`."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt:
