@@ -3,6 +3,8 @@ identity), the DeepSpeed config, batch sizes, the data formats, and the checks t
 worker starts. The recipe itself runs on Ray Train in test_train.py."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -317,3 +319,21 @@ def test_a_tokenizer_is_loaded_once_per_worker_until_its_files_change(tmp_path):
     train_tokenizer(texts, 290).save_pretrained(tmp_path)
     rebuilt = _tokenizer(str(tmp_path), False)
     assert rebuilt is not first and len(rebuilt) != len(first)
+
+
+def test_a_build_lock_is_removed_only_once_no_living_process_holds_it(tmp_path):
+    """torch's loader keeps its build lock open until it removes it, so an open lock is a live build."""
+    from pipeline.train.jit_ops import remove_dead_lock
+
+    lock = tmp_path / "lock"
+    holding = (
+        "import sys, time; from torch.utils.file_baton import FileBaton; "
+        "FileBaton(sys.argv[1]).try_acquire(); print(1, flush=True); time.sleep(60)"
+    )
+    loader = subprocess.Popen([sys.executable, "-c", holding, str(lock)], stdout=subprocess.PIPE, text=True)
+    assert loader.stdout.readline().strip() == "1"
+    assert not remove_dead_lock(lock) and lock.exists()
+    loader.kill()
+    loader.wait()
+    assert remove_dead_lock(lock) and not lock.exists()
+    assert not remove_dead_lock(lock)

@@ -1,0 +1,69 @@
+"""A process killed while torch loads one of DeepSpeed's JIT-built ops leaves the op's build lock behind,
+and torch's next loader waits on it forever, without a word. A training worker removes a lock that no
+living process holds before it loads the op. Figure: how long that start took, against a plain DeepSpeed
+load still waiting when the test gives up on it."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+BUILDER = (
+    "from deepspeed.accelerator import get_accelerator\n"
+    "b = get_accelerator().create_op_builder('ShareMemCommBuilder')\n"
+)
+FOLDER = (
+    f"{BUILDER}from torch.utils.cpp_extension import _get_build_directory\nprint(_get_build_directory(b.name, False))"
+)
+KILLED_LOADER = (
+    "import sys, time; from torch.utils.file_baton import FileBaton; assert FileBaton(sys.argv[1]).try_acquire(); "
+    "print('holding', flush=True); time.sleep(600)"
+)
+
+
+def python(code: str, env: dict, timeout: float, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=timeout, check=True
+    )
+
+
+def test_a_lock_left_by_a_killed_loader_does_not_hang_the_next_deepspeed_start(tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(SRC)}
+    env.pop("TORCH_EXTENSIONS_DIR", None)
+    built = Path(python(FOLDER, env, 120).stdout.strip())  # this machine's, if a run has built the op
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "extensions")
+    folder = Path(python(FOLDER, env, 120).stdout.strip())
+    if (built / "build.ninja").exists():  # spares a compile: the sources and flags are the same
+        shutil.copytree(built, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("lock", "*.flock"))
+
+    loader = subprocess.Popen(
+        [sys.executable, "-c", KILLED_LOADER, str(folder / "lock")], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert loader.stdout.readline().strip() == "holding"
+    os.kill(loader.pid, signal.SIGKILL)
+    loader.wait()
+    assert (folder / "lock").exists()
+
+    with pytest.raises(subprocess.TimeoutExpired) as plain:  # what every DeepSpeed start did before
+        python(f"{BUILDER}print('loading', flush=True)\nb.load()", env, 30)
+    said = plain.value.stdout or b""
+    assert "loading" in (said.decode() if isinstance(said, bytes) else said)  # it got as far as the load
+    assert (folder / "lock").exists()
+
+    start = time.perf_counter()
+    ours = python("from pipeline.train.jit_ops import load_deepspeed_ops; print(load_deepspeed_ops())", env, 600)
+    seconds = time.perf_counter() - start
+    print(f"\nFIGURE after a killed loader: a plain DeepSpeed load still waited after 30 s; ours took {seconds:.1f} s")
+    assert ours.stdout.strip() == "['deepspeed_shm_comm']"
+    assert f"removed {folder / 'lock'}: a process died while loading" in ours.stderr
+    assert not (folder / "lock").exists()
+    again = python(f"{BUILDER}b.load()\nprint('loaded')", env, 600)  # and DeepSpeed's own loads work again
+    assert again.stdout.strip().endswith("loaded")
