@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from conftest import derived_config
@@ -132,6 +133,9 @@ def test_ddp_full_finetune_trains_every_weight(tiny_run, tmp_path):
         "attention_mask": torch.tensor([[0, 1, 1, 1, 1]] + [[1] * 5]),
     }
     assert trained.generate(**padded, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 8)
+    # the local Ray has no state API, so Ray Train's placement-group cleaner could never act (fit.Trainer)
+    started = {a["ActorClassName"] for a in ray._private.state.actors().values()}
+    assert "TrainController" in started and "PlacementGroupCleaner" not in started, started
 
 
 def test_early_stopping_ends_a_run_whose_eval_loss_is_flat(tiny_run, tmp_path):

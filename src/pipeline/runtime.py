@@ -51,13 +51,25 @@ def init_ray(num_cpus: int | None = None) -> None:
     ctx.enable_progress_bars = True
 
 
+def state_api_answers() -> bool:
+    """Whether Ray's state API answers: the dashboard serves it, and the local Ray runs none."""
+    from ray.util.state import list_nodes
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        list_nodes(limit=1, timeout=5, raise_on_missing_output=False)
+    except RayStateApiException:
+        return False
+    return True
+
+
 def workers_kept(cpus: int) -> int:
     """How many worker processes the local Ray keeps before it ends idle ones. Ray's default is one per
-    CPU, and it counts actors: a training run holds ten or so (its workers, controller, placement-group
-    cleaner, synchronization actor, dataset manager, split coordinators and Ray Data's two), so every run
-    ended the idle task workers, and the next stage's tokenizing tasks started new processes that import
-    transformers and load the tokenizer again, 6 s of a core each. The room for a run's actors keeps
-    them; an idle worker holds memory (its imports), never CPUs."""
+    CPU, and it counts actors: a training run holds ten or so (its workers, controller, synchronization
+    actor, dataset manager, split coordinators and Ray Data's two), so every run ended the idle task
+    workers, and the next stage's tokenizing tasks started new processes that import transformers and
+    load the tokenizer again, 6 s of a core each. The room for a run's actors keeps them; an idle worker
+    holds memory (its imports), never CPUs."""
     return 2 * cpus + 16
 
 
