@@ -148,6 +148,7 @@ def one_run(name: str, overrides: list[str], base: Path, rows: np.ndarray, tmp: 
         "before_load_gib": [round(b, 2) for b in before],
         "params_held_gib": [round(b, 3) for b in history[0]["params_held_gib"]],
         "load_memory_growth_gib": [round(b, 2) for b in history[0]["load_memory_growth_gib"]],
+        "load_seconds": history[0]["load_seconds"],
         "loss": [h["loss"] for h in history],
         "seconds": round(time.time() - started, 1),
     }

@@ -311,6 +311,7 @@ def test_sharded_strategies_load_without_a_whole_model_on_every_worker(tiny_run,
     assert whole / 2**30 < with_lora < 1.05 * whole / 2**30  # the base and its LoRA adapters
     for name in ("zero3", "fsdp", "fsdp_bf16"):  # the dense base's checkpoint went to the shards a module at a time
         assert first[name]["weights_streamed"], first[name]
+    assert all(0 < run["load_seconds"] < 600 for run in first.values()), first
     assert not first["ddp_bf16"]["weights_streamed"]  # a whole replica on each worker: from_pretrained
     for name in ("zero3", "fsdp"):
         assert first[name]["params_whole_gib"] == with_lora, first[name]

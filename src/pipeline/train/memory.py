@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import resource
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,21 +96,25 @@ def held_numel(param: torch.nn.Parameter) -> int:
 class LoadReport:
     """Per worker (rank order): its memory before the model was built (the process with torch and Ray, which
     does not grow with the model), the most it grew while the model was built, loaded and placed, and the
-    parameter bytes it holds afterwards; and the whole model's parameter bytes."""
+    parameter bytes it holds afterwards; the whole model's parameter bytes; and the slowest worker's seconds
+    from the start of the build to the model in place."""
 
     growth_bytes: list[int]
     held_bytes: list[int]
     model_bytes: int
     before_bytes: list[int]
+    seconds: float
 
     @classmethod
-    def gather(cls, before: int, growth: int, held: int, whole: int, device: torch.device) -> LoadReport:
+    def gather(
+        cls, before: int, growth: int, held: int, whole: int, seconds: float, device: torch.device
+    ) -> LoadReport:
         """Every worker's figures on every worker (a collective: all of them call it)."""
-        mine = torch.tensor([growth, held, before], dtype=torch.int64, device=device)
+        mine = torch.tensor([growth, held, before, round(seconds * 1000)], dtype=torch.int64, device=device)
         everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(everyone, mine)
-        growths, helds, befores = ([int(t[i]) for t in everyone] for i in range(3))
-        return cls(growths, helds, whole, befores)
+        growths, helds, befores, millis = ([int(t[i]) for t in everyone] for i in range(4))
+        return cls(growths, helds, whole, befores, max(millis) / 1000)
 
     def metrics(self) -> dict:
         return {
@@ -117,6 +122,7 @@ class LoadReport:
             "params_held_gib": [round(b / GIB, 6) for b in self.held_bytes],
             "params_whole_gib": round(self.model_bytes / GIB, 6),
             "memory_before_load_gib": [round(b / GIB, 6) for b in self.before_bytes],
+            "load_seconds": self.seconds,
         }
 
     def describe(self) -> str:
@@ -125,7 +131,8 @@ class LoadReport:
 
         return (
             f"model loaded: the workers hold {each(self.held_bytes)} GiB of the model's {self.model_bytes / GIB:.3f} "
-            f"GiB of parameters; their memory grew by at most {each(self.growth_bytes)} GiB while loading"
+            f"GiB of parameters; their memory grew by at most {each(self.growth_bytes)} GiB while loading, "
+            f"which took {self.seconds:.1f} s"
         )
 
 
@@ -139,6 +146,7 @@ class LoadMeter:
         self._stop = threading.Event()
 
     def __enter__(self) -> LoadMeter:
+        self.started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
@@ -153,6 +161,7 @@ class LoadMeter:
             self.peak = max(self.peak, resident_bytes())
 
     def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.started
         if self.device.type == "cuda":
             self.growth = torch.cuda.max_memory_allocated(self.device) - self.start
         else:
@@ -161,4 +170,5 @@ class LoadMeter:
             self.growth = max(self.peak, resident_bytes()) - self.start
 
     def report(self, model: torch.nn.Module, device: torch.device) -> LoadReport:
-        return LoadReport.gather(self.start, max(self.growth, 0), *held_parameter_bytes(model), device)
+        held, whole = held_parameter_bytes(model)
+        return LoadReport.gather(self.start, max(self.growth, 0), held, whole, self.seconds, device)
