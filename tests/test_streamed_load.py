@@ -20,6 +20,7 @@ from pipeline.train.streamed_load import (
     base_key,
     empty_model,
     fill_partitions,
+    no_random_init_under_zero3,
     rank0_source,
     send_shards,
     streams,
@@ -164,7 +165,8 @@ def test_zero3_partitions_filled_a_module_at_a_time_give_the_loaded_models_logit
         model_dir = saved(tmp_path / "model", DEEP)
         checkpoint = CountedCheckpoint(model_dir)
         settings = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
-        model = AutoModelForCausalLM.from_config(DEEP)  # partitioned as it is built: zero.Init
+        with no_random_init_under_zero3():  # what the recipe does: fill overwrites every parameter
+            model = AutoModelForCausalLM.from_config(DEEP)  # partitioned as it is built: zero.Init
         assert all(hasattr(p, "ds_tensor") for p in model.parameters())
         fill_partitions(model, checkpoint)
         ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -175,6 +177,32 @@ def test_zero3_partitions_filled_a_module_at_a_time_give_the_loaded_models_logit
         torch.testing.assert_close(logits, AutoModelForCausalLM.from_pretrained(model_dir)(ids).logits)
         whole, largest = unit_bytes(model_dir)
         assert checkpoint.most <= largest < whole / 2, (checkpoint.most, largest, whole)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_zero3_without_random_weights_still_computes_the_buffers_as_transformers_does(tmp_path, monkeypatch):
+    """In bf16, zero.Init makes RoPE's frequencies in bf16 arithmetic as the model is built; transformers then
+    computes them again in its initialization. Skipping the random weights must not skip that."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for name, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        bf16 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}
+        settings = HfDeepSpeedConfig(bf16)
+        drawn = AutoModelForCausalLM.from_config(DEEP, dtype=torch.bfloat16)
+        with no_random_init_under_zero3():
+            model = AutoModelForCausalLM.from_config(DEEP, dtype=torch.bfloat16)
+        unset_hf_deepspeed_config()
+        del settings
+        buffers = dict(drawn.named_buffers())
+        assert buffers
+        for name, buffer in model.named_buffers():
+            assert torch.equal(buffer, buffers[name]), name
     finally:
         dist.destroy_process_group()
 

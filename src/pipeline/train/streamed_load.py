@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,43 @@ def empty_model(architecture, trust_remote_code: bool = False, **kwargs) -> torc
         model = model_from_config(AutoModelForCausalLM, architecture, trust_remote_code, **kwargs)
     model.tie_weights()  # the context made a new meta parameter of each one assigned, the tied head's too
     return model
+
+
+@contextmanager
+def no_random_init_under_zero3():
+    """Models built in this block under ZeRO-3 get no random weights: their parameters keep what their
+    partitions hold until `fill_partitions` writes every one of them (`streams` checked that the checkpoint
+    holds them all). transformers builds a model under `deepspeed.zero.Init` without initializing it, then
+    initializes it a module at a time, gathering each module's partitions on every worker and drawing its
+    weights on rank 0: a pass over the whole model as long as the fill that overwrites it. The modules that
+    hold no parameters are still initialized as transformers does: that is where it computes the buffers a
+    checkpoint does not hold (RoPE's frequencies, which under zero.Init come out otherwise)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    draw = hf_deepspeed.initialize_weights_zero3  # an AttributeError here: transformers moved it; find where
+    hf_deepspeed.initialize_weights_zero3 = initialize_parameterless_modules
+    try:
+        yield
+    finally:
+        hf_deepspeed.initialize_weights_zero3 = draw
+
+
+def initialize_parameterless_modules(model: torch.nn.Module) -> None:
+    """transformers' `initialize_weights_zero3`, less the modules that hold parameters: each module gets its
+    nearest model's `_initialize_weights`, on every worker, with nothing to gather."""
+    from transformers.initialization import guard_torch_init_functions
+    from transformers.modeling_utils import PreTrainedModel
+
+    remote_code = model.is_remote_code()
+
+    def apply(module: torch.nn.Module, initialize: Callable) -> None:
+        for child in module.children():
+            apply(child, child._initialize_weights if isinstance(child, PreTrainedModel) else initialize)
+        if next(module.parameters(recurse=False), None) is None:
+            initialize(module, remote_code)
+
+    with torch.no_grad(), guard_torch_init_functions():
+        apply(model, model._initialize_weights)
 
 
 def base_key(name: str) -> str:
