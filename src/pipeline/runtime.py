@@ -52,13 +52,17 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def state_api_answers() -> bool:
-    """Whether Ray's state API answers: the dashboard serves it, and the local Ray runs none."""
+    """Whether the state API of the Ray this process is connected to answers: its dashboard serves it, and
+    the local Ray runs none. Asked at that dashboard's address: without one, the state API looks for a Ray
+    on this machine and fails when it finds two (a local run beside another)."""
+    from ray._private.worker import get_dashboard_url
     from ray.util.state import list_nodes
-    from ray.util.state.exception import RayStateApiException
 
+    if not (url := get_dashboard_url()):
+        return False
     try:
-        list_nodes(limit=1, timeout=5, raise_on_missing_output=False)
-    except RayStateApiException:
+        list_nodes(address=url if "://" in url else f"http://{url}", limit=1, timeout=5, raise_on_missing_output=False)
+    except Exception:  # whatever stops it answering would stop the one who asks too
         return False
     return True
 
