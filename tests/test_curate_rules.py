@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import FiltersConfig
 from pipeline.curate import records
-from pipeline.curate.dedup_exact import add_digest, mark_exact_duplicates
+from pipeline.curate.dedup_exact import digest_rows, losing_copies, mark_exact_duplicates
 from pipeline.curate.dedup_fuzzy import (
     STAR_ABOVE,
     bucket_pairs,
@@ -107,19 +107,22 @@ def test_the_length_filter_on_a_column_says_what_it_says_of_each_text(bounds):
     assert length.reasons(pa.array(texts, STRING)).to_pylist() == [length(t) or "" for t in texts]
 
 
+def exact_dedup_in_one_block(block: pa.Table) -> pa.Table:
+    """exact_dedup's three functions on a block that holds every copy of its texts (the sort's job)."""
+    return mark_exact_duplicates(block, losing_copies(digest_rows(block)))
+
+
 def test_the_lowest_kept_id_survives_an_exact_duplicate_group():
-    block = add_digest(
-        arrow(
-            table(
-                {"id": "c", "text": PROSE},
-                {"id": "b", "text": PROSE},
-                {"id": "a", "text": PROSE, "reason": "too short", "step": "filters"},
-                {"id": "d", "text": "something else"},
-                {"id": "e", "text": PROSE},
-            )
+    block = arrow(
+        table(
+            {"id": "c", "text": PROSE},
+            {"id": "b", "text": PROSE},
+            {"id": "a", "text": PROSE, "reason": "too short", "step": "filters"},
+            {"id": "d", "text": "something else"},
+            {"id": "e", "text": PROSE},
         )
     )
-    out = mark_exact_duplicates(block).to_pandas().set_index("id")
+    out = exact_dedup_in_one_block(block).to_pandas().set_index("id")
     assert out.loc["c", ["reason", "step", "duplicate_of", "jaccard"]].tolist() == [
         "exact duplicate",
         "exact_dedup",
@@ -131,7 +134,26 @@ def test_the_lowest_kept_id_survives_an_exact_duplicate_group():
     assert out.loc["a", ["reason", "duplicate_of"]].tolist() == ["too short", ""], "a rejected row is no survivor"
     for rows in ([False, True, False, True, False], [False, False, True, False, False], [False] * 5):
         few = block.filter(pa.array(rows))  # no copies; one rejected row; an empty block
-        assert mark_exact_duplicates(few)["reason"].to_pylist() == few["reason"].to_pylist()
+        assert exact_dedup_in_one_block(few)["reason"].to_pylist() == few["reason"].to_pylist()
+
+
+def test_an_exact_copy_is_named_by_its_text_and_id_so_a_repeated_id_marks_only_the_copy():
+    """Input ids may repeat: "x" is the id of a copy of "a"'s text and of another text no one copies; only
+    the copy loses. What the sort moves and what reaches the driver are digests and ids, never texts."""
+    block = arrow(
+        table(
+            {"id": "a", "text": PROSE},
+            {"id": "x", "text": PROSE},
+            {"id": "x", "text": "a text of its own"},
+        )
+    )
+    moved = digest_rows(block)
+    assert moved.column_names == ["digest_high", "digest_low", "id"]
+    copies = losing_copies(moved)
+    assert copies.column_names == ["copy", "duplicate_of"] and copies["duplicate_of"].to_pylist() == ["a"]
+    out = mark_exact_duplicates(block, copies)
+    assert out["reason"].to_pylist() == ["", "exact duplicate", ""]
+    assert out["duplicate_of"].to_pylist() == ["", "a", ""]
 
 
 def bucket_block(buckets: dict[int, list[int]]) -> pa.Table:
