@@ -17,6 +17,7 @@ bulk work moved into Arrow.
 curate_again_in_the_same_ray: the same curate once more in the same Ray. The first run also pays for
 starting Ray Data's actors and for its worker processes' first imports and memory, which a second one
 finds in place; memory_first_touch_s_per_gib says what memory costs a new process on this machine.
+object_store_high_water_mb: how much of the local Ray's object store (in /dev/shm) the first curate wrote.
 Prints one JSON object.
 """
 
@@ -27,6 +28,7 @@ import gzip
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -150,6 +152,13 @@ def memory_touch_seconds() -> dict:
     return {"after_idle": round(idle, 2), "after_a_free": round(touch(), 2)}
 
 
+def shared_memory_used() -> int:
+    """Bytes in use in /dev/shm, where the local Ray's object store keeps the pages it has written: the store
+    never gives them back, so what a run adds is its high-water mark (and memory it touched for the first
+    time, see memory_touch_seconds)."""
+    return shutil.disk_usage("/dev/shm").used
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=float, default=200, help="corpus size in MB (default: %(default)s)")
@@ -183,9 +192,11 @@ def main() -> None:
         ],
     )
     d = cfg.data.dedup
+    shm_before = shared_memory_used()
     start = time.perf_counter()
     stats = run_curate(cfg)
     total_s = time.perf_counter() - start
+    object_store_mb = round((shared_memory_used() - shm_before) / 1e6, 1)
 
     # the documents that reached fuzzy dedup: everything kept, plus what it removed
     out = cfg.stage_dir("curate")
@@ -226,6 +237,7 @@ def main() -> None:
             "kept": stats["kept"],
             "by_reason": stats["by_reason"],
             "seconds_by_step": stats["seconds"],
+            "object_store_high_water_mb": object_store_mb,
             "same_as_python_rules": identical,
             "python_rules_seconds_one_process": round(python_s, 1),
         },
