@@ -135,7 +135,8 @@ def run_steps(
             ds = ds.materialize()
             # Ray Data's datasets sit in reference cycles: the group before this one holds its blocks in the
             # object store until Python's cycle collector runs, and the next group would take fresh memory
-            # beside them (bench/curate.py's object store peaked at 1.1 GB for a 235 MB corpus, 0.5-0.7 now)
+            # beside them (bench/curate.py's first curate wrote 1.16 GB of the object store for its 235 MB
+            # corpus before this and exact dedup's digest-only sort, 0.74 GB after)
             gc.collect()
             timings["+".join(names)] = round(time.perf_counter() - start, 2)
             rows_in = ds.count() if rows_in is None else rows_in
