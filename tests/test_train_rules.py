@@ -3,6 +3,7 @@ identity), the DeepSpeed config, batch sizes, the data formats, and the checks t
 worker starts. The recipe itself runs on Ray Train in test_train.py."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -337,3 +338,27 @@ def test_a_build_lock_is_removed_only_once_no_living_process_holds_it(tmp_path):
     loader.wait()
     assert remove_dead_lock(lock) and not lock.exists()
     assert not remove_dead_lock(lock)
+
+
+def test_every_op_deepspeed_builds_on_cpu_loads_through_the_guard():
+    """The communication op every CPU run loads, and those a user's DeepSpeed JSON can bring in (the Adam of
+    an offloaded optimizer without torch_adam, fused Adam, Adagrad, Lion): each builder's JIT load is the
+    guarded one, and guarding twice wraps once. In a child process: the guard stays for its process."""
+    code = (
+        "from deepspeed.accelerator import get_accelerator\n"
+        "from deepspeed.ops.op_builder.builder import OpBuilder\n"
+        "from pipeline.train.jit_ops import guard_op_loads\n"
+        "guard_op_loads(); guard_op_loads()\n"
+        "print(hasattr(OpBuilder.jit_load.__wrapped__, 'guarded'))\n"
+        "for name in ['ShareMemCommBuilder', 'CPUAdamBuilder', 'FusedAdamBuilder', 'CPUAdagradBuilder', "
+        "'CPULionBuilder']:\n"
+        "    print(name, getattr(get_accelerator().create_op_builder(name).jit_load, 'guarded', False))\n"
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    lines = out.stdout.split("\n")
+    assert lines[0] == "False", "the guard wraps DeepSpeed's own jit_load, not itself"
+    assert lines[1:6] == [
+        f"{name} True"
+        for name in ("ShareMemCommBuilder", "CPUAdamBuilder", "FusedAdamBuilder", "CPUAdagradBuilder", "CPULionBuilder")
+    ]

@@ -6,13 +6,15 @@ folder, which only the process that made it removes; every other loader waits fo
 timeout and no message. A worker killed in that window (preempted, OOM-killed, SIGKILLed by a fault
 drill) leaves the file behind, and from then on every DeepSpeed start on the machine hangs. DeepSpeed on
 CPU loads its shared-memory all-reduce op this way in every process of every run, so the window opens on
-each start. Our workers load the op before DeepSpeed does (it keeps loaded ops and finds it), one process
-of the machine at a time, after removing a lock that no living process holds.
+each start; a user's DeepSpeed JSON can add more (the CPU Adam of an offloaded optimizer without
+torch_adam, say). In our workers every such load is made one process of the machine at a time, after
+removing a lock that no living process holds.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 from contextlib import contextmanager
@@ -20,34 +22,35 @@ from pathlib import Path
 
 log = logging.getLogger("pipeline.train")
 
-# The ops DeepSpeed compiles in our configurations: its Adam is torch's (torch_adam, strategy.py), so
-# only the CPU accelerator's communication op is left. On GPUs the accelerator has no such op.
-JIT_OPS = ("ShareMemCommBuilder",)
 
-
-def load_deepspeed_ops() -> list[str]:
-    """Load the JIT-built ops DeepSpeed will ask for in this process; returns the names of those loaded."""
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
+def guard_op_loads() -> None:
+    """From here on in this process, each DeepSpeed op torch loads is loaded alone among this machine's
+    processes, after a dead loader's lock is removed. DeepSpeed loads its ops deep inside
+    `deepspeed.initialize` and its optimizers, and every one passes through `OpBuilder.jit_load` (no builder
+    overrides it), so that is where the guard goes. It stays for the process: a Ray Train worker lives for
+    one run."""
+    from deepspeed.ops.op_builder.builder import OpBuilder
     from torch.utils.cpp_extension import _get_build_directory
 
-    loaded = []
-    for op in JIT_OPS:
-        builder = get_accelerator().create_op_builder(op)
-        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-            continue
+    if getattr(OpBuilder.jit_load, "guarded", False):
+        return
+    plain = OpBuilder.jit_load
+
+    @functools.wraps(plain)
+    def jit_load(builder, verbose=True):
         folder = Path(_get_build_directory(builder.name, verbose=False))
         with one_process_at_a_time(folder / "pipeline-load.flock"):
             if remove_dead_lock(folder / "lock"):
                 log.warning(
-                    "removed %s: a process died while loading DeepSpeed's %s op and left it, and every "
-                    "later DeepSpeed start would have waited on it forever",
+                    "removed %s: a process died while loading DeepSpeed's %s op and left it, and every later "
+                    "DeepSpeed start would have waited on it forever",
                     folder / "lock",
                     builder.name,
                 )
-            builder.load()
-        loaded.append(builder.name)
-    return loaded
+            return plain(builder, verbose)
+
+    jit_load.guarded = True
+    OpBuilder.jit_load = jit_load
 
 
 @contextmanager

@@ -35,7 +35,7 @@ from pipeline.train import fused_loss
 from pipeline.train.batch_size import choose_batch_size
 from pipeline.train.checkpoint_manifest import candidates, damage, write_manifest
 from pipeline.train.ewc import EWC
-from pipeline.train.jit_ops import load_deepspeed_ops
+from pipeline.train.jit_ops import guard_op_loads
 from pipeline.train.memory import LoadMeter, peak_memory, return_freed_memory
 from pipeline.train.objectives import causal_lm, make_objective
 from pipeline.train.recipe_config import RecipeConfig
@@ -327,7 +327,7 @@ def train_loop(config: RecipeConfig) -> None:
     import deepspeed  # noqa: F401  (after DS_ACCELERATOR: DeepSpeed picks its accelerator on import)
 
     if train.strategy == "deepspeed":
-        load_deepspeed_ops()
+        guard_op_loads()
     torch.manual_seed(train.seed)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
