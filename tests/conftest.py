@@ -27,6 +27,18 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 TINY = REPO / "configs" / "tiny.yaml"
 
 
+def build_lock_holder(lock: Path, env: dict | None = None) -> subprocess.Popen:
+    """A process that holds torch's JIT build lock `lock` as a loader does (torch's FileBaton), returned once
+    it holds it; kill it to leave the lock as a loader killed mid-load does."""
+    code = (
+        "import sys, time; from torch.utils.file_baton import FileBaton; assert FileBaton(sys.argv[1]).try_acquire(); "
+        "print('holding', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], env=env, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "holding"
+    return holder
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

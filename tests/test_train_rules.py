@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY
+from conftest import TINY, build_lock_holder
 from pipeline.config import ConfigError, LoraSettings, load_config
 from pipeline.train.recipe_config import recipe_config, stage_recipe
 
@@ -327,12 +327,7 @@ def test_a_build_lock_is_removed_only_once_no_living_process_holds_it(tmp_path):
     from pipeline.train.jit_ops import remove_dead_lock
 
     lock = tmp_path / "lock"
-    holding = (
-        "import sys, time; from torch.utils.file_baton import FileBaton; "
-        "FileBaton(sys.argv[1]).try_acquire(); print(1, flush=True); time.sleep(60)"
-    )
-    loader = subprocess.Popen([sys.executable, "-c", holding, str(lock)], stdout=subprocess.PIPE, text=True)
-    assert loader.stdout.readline().strip() == "1"
+    loader = build_lock_holder(lock)
     assert not remove_dead_lock(lock) and lock.exists()
     loader.kill()
     loader.wait()

@@ -1,7 +1,7 @@
 """A process killed while torch loads one of DeepSpeed's JIT-built ops leaves the op's build lock behind,
-and torch's next loader waits on it forever, without a word. A training worker removes a lock that no
-living process holds before it loads the op. Figure: how long that start took, against a plain DeepSpeed
-load still waiting when the test gives up on it."""
+and torch's next loader waits on it forever, without a word. A training worker's loads of DeepSpeed's ops
+first remove a lock that no living process holds (train/jit_ops.py). Figure: how long that start took,
+against a plain DeepSpeed load still waiting when the test gives up on it."""
 
 import os
 import shutil
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import build_lock_holder
+
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -22,10 +24,6 @@ BUILDER = (
 )
 FOLDER = (
     f"{BUILDER}from torch.utils.cpp_extension import _get_build_directory\nprint(_get_build_directory(b.name, False))"
-)
-KILLED_LOADER = (
-    "import sys, time; from torch.utils.file_baton import FileBaton; assert FileBaton(sys.argv[1]).try_acquire(); "
-    "print('holding', flush=True); time.sleep(600)"
 )
 
 
@@ -44,10 +42,7 @@ def test_a_lock_left_by_a_killed_loader_does_not_hang_the_next_deepspeed_start(t
     if (built / "build.ninja").exists():  # spares a compile: the sources and flags are the same
         shutil.copytree(built, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("lock", "*.flock"))
 
-    loader = subprocess.Popen(
-        [sys.executable, "-c", KILLED_LOADER, str(folder / "lock")], env=env, stdout=subprocess.PIPE, text=True
-    )
-    assert loader.stdout.readline().strip() == "holding"
+    loader = build_lock_holder(folder / "lock", env)
     os.kill(loader.pid, signal.SIGKILL)
     loader.wait()
     assert (folder / "lock").exists()
