@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3Moe
 
 from pipeline.loading import Checkpoint
 from pipeline.train.streamed_load import (
+    ConvertedCheckpoint,
     adapter_initial_values,
     base_key,
     empty_model,
@@ -23,6 +24,7 @@ from pipeline.train.streamed_load import (
     no_random_init_under_zero3,
     rank0_source,
     send_shards,
+    streaming_view,
     streams,
 )
 
@@ -60,15 +62,24 @@ def test_a_checkpoint_in_several_files_reads_each_tensor_as_saved(tmp_path):
     assert streams(skeleton(model_dir), checkpoint)
 
 
-def test_a_tied_head_streams_and_fused_moe_experts_do_not(tmp_path):
+def test_a_tied_head_streams_and_fused_moe_experts_stream_through_transformers_conversion(tmp_path):
     """A tied head is stored once, under the embedding's name. transformers 5 stores MoE experts one by one
-    and fuses them into 3-D parameters as it loads: such a checkpoint is loaded by from_pretrained."""
+    and fuses them into 3-D parameters as it loads: read through streaming_view, each fused parameter is
+    made from its experts' tensors as from_pretrained makes it, so the checkpoint streams."""
     tied = saved(tmp_path / "tied", Qwen3Config(**SMALL, tie_word_embeddings=True))
     assert "lm_head.weight" not in Checkpoint(tied) and streams(skeleton(tied), Checkpoint(tied))
     experts = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
     moe = saved(tmp_path / "moe", Qwen3MoeConfig(**SMALL, **experts))
     assert any(".experts.0." in key for key in Checkpoint(moe).file_of)
-    assert not streams(skeleton(moe), Checkpoint(moe))
+    assert not streams(skeleton(moe), Checkpoint(moe))  # as stored, the fused names are not there
+    view = streaming_view(Checkpoint(moe), skeleton(moe))
+    assert isinstance(view, ConvertedCheckpoint) and streams(skeleton(moe), view)
+    loaded = AutoModelForCausalLM.from_pretrained(moe).state_dict()
+    assert {name for name in loaded if ".experts." in name} == {
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")
+    }
+    for name, tensor in loaded.items():
+        assert torch.equal(view.read(name), tensor), name
 
 
 def test_lora_on_a_model_built_on_the_meta_device_starts_as_peft_starts_it(tmp_path):
@@ -114,6 +125,9 @@ class CountedCheckpoint(Checkpoint):
 
 
 DEEP = Qwen3Config(**(SMALL | {"num_hidden_layers": 8}), tie_word_embeddings=False)  # no unit near half of it
+DEEP_MOE = Qwen3MoeConfig(
+    **(SMALL | {"num_hidden_layers": 8}), tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2
+)  # its experts stored one by one, fused as they stream
 
 
 def unit_bytes(model_dir):
@@ -126,13 +140,14 @@ def unit_bytes(model_dir):
     return sum(units.values()), max(units.values())
 
 
-def test_fsdp2_shards_filled_a_layer_at_a_time_give_the_loaded_models_logits(tmp_path, one_process_group):
+@pytest.mark.parametrize("config", [DEEP, DEEP_MOE], ids=["dense", "moe"])
+def test_fsdp2_shards_filled_a_layer_at_a_time_give_the_loaded_models_logits(tmp_path, one_process_group, config):
     from torch.distributed.fsdp import fully_shard
 
-    model_dir = saved(tmp_path / "model", DEEP)
+    model_dir = saved(tmp_path / "model", config)
     checkpoint = CountedCheckpoint(model_dir)
     model = get_peft_model(skeleton(model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    source = rank0_source(model, checkpoint)
+    source = rank0_source(model, streaming_view(checkpoint, skeleton(model_dir)))
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
@@ -153,7 +168,8 @@ def test_fsdp2_shards_filled_a_layer_at_a_time_give_the_loaded_models_logits(tmp
 
 
 @pytest.mark.integration  # DeepSpeed compiles its CPU communication op on first use (~35 s)
-def test_zero3_partitions_filled_a_module_at_a_time_give_the_loaded_models_logits(tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", [DEEP, DEEP_MOE], ids=["dense", "moe"])
+def test_zero3_partitions_filled_a_module_at_a_time_give_the_loaded_models_logits(tmp_path, monkeypatch, config):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     for name, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(name, value)
@@ -162,13 +178,14 @@ def test_zero3_partitions_filled_a_module_at_a_time_give_the_loaded_models_logit
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-        model_dir = saved(tmp_path / "model", DEEP)
+        model_dir = saved(tmp_path / "model", config)
         checkpoint = CountedCheckpoint(model_dir)
+        view = streaming_view(checkpoint, skeleton(model_dir))  # as the recipe does: before zero.Init is on
         settings = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
         with no_random_init_under_zero3():  # what the recipe does: fill overwrites every parameter
-            model = AutoModelForCausalLM.from_config(DEEP)  # partitioned as it is built: zero.Init
+            model = AutoModelForCausalLM.from_config(config)  # partitioned as it is built: zero.Init
         assert all(hasattr(p, "ds_tensor") for p in model.parameters())
-        fill_partitions(model, checkpoint)
+        fill_partitions(model, view)
         ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
         with torch.no_grad(), deepspeed.zero.GatheredParameters(list(model.parameters())):
             logits = model(ids).logits

@@ -68,13 +68,15 @@ def test_zero2_lora_on_moe_experts_resumes_a_failed_worker_from_its_checkpoint(t
 
 def test_zero3_trains_the_moe_model_with_lora_and_saves_whole_adapter_tensors(tiny_run, tmp_path):
     """ZeRO-3 shards every parameter; the MoE blocks are ZeRO-3 leaf modules (without that, ranks
-    whose tokens pick different experts wait on each other forever)."""
+    whose tokens pick different experts wait on each other forever). The base's experts, stored one by one,
+    are fused as rank 0 streams them into the partitions (no worker loads the whole model)."""
     from safetensors.torch import load_file
 
     from pipeline.train.stage import run_train
 
     cfg = derived_config(tiny_run, tmp_path, "train.zero_stage=3", "train.max_steps=15", "train.checkpoint_every=15")
     m = run_train(cfg)
+    assert m["history"][0]["weights_streamed"], m["history"][0]
     losses = [h["loss"] for h in m["history"]]
     assert 6.0 < losses[0] < 8.0 and losses[-1] < losses[0] - 0.3, losses
     weights = load_file(cfg.stage_dir("train") / "final" / "model" / "adapter_model.safetensors")
@@ -97,6 +99,7 @@ def test_fsdp_with_gradient_checkpointing_trains_and_writes_profiler_traces(tiny
         "train.checkpoint_every=15",
     )
     m = run_train(cfg)
+    assert m["history"][0]["weights_streamed"], m["history"][0]
     losses = [h["loss"] for h in m["history"]]
     assert 6.0 < losses[0] < 8.0 and losses[-1] < losses[0] - 0.3, losses
     weights = load_file(cfg.stage_dir("train") / "final" / "model" / "adapter_model.safetensors")

@@ -40,7 +40,15 @@ from pipeline.train.memory import LoadMeter, peak_memory, return_freed_memory
 from pipeline.train.objectives import causal_lm, make_objective
 from pipeline.train.recipe_config import RecipeConfig
 from pipeline.train.strategy import autocast_dtype, build_engine, partitioned_loading, place
-from pipeline.train.streamed_load import Source, empty_model, fill_partitions, rank0_source, streams
+from pipeline.train.streamed_load import (
+    ConvertedCheckpoint,
+    Source,
+    empty_model,
+    fill_partitions,
+    rank0_source,
+    streaming_view,
+    streams,
+)
 
 log = logging.getLogger("pipeline.train")
 
@@ -82,9 +90,10 @@ class Built(NamedTuple):
 def build_model(config: RecipeConfig) -> Built:
     """The stage's base with LoRA adapters, or the whole model trainable for a full fine-tune.
 
-    Sharded runs (ZeRO-3, FSDP2) stream a checkpoint that stores the model's parameters under their own
-    names into the shards, a module at a time (streamed_load.py). Other checkpoints load through
-    `from_pretrained`: under ZeRO-3 into partitions, under FSDP2 on rank 0 alone, whole."""
+    Sharded runs (ZeRO-3, FSDP2) stream a checkpoint that holds every parameter (under its own name, or
+    fused from per-expert tensors as transformers does) into the shards, a module at a time
+    (streamed_load.py). Other checkpoints load through `from_pretrained`: under ZeRO-3 into partitions,
+    under FSDP2 on rank 0 alone, whole."""
     trust, train = config.model.trust_remote_code, config.train
     architecture = load_model_config(config.base_model, trust)
     if hasattr(architecture, "router_aux_loss_coef"):
@@ -119,15 +128,17 @@ def build_model(config: RecipeConfig) -> Built:
     return Built(model, source, checkpoint is not None)
 
 
-def streamable_checkpoint(config: RecipeConfig, architecture, kwargs: dict) -> Checkpoint | None:
-    """The base's checkpoint when a sharded run can stream it: it holds the model's own parameter names."""
+def streamable_checkpoint(config: RecipeConfig, architecture, kwargs: dict) -> Checkpoint | ConvertedCheckpoint | None:
+    """The base's checkpoint, as the model names its parameters, when a sharded run can stream it: it holds
+    every parameter, under the model's own name or the names transformers converts from."""
     if not (config.train.shards_parameters and dist.is_initialized()):
         return None
     checkpoint = Checkpoint(config.base_model)
     if not checkpoint.file_of:
         return None  # load_model says why it cannot load it
     skeleton = empty_model(architecture, config.model.trust_remote_code, **kwargs)
-    return checkpoint if streams(skeleton, checkpoint) else None
+    view = streaming_view(checkpoint, skeleton)
+    return view if streams(skeleton, view) else None
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -2,14 +2,16 @@
 worker ever holds the whole model: rank 0 alone reads the files, a decoder layer (FSDP2) or a module
 (ZeRO-3) at a time, and every worker keeps its shard of it.
 
-The files are read with `pread` (loading.Checkpoint). Streaming needs a checkpoint that stores each
-parameter under the model's own name; one that transformers converts while loading (transformers 5 fuses
-per-expert MoE weights into 3-D parameters) is loaded whole by `from_pretrained` instead
-(recipe.build_model says which one ran).
+The files are read with `pread` (loading.Checkpoint). Streaming needs a checkpoint that holds every
+parameter: under the model's own name, or under the names transformers converts while loading
+(transformers 5 fuses the per-expert weights of an MoE checkpoint into 3-D parameters), which
+`ConvertedCheckpoint` converts a parameter at a time as `from_pretrained` does. Any other checkpoint is
+loaded whole by `from_pretrained` (recipe.build_model says which one ran).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -79,7 +81,51 @@ def base_key(name: str) -> str:
     return re.sub(r"\.(base_layer|original_module|modules_to_save\.[^.]+)(?=\.)", "", name)
 
 
-def streams(model: torch.nn.Module, checkpoint: Checkpoint) -> bool:
+class ConvertedCheckpoint:
+    """A checkpoint read under the names of the model's parameters where transformers converts the stored
+    tensors while loading: a parameter made of several stored tensors (an MoE layer's experts, stored one by
+    one, fused into one 3-D parameter) is read by reading them and applying transformers' own conversion,
+    the one `from_pretrained` applies; the others are read as stored (renamed where transformers renames)."""
+
+    def __init__(self, checkpoint: Checkpoint, model: torch.nn.Module):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        converter_of = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+        self.checkpoint, self.config = checkpoint, model.config
+        self.stored: dict[str, str] = {}  # a parameter's name -> its stored key
+        self.parts: dict[str, tuple] = {}  # a converted parameter's name -> (converter, [(stored key, pattern)])
+        for key in sorted(checkpoint.file_of, key=dot_natural_key):  # experts in their order, as transformers
+            name, pattern = rename_source_key(key, renamings, converters)
+            if pattern is None:
+                self.stored[name] = key
+            else:
+                self.parts.setdefault(name, (converter_of[pattern], []))[1].append((key, pattern))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.stored or name in self.parts
+
+    def read(self, name: str) -> torch.Tensor:
+        if name in self.stored:
+            return self.checkpoint.read(self.stored[name])
+        template, parts = self.parts[name]
+        converter = copy.deepcopy(template)  # it collects the tensors it converts: one per parameter
+        for key, pattern in parts:
+            converter.add_tensor(name, key, pattern, self.checkpoint.read(key))
+        return converter.convert(name, config=self.config)[name]
+
+
+def streaming_view(checkpoint: Checkpoint, model: torch.nn.Module) -> Checkpoint | ConvertedCheckpoint:
+    """The checkpoint as the model's parameters are named: converted where transformers converts it."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    return ConvertedCheckpoint(checkpoint, model) if get_model_conversion_mapping(model) else checkpoint
+
+
+def streams(model: torch.nn.Module, checkpoint: Checkpoint | ConvertedCheckpoint) -> bool:
     """Whether the checkpoint holds every parameter and persistent buffer of `model` (a transformers model,
     before LoRA) under the model's own name. A tied weight counts once, under its first name."""
     every_name = {name for name, _ in model.named_parameters(remove_duplicate=False)}
