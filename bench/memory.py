@@ -2,6 +2,8 @@
 real recipe on 2 Ray Train workers, under ZeRO-2, ZeRO-3 and FSDP2, with LoRA and as a full fine-tune.
 
     python bench/memory.py [--out runs/bench-memory.json]     # make bench-memory; ~10 minutes on 2 cores
+    python bench/memory.py --experts 8 --hidden 1024 --layers 16 --intermediate 1408 --runs zero3-lora,fsdp2-lora
+                                                              # an MoE base (~0.7B), its experts stored one by one
 
 The base is built by the script (random init, an HF folder with safetensors in bf16). Each run is
 `pipeline.train.fit`, the function the train stage calls: loading (ZeRO-3 built inside deepspeed.zero.Init,
@@ -64,20 +66,24 @@ RUNS = {  # name: overrides
 }
 
 
-def build_base(out: Path, hidden: int, layers: int, intermediate: int, vocab: int) -> int:
-    """A random-init dense Qwen3 saved in bf16 safetensors; returns its parameter count."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
+def build_base(out: Path, hidden: int, layers: int, intermediate: int, vocab: int, experts: int = 0) -> int:
+    """A random-init Qwen3 saved in bf16 safetensors, dense or with `experts` experts per layer (Qwen3-MoE,
+    2 per token, each `intermediate` wide: transformers stores them one by one); returns its parameter count."""
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
 
-    config = Qwen3Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 128,
-        num_key_value_heads=max(1, hidden // 512),
-        head_dim=128,
-        tie_word_embeddings=False,
-    )
+    shape = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 128,
+        "num_key_value_heads": max(1, hidden // 512),
+        "head_dim": 128,
+        "tie_word_embeddings": False,
+    }
+    if experts:
+        config = Qwen3MoeConfig(**shape, num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=intermediate)
+    else:
+        config = Qwen3Config(**shape, intermediate_size=intermediate)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
@@ -175,6 +181,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument(
+        "--experts", type=int, default=0, help="an MoE base with this many experts per layer, --intermediate wide"
+    )
     ap.add_argument("--seq-len", type=int, default=16)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--runs", default=",".join(RUNS), help=f"a comma-separated subset of {','.join(RUNS)}")
@@ -192,7 +201,7 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict:
-    parameters = build_base(tmp / "base", args.hidden, args.layers, args.intermediate, args.vocab)
+    parameters = build_base(tmp / "base", args.hidden, args.layers, args.intermediate, args.vocab, args.experts)
     rows = np.random.default_rng(0).integers(4, args.vocab, (2 * (args.steps + 4), args.seq_len))
     common = [
         f"runs_dir={tmp}",
@@ -219,6 +228,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
         "device": f"cpu: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
         f"{psutil.virtual_memory().total / GIB:.0f} GiB",
         "parameters": parameters,
+        "experts": args.experts,
         "fp32_model_gib": round(4 * parameters / GIB, 2),
         "workers": 2,
         "seq_len": args.seq_len,
