@@ -24,7 +24,6 @@ from pipeline.train.streamed_load import (
     no_random_init_under_zero3,
     rank0_source,
     send_shards,
-    streaming_view,
     streams,
 )
 
@@ -64,16 +63,16 @@ def test_a_checkpoint_in_several_files_reads_each_tensor_as_saved(tmp_path):
 
 def test_a_tied_head_streams_and_fused_moe_experts_stream_through_transformers_conversion(tmp_path):
     """A tied head is stored once, under the embedding's name. transformers 5 stores MoE experts one by one
-    and fuses them into 3-D parameters as it loads: read through streaming_view, each fused parameter is
-    made from its experts' tensors as from_pretrained makes it, so the checkpoint streams."""
+    and fuses them into 3-D parameters as it loads: read through ConvertedCheckpoint, each fused parameter
+    is made from its experts' tensors as from_pretrained makes it, so the checkpoint streams."""
     tied = saved(tmp_path / "tied", Qwen3Config(**SMALL, tie_word_embeddings=True))
     assert "lm_head.weight" not in Checkpoint(tied) and streams(skeleton(tied), Checkpoint(tied))
     experts = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
     moe = saved(tmp_path / "moe", Qwen3MoeConfig(**SMALL, **experts))
     assert any(".experts.0." in key for key in Checkpoint(moe).file_of)
     assert not streams(skeleton(moe), Checkpoint(moe))  # as stored, the fused names are not there
-    view = streaming_view(Checkpoint(moe), skeleton(moe))
-    assert isinstance(view, ConvertedCheckpoint) and streams(skeleton(moe), view)
+    view = ConvertedCheckpoint(Checkpoint(moe), skeleton(moe))
+    assert streams(skeleton(moe), view)
     loaded = AutoModelForCausalLM.from_pretrained(moe).state_dict()
     assert {name for name in loaded if ".experts." in name} == {
         f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")
@@ -147,7 +146,7 @@ def test_fsdp2_shards_filled_a_layer_at_a_time_give_the_loaded_models_logits(tmp
     model_dir = saved(tmp_path / "model", config)
     checkpoint = CountedCheckpoint(model_dir)
     model = get_peft_model(skeleton(model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    source = rank0_source(model, streaming_view(checkpoint, skeleton(model_dir)))
+    source = rank0_source(model, ConvertedCheckpoint(checkpoint, skeleton(model_dir)))
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
@@ -180,7 +179,7 @@ def test_zero3_partitions_filled_a_module_at_a_time_give_the_loaded_models_logit
 
         model_dir = saved(tmp_path / "model", config)
         checkpoint = CountedCheckpoint(model_dir)
-        view = streaming_view(checkpoint, skeleton(model_dir))  # as the recipe does: before zero.Init is on
+        view = ConvertedCheckpoint(checkpoint, skeleton(model_dir))  # as the recipe does: before zero.Init is on
         settings = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
         with no_random_init_under_zero3():  # what the recipe does: fill overwrites every parameter
             model = AutoModelForCausalLM.from_config(config)  # partitioned as it is built: zero.Init

@@ -46,7 +46,6 @@ from pipeline.train.streamed_load import (
     empty_model,
     fill_partitions,
     rank0_source,
-    streaming_view,
     streams,
 )
 
@@ -137,7 +136,7 @@ def streamable_checkpoint(config: RecipeConfig, architecture, kwargs: dict) -> C
     if not checkpoint.file_of:
         return None  # load_model says why it cannot load it
     skeleton = empty_model(architecture, config.model.trust_remote_code, **kwargs)
-    view = streaming_view(checkpoint, skeleton)
+    view = ConvertedCheckpoint(checkpoint, skeleton)
     return view if streams(skeleton, view) else None
 
 

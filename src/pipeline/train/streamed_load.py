@@ -82,7 +82,7 @@ def base_key(name: str) -> str:
 
 
 class ConvertedCheckpoint:
-    """A checkpoint read under the names of the model's parameters where transformers converts the stored
+    """A checkpoint read under the names of the model's parameters, as transformers converts the stored
     tensors while loading: a parameter made of several stored tensors (an MoE layer's experts, stored one by
     one, fused into one 3-D parameter) is read by reading them and applying transformers' own conversion,
     the one `from_pretrained` applies; the others are read as stored (renamed where transformers renames)."""
@@ -116,13 +116,6 @@ class ConvertedCheckpoint:
         for key, pattern in parts:
             converter.add_tensor(name, key, pattern, self.checkpoint.read(key))
         return converter.convert(name, config=self.config)[name]
-
-
-def streaming_view(checkpoint: Checkpoint, model: torch.nn.Module) -> Checkpoint | ConvertedCheckpoint:
-    """The checkpoint as the model's parameters are named: converted where transformers converts it."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-
-    return ConvertedCheckpoint(checkpoint, model) if get_model_conversion_mapping(model) else checkpoint
 
 
 def streams(model: torch.nn.Module, checkpoint: Checkpoint | ConvertedCheckpoint) -> bool:
