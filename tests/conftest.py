@@ -86,7 +86,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def lora_adapter(base: Path, out: Path, seed: int) -> Path:
     """A peft LoRA adapter on `base` whose B matrices are random instead of zero, so that it changes the
-    answers; its record names its base, as training's does."""
+    answers; its record names its base, as training's does. Scaled up (alpha/r = 16): a tiny model's greedy
+    answer is often a loop of one token, which an adapter at the usual scale (2) did not always move, and
+    which of the tiny run's answers it moved varied with the machine that trained it."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -96,7 +98,7 @@ def lora_adapter(base: Path, out: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     model = load_model(AutoModelForCausalLM, base)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = LoraConfig(r=8, lora_alpha=128, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(out)
     write_adapter_record(out, base, path_digest(base))
     return out
