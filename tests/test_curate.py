@@ -251,6 +251,42 @@ def test_dedup_with_nothing_to_compare(ray_local):
     assert exact_dedup(ray.data.from_arrow(table([]))).count() == 0
 
 
+def copies_in_blocks(texts: list[str], blocks: int):
+    """One record per text (ids c00, c01, ...), spread over `blocks` input blocks."""
+    import ray
+
+    from pipeline.curate.records import record, table
+
+    rows = [record(f"c{i:02}", text=text) for i, text in enumerate(texts)]
+    return ray.data.from_arrow([table(rows[b::blocks]) for b in range(blocks)])
+
+
+@pytest.mark.parametrize("shuffle", ["SORT_SHUFFLE_PULL_BASED", "SHUFFLE_V2"])  # init_ray's, and Ray Data's default
+def test_dedup_keeps_one_of_many_copies_when_the_dataset_is_small(ray_local, shuffle):
+    """A dataset smaller than one sort range, whichever shuffle the driver's Ray Data runs: the sorts still
+    get a boundary of ours, which cuts by the first key only. Given none, Ray Data samples boundaries over
+    every sort key, which cut a text's copies (or a bucket, or a component) between blocks by id, and each
+    block kept a copy of its own: a node lost while curating the tiny corpus (in a driver on Ray Data's
+    default shuffle) turned an exact duplicate into a near one this way."""
+    import ray
+
+    from pipeline.config import DedupConfig
+    from pipeline.curate.dedup_exact import exact_dedup
+    from pipeline.curate.dedup_fuzzy import fuzzy_dedup
+
+    context = ray.data.DataContext.get_current()
+    before, context.shuffle_strategy = context.shuffle_strategy, ray.data.context.ShuffleStrategy[shuffle]
+    try:
+        text = " ".join(f"word{i}" for i in range(120))
+        exact = exact_dedup(copies_in_blocks([text] * 40, blocks=4)).to_pandas()
+        edited = [text.replace(f"word{i} ", f"edit{i} ") for i in range(0, 120, 3)]  # pairwise Jaccard ~0.9
+        near = fuzzy_dedup(copies_in_blocks(edited, blocks=4), DedupConfig())[0].to_pandas()
+    finally:
+        context.shuffle_strategy = before
+    assert (exact["reason"] == "").sum() == 1 and set(exact["duplicate_of"]) == {"", "c00"}
+    assert (near["reason"] == "").sum() == 1 and set(near["duplicate_of"]) == {"", "c00"}, near["duplicate_of"]
+
+
 def test_curate_options_perplexity_metadata_shards_and_plot(ray_local, tiny_run, tmp_path):
     """The perplexity filter (actor pool, reference LM = the tiny run's merged model) drops
     gibberish and keeps licence text; keep_fields/rename carry metadata; shards follow shard_mb."""

@@ -17,6 +17,7 @@ from pipeline.curate.dedup_fuzzy import (
     bucket_pairs,
     choose_survivors,
     component_roots,
+    even_split,
     fingerprint_sets,
     mark_near_duplicates,
     verify_pairs,
@@ -164,6 +165,15 @@ def bucket_block(buckets: dict[int, list[int]]) -> pa.Table:
             "doc": np.array([d for _, d in rows], dtype=np.int64),
         }
     )
+
+
+@pytest.mark.parametrize("parts", [0, 1, 2, 5])
+def test_the_sorts_always_get_boundaries_that_cut_hash_space_evenly(parts):
+    """Two ranges at least: a sort given no boundary samples its own over every key (test_curate.py)."""
+    bounds = even_split(parts)
+    assert len(bounds) == max(parts, 2) - 1 and bounds == sorted(bounds)
+    widths = np.diff([-(2.0**63), *bounds, 2.0**63])
+    assert np.allclose(widths, 2.0**64 / len(widths))
 
 
 def test_a_bucket_pairs_its_documents_once_each():

@@ -114,9 +114,12 @@ def bucket_pairs(block: pa.Table, star_above: int = STAR_ABOVE) -> pa.Table:
 
 
 def even_split(parts: int) -> list[int]:
-    """Boundaries cutting uniformly spread int64 keys (hashes) into `parts` equal ranges: the sorts
-    below take them instead of sampling the data for them first."""
-    return [int(x) for x in np.linspace(-(2.0**63), 2.0**63, parts + 1)[1:-1]]
+    """Boundaries cutting uniformly spread int64 keys (hashes) into `parts` equal ranges (two at least): the
+    sorts below take them instead of sampling the data for them first. They cut by the first sort key
+    alone, so the rows that share it (a text's copies, a bucket, a component) stay in one block, which the
+    dedups rely on. Given no boundary, Ray Data samples some over every sort key, which can cut such a
+    group between two blocks by its second key."""
+    return [int(x) for x in np.linspace(-(2.0**63), 2.0**63, max(parts, 2) + 1)[1:-1]]
 
 
 def unique_rows(pairs: np.ndarray) -> np.ndarray:
