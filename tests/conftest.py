@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -196,13 +197,27 @@ def is_data_task(title: str) -> bool:
     return title.startswith("ray::") and any(task in title for task in DATA_TASKS)
 
 
-def curate_outcome(curate_dir: Path) -> tuple[list, list]:
-    """A curate run's kept ids and texts and its rejected ids and reasons, in order: equal for equal runs."""
+def curate_outcome(curate_dir: Path) -> Counter:
+    """A curate run's kept (id, text) rows and its rejected (id, reason) rows, counted: equal for equal runs."""
     import pandas as pd
 
-    kept = pd.read_parquet(curate_dir / "kept", columns=["id", "text"]).sort_values("id")
-    rejected = pd.read_parquet(curate_dir / "rejected", columns=["id", "reason"]).sort_values(["id", "reason"])
-    return kept.values.tolist(), rejected.values.tolist()
+    kept = pd.read_parquet(curate_dir / "kept", columns=["id", "text"])
+    rejected = pd.read_parquet(curate_dir / "rejected", columns=["id", "reason"])
+    return Counter(("kept", *row) for row in kept.itertuples(index=False)) + Counter(
+        ("rejected", *row) for row in rejected.itertuples(index=False)
+    )
+
+
+def outcome_difference(disturbed: Path, undisturbed: Path) -> dict[str, list]:
+    """The rows one curate run has and the other lacks ({} when the runs agree), text cut short: a failing
+    comparison names the rows that differ instead of printing both runs whole."""
+    left, right = curate_outcome(disturbed), curate_outcome(undisturbed)
+    differences = {"only disturbed": left - right, "only undisturbed": right - left}
+    return {
+        side: sorted((kind, doc, value[:60]) for kind, doc, value in rows.elements())
+        for side, rows in differences.items()
+        if rows
+    }
 
 
 def timed_generate(url: str, i: int, session=None) -> tuple[float, float, int | str]:

@@ -9,7 +9,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO
+from conftest import REPO, free_port
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.model import PRESETS
@@ -128,7 +128,12 @@ def test_the_plan_counts_the_master_copy_and_the_reduce_bucket_deepspeed_allocat
     from pipeline.plan import REDUCE_BUCKET, ZERO3_LIVE_PARAMETERS, reduce_bucket
     from pipeline.train.strategy import deepspeed_config
 
-    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29577", "RANK": "0", "WORLD_SIZE": "1"}.items():
+    for name, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("LOCAL_RANK", "0")
     dist.init_process_group("gloo", rank=0, world_size=1)
