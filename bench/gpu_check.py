@@ -366,8 +366,12 @@ def main() -> None:
     import ray
 
     gpu = torch.cuda.is_available()
-    ray.init(
-        num_cpus=os.cpu_count() if gpu else 2, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False
+    ray.init(  # "local": its own Ray, never one that `ray start` or another run left on the machine
+        address="local",
+        num_cpus=os.cpu_count() if gpu else 2,
+        num_gpus=1 if gpu else 0,
+        include_dashboard=False,
+        log_to_driver=False,
     )
     bases, architectures = {}, shapes(dry)
     for name, architecture in architectures.items():

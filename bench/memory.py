@@ -192,7 +192,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     # the runs' checkpoints take tens of GB (a 1B full fine-tune's optimizer state): removed when done
     with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=os.environ.get("BENCH_TMP")) as scratch:
         result = measure(args, Path(scratch))

@@ -165,7 +165,9 @@ def main() -> None:
 
     # one CPU more than the worker takes, for Ray Data's feeding tasks
     system = {} if args.worker_niceness is None else {"worker_niceness": args.worker_niceness}
-    ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False, _system_config=system)
+    ray.init(
+        address="local", num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False, _system_config=system
+    )
     device = torch.device("cuda" if args.gpu else "cpu")
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     base = build_base(args.preset, args.vocab, tmp / "base")

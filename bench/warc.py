@@ -92,7 +92,7 @@ def ours(folder: Path, workers: int) -> dict:
     from pipeline.curate.read import ReadOptions, expand_inputs, read_corpus
     from pipeline.curate.web import extract_batch
 
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     start = time.perf_counter()
     ds = read_corpus(expand_inputs([str(folder)]), ReadOptions()).map_batches(extract_batch, batch_format="pandas")
     words = ds.map_batches(_words_of_pages, batch_format="pandas").to_pandas()["words"]
