@@ -89,7 +89,7 @@ def lora_adapter(base: Path, out: Path, seed: int) -> Path:
     """A peft LoRA adapter on `base` whose B matrices are random instead of zero, so that it changes the
     answers; its record names its base, as training's does. Scaled up (alpha/r = 16): a tiny model's greedy
     answer is often a loop of one token, which an adapter at the usual scale (2) did not always move, and
-    which of the tiny run's answers it moved varied with the machine that trained it."""
+    the tiny run's weights vary between test sessions (it trains in the order Ray Data wrote its rows)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
