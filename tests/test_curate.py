@@ -251,6 +251,22 @@ def test_dedup_with_nothing_to_compare(ray_local):
     assert exact_dedup(ray.data.from_arrow(table([]))).count() == 0
 
 
+def test_account_counts_every_record_and_refuses_a_loss(ray_local):
+    """run_curate accounts before it writes kept/ and rejected/, so a loss stops it with nothing written."""
+    import ray
+
+    from pipeline.curate.records import record, table
+    from pipeline.curate.stage import ConservationError, account
+
+    rows = [record("a", text="one two three"), record("b", text="four five", reason="too short", step="filters")]
+    ds = ray.data.from_arrow(table(rows))
+    kept, rejected, augmented, histograms = account(ds, n_in=2)
+    assert (kept, rejected, augmented) == (1, {("filters", "too short"): 1}, 0)
+    assert histograms["words"].sum() == 1 and histograms["perplexity"].sum() == 0  # the kept one, never scored
+    with pytest.raises(ConservationError, match="3 records in, but 1 kept"):
+        account(ds, n_in=3)
+
+
 def copies_in_blocks(texts: list[str], blocks: int):
     """One record per text (ids c00, c01, ...), spread over `blocks` input blocks."""
     import ray

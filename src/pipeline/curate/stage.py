@@ -10,10 +10,13 @@ removed until the end, where input = kept (less augmented rows) + rejected is ch
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -226,6 +229,9 @@ def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: st
     )
     timings: dict[str, float] = {}
     figures: dict[str, dict] = {}
+    # matplotlib takes a second of a core to import, and the plot is drawn last, with every worker idle;
+    # importing it now puts that second where the driver waits on the workers instead
+    threading.Thread(target=importlib.import_module, args=("pipeline.plots",), daemon=True).start()
     read = Step("read", lambda _: read_corpus(files, opts), fused=True)
     steps = [read, *curate_steps(cfg)]
     log.info("curate: %d file(s), %.1f MB -> %s", len(files), in_bytes / 1e6, out)
@@ -233,10 +239,13 @@ def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: st
     with progress(sum(not s.fused for s in steps) + 1, "curate", lambda: len(timings)):
         n_in, ds = run_steps(None, steps, timings, figures)
         start = time.perf_counter()
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out) as tmp, ThreadPoolExecutor(1) as drawing:
+            kept, counts, augmented, histograms = account(ds, n_in)
+            # the plot is drawn while the workers write the blocks, when the driver would only wait on them
+            plot = drawing.submit(plot_kept_histograms, histograms, tmp / "histograms.png", kept, n_in)
             rows_per_shard = max(1, int(data.shard_mb * 1e6 / max(in_bytes / max(n_in, 1), 1)))
             write_outputs(ds, tmp, rows_per_shard)
-            kept, counts, augmented = account(ds, n_in, tmp / "histograms.png")
+            plot.result()
             timings["write"] = round(time.perf_counter() - start, 2)
             stats = {**summarize(data, n_in, in_bytes, kept, counts, timings), **figures}
             stats.update(augmented=augmented, shards=len(list((tmp / "kept").glob("*.parquet"))))
@@ -244,9 +253,10 @@ def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: st
     return stats
 
 
-def account(ds: ray.data.Dataset, n_in: int, histograms: Path) -> tuple[int, dict[tuple[str, str], int], int]:
-    """Kept rows, rejected rows per (step, reason) and augmented rows, checked to add up to the input;
-    the kept documents' histograms drawn. One pass over the blocks, which send their tallies."""
+def account(ds: ray.data.Dataset, n_in: int) -> tuple[int, dict[tuple[str, str], int], int, dict[str, np.ndarray]]:
+    """Kept rows, rejected rows per (step, reason), augmented rows, checked to add up to the input, and the
+    kept documents' histograms (counts over HISTOGRAM_BINS by HISTOGRAMS' names). One pass over the blocks,
+    which send their tallies."""
     tallies = ray.get(ds.map_batches(_tally, batch_format="pyarrow").to_arrow_refs())
     counts: dict[tuple[str, str], int] = {}
     augmented, bins = 0, {name: np.zeros(len(HISTOGRAM_BINS) - 1, np.int64) for name in HISTOGRAMS}
@@ -263,11 +273,14 @@ def account(ds: ray.data.Dataset, n_in: int, histograms: Path) -> tuple[int, dic
         raise ConservationError(
             f"{n_in} records in, but {kept - augmented} kept (+{augmented} augmented) + {rejected} rejected"
         )
+    return kept, counts, augmented, bins
+
+
+def plot_kept_histograms(bins: dict[str, np.ndarray], path: Path, kept: int, n_in: int) -> None:
     from pipeline.plots import plot_histograms
 
     series = {label: (HISTOGRAM_BINS, bins[name]) for name, label in HISTOGRAMS.items()}
-    plot_histograms(series, histograms, title=f"{kept} kept of {n_in} documents")
-    return kept, counts, augmented
+    plot_histograms(series, path, title=f"{kept} kept of {n_in} documents")
 
 
 def summarize(
