@@ -392,3 +392,32 @@ def test_a_blocks_tally_counts_every_row_by_reason_and_bins_only_the_kept_ones()
     }
     assert sum(kept["perplexity"]) == 2  # the kept rows with a score; rejected rows are in no histogram
     assert rows[("filters", "too short")]["words"] == [] and rows[("filters", "too short")]["augmented"] == 0
+
+
+def test_curate_collections_walk_only_what_curate_made():
+    import gc
+    import weakref
+
+    from pipeline.curate.stage import collections_see_only_new_objects
+
+    class Node:
+        pass
+
+    def cycle() -> weakref.ref:
+        node = Node()
+        node.me = node  # freed only by a collection
+        return weakref.ref(node)
+
+    gc.disable()  # no automatic collection between the steps below
+    try:
+        older = cycle()
+        with collections_see_only_new_objects():
+            assert gc.get_freeze_count() > 0
+            newer = cycle()
+            gc.collect()
+            assert newer() is None and older() is not None  # the older object is frozen, not walked
+        assert gc.get_freeze_count() == 0
+        gc.collect()
+        assert older() is None
+    finally:
+        gc.enable()

@@ -218,7 +218,21 @@ def every_cpu_from_the_start():
         context.op_resource_reservation_enabled = before
 
 
+@contextmanager
+def collections_see_only_new_objects():
+    """run_steps collects garbage between groups to free a group's blocks, with every worker idle; with the
+    process's older objects frozen (Ray's, Ray Data's, pandas', ...) a collection walks only what curate made
+    since it started, which holds those blocks' datasets: 0.01-0.02 s instead of 0.09 on bench/curate.py's
+    corpus."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 @every_cpu_from_the_start()
+@collections_see_only_new_objects()
 def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: str | Path | None = None) -> dict:
     data = cfg.data
     out = Path(out_dir) if out_dir else cfg.stage_dir("curate")
