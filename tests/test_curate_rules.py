@@ -16,6 +16,7 @@ from pipeline.curate.dedup_fuzzy import (
     STAR_ABOVE,
     bucket_pairs,
     choose_survivors,
+    component_keys,
     component_roots,
     even_split,
     fingerprint_sets,
@@ -290,6 +291,18 @@ def test_components_of_the_candidate_pairs_are_found_on_arrays():
     chain = rng.permutation(500)
     nodes, roots = component_roots(chain[:-1], chain[1:])
     assert (roots == chain.min()).all() and len(nodes) == 500
+
+
+def test_component_keys_name_components_and_spread_over_the_sort_ranges():
+    rng = np.random.default_rng(3)
+    docs = rng.integers(-(2**63), 2**63 - 1, size=(1000, 20), dtype=np.int64)  # 1,000 components of 20: stars
+    pairs = np.stack([np.repeat(docs[:, 0], 19), docs[:, 1:].ravel()], axis=1)
+    keys = component_keys(pairs)
+    by_component = keys.reshape(1000, 19)
+    assert (by_component == by_component[:, :1]).all() and len(np.unique(by_component[:, 0])) == 1000
+    # the roots (each component's smallest key) put 93% of the components in the lowest of 8 even ranges
+    ranges = np.searchsorted(even_split(8), by_component[:, 0])
+    assert np.bincount(ranges, minlength=8).max() < 1000 / 8 * 1.4
 
 
 def test_near_duplicates_point_at_their_survivor_and_exact_copies_follow_on():
