@@ -10,10 +10,8 @@ removed until the end, where input = kept (less augmented rows) + rejected is ch
 from __future__ import annotations
 
 import gc
-import importlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -243,9 +241,6 @@ def run_curate(cfg: PipelineConfig, inputs: list[str] | None = None, out_dir: st
     )
     timings: dict[str, float] = {}
     figures: dict[str, dict] = {}
-    # matplotlib takes a second of a core to import, and the plot is drawn last, with every worker idle;
-    # importing it now puts that second where the driver waits on the workers instead
-    threading.Thread(target=importlib.import_module, args=("pipeline.plots",), daemon=True).start()
     read = Step("read", lambda _: read_corpus(files, opts), fused=True)
     steps = [read, *curate_steps(cfg)]
     log.info("curate: %d file(s), %.1f MB -> %s", len(files), in_bytes / 1e6, out)
