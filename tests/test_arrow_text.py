@@ -36,6 +36,10 @@ def test_every_code_point_is_space_split_stripped_and_normalized_as_python_does(
     assert arrow_text.is_blank(alone).to_pylist() == [not c.strip() for c in EVERY_CODE_POINT]
 
 
+def test_the_space_class_is_what_python_calls_whitespace():
+    assert [c for c in range(sys.maxunicode + 1) if chr(c).isspace()] == arrow_text.SPACE_CODES
+
+
 def test_words_are_counted_in_any_layout_of_a_column():
     """Slices, both string types, nulls, empty rows, chunks, and a row with a non-ASCII space among ASCII ones."""
     texts = ["", None, " a  b ", "", "x\u3000y z", "é\tb\x1c", "\x00 \x08\x0e", "last"]
