@@ -14,9 +14,11 @@ removed_without_kept_neighbour = removed documents that no kept document resembl
 same_as_python_rules: what curate rejected before dedup, and the text it passed on, are exactly what the
 rules give when applied one record at a time in plain Python (python_rules), as curate did before its
 bulk work moved into Arrow.
-curate_again_in_the_same_ray: the same curate once more in the same Ray. The first run also pays for
-starting Ray Data's actors and for its worker processes' first imports and memory, which a second one
-finds in place; memory_first_touch_s_per_gib says what memory costs a new process on this machine.
+first_curate_in_a_fresh_ray: the same curate, each time in a new process that starts its own Ray first, as
+`pipeline curate` does with no RAY_ADDRESS (--fresh-runs of them; their median, since one varies by seconds
+on this VM). curate_again_in_the_same_ray: the same curate once more in the Ray of `curate`. A first run
+also pays for starting Ray Data's actors and for its worker processes' first imports and memory, which a
+second one finds in place; memory_first_touch_s_per_gib says what memory costs a new process on this machine.
 object_store_high_water_mb: how much of the local Ray's object store (in /dev/shm) the first curate wrote.
 Prints one JSON object.
 """
@@ -35,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
@@ -159,38 +162,80 @@ def shared_memory_used() -> int:
     return shutil.disk_usage("/dev/shm").used
 
 
+def bench_overrides(work: Path, survivors: str) -> list[str]:
+    return [
+        f"runs_dir={work / 'runs'}",
+        "name=bench",
+        f"data.input=[{work / 'corpus'}/*.jsonl]",
+        # quality filters off: every document reaches dedup, which is what is compared
+        "data.filters.min_words=0",
+        "data.filters.max_duplicate_line_chars=0",
+        "data.filters.max_top_ngram_share=0",
+        "data.filters.max_symbol_words=0",
+        "data.filters.min_alpha_words=0",
+        f"data.dedup.survivors={survivors}",
+    ]
+
+
+def fresh_curate(work: Path, survivors: str) -> None:
+    """One curate in a Ray this process starts, as `pipeline curate` runs with no RAY_ADDRESS; prints its
+    figures as JSON."""
+    from pipeline.config import load_config
+    from pipeline.curate.stage import run_curate
+    from pipeline.runtime import init_ray
+
+    init_ray()
+    cfg = load_config(None, [*bench_overrides(work, survivors), "name=fresh"])
+    start = time.perf_counter()
+    stats = run_curate(cfg)
+    print(json.dumps({"seconds": time.perf_counter() - start, "by_step": stats["seconds"], **stats["by_reason"]}))
+
+
+def fresh_curates(work: Path, survivors: str, n: int) -> list[dict]:
+    """fresh_curate in n processes, one after the other: a first curate's time varies by seconds on this VM."""
+    me = [sys.executable, __file__, "--workdir", str(work), "--survivors", survivors, "--fresh-curate"]
+    runs = [subprocess.run(me, capture_output=True, text=True, check=True).stdout for _ in range(n)]
+    return [json.loads(run.strip().splitlines()[-1]) for run in runs]
+
+
+def first_curate_figures(runs: list[dict], in_bytes: int, by_reason: dict) -> dict:
+    seconds = sorted(run["seconds"] for run in runs)
+    median = float(np.median(seconds)) if seconds else float("nan")
+    return {
+        "runs": len(runs),
+        "seconds": [round(x, 2) for x in seconds],
+        "median_seconds": round(median, 2),
+        "median_mb_per_s": round(in_bytes / 1e6 / median, 2),
+        "same_result": all({k: run.get(k) for k in by_reason} == by_reason for run in runs),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=float, default=200, help="corpus size in MB (default: %(default)s)")
     p.add_argument("--workdir", default=None, help="where the corpus and outputs go (default: a temp dir)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--survivors", default="greedy", choices=["greedy", "component"], help="data.dedup.survivors")
+    p.add_argument(
+        "--fresh-runs", type=int, default=5, help="first curates, each in a new process and Ray (default: %(default)s)"
+    )
+    p.add_argument("--fresh-curate", action="store_true", help=argparse.SUPPRESS)  # one of them, on --workdir
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-curate-"))
+    if args.fresh_curate:
+        return fresh_curate(work, args.survivors)
     files, in_bytes = build_corpus(work / "corpus", int(args.mb * 1e6))
+    os.sync()  # the corpus on disk, as a user's is: the kernel does not write it back while curate runs
 
     from pipeline.config import load_config
     from pipeline.curate.filters import build_filters
     from pipeline.curate.stage import run_curate
     from pipeline.runtime import init_ray
 
+    runs = fresh_curates(work, args.survivors, args.fresh_runs)
     init_ray()
-    cfg = load_config(
-        None,
-        [
-            f"runs_dir={work / 'runs'}",
-            "name=bench",
-            f"data.input=[{work / 'corpus'}/*.jsonl]",
-            # quality filters off: every document reaches dedup, which is what is compared
-            "data.filters.min_words=0",
-            "data.filters.max_duplicate_line_chars=0",
-            "data.filters.max_top_ngram_share=0",
-            "data.filters.max_symbol_words=0",
-            "data.filters.min_alpha_words=0",
-            f"data.dedup.survivors={args.survivors}",
-        ],
-    )
+    cfg = load_config(None, bench_overrides(work, args.survivors))
     d = cfg.data.dedup
     shm_before = shared_memory_used()
     start = time.perf_counter()
@@ -241,6 +286,7 @@ def main() -> None:
             "same_as_python_rules": identical,
             "python_rules_seconds_one_process": round(python_s, 1),
         },
+        "first_curate_in_a_fresh_ray": first_curate_figures(runs, in_bytes, stats["by_reason"]),
         "curate_again_in_the_same_ray": {
             "seconds": round(again_s, 1),
             "mb_per_s": round(in_bytes / 1e6 / again_s, 2),
