@@ -353,13 +353,26 @@ def test_compressed_files_are_read_and_corrupt_ones_rejected(tmp_path, suffix, c
     assert bad["step"] == "read"
 
 
-def test_reads_share_a_task_with_the_steps_after_them_only_when_files_outnumber_the_cpus():
+def test_reads_share_a_task_with_the_steps_after_them_only_when_read_tasks_outnumber_the_cpus():
     from pipeline.curate.read import read_cpus
 
-    assert read_cpus(64, 2) == 1.0  # bench/curate.py's corpus: read, normalize and filter a file in one task
+    assert read_cpus(8, 2) == 1.0  # bench/curate.py's corpus: read, normalize and filter files in one task
     assert read_cpus(4, 2) == 1.0
     assert read_cpus(3, 2) == 0.5  # a large file's blocks are processed on every core
     assert read_cpus(1, 16) == 0.5
+
+
+def test_files_are_read_in_groups_of_about_32_mb_and_four_groups_per_cpu_at_least():
+    from pipeline.curate.read import file_groups
+
+    names = [f"f{i:02}" for i in range(64)]
+    groups = file_groups(names, [int(3.7e6)] * 64, 2)  # bench/curate.py's corpus on 2 CPUs
+    assert [len(g) for g in groups] == [8] * 8 and sum(groups, []) == names  # every file once, in order
+    big = file_groups(names, [int(3.7e6)] * 64, 1)  # a run stops short of 32 MiB
+    assert [len(g) for g in big] == [9] * 7 + [1]
+    assert file_groups(["a", "b", "c"], [10, 10, 10], 2) == [["a"], ["b"], ["c"]]  # few files: one task each
+    assert file_groups(["a", "huge", "b", "c"], [5, 10**9, 5, 5], 1) == [["a"], ["huge"], ["b", "c"]]
+    assert file_groups([], [], 2) == []
 
 
 def test_curate_turns_ray_datas_reservations_off_for_itself_only():
