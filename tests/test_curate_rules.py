@@ -152,7 +152,7 @@ def test_an_exact_copy_is_named_by_its_text_and_id_so_a_repeated_id_marks_only_t
     moved = digest_rows(block)
     assert moved.column_names == ["digest_high", "digest_low", "id"]
     copies = losing_copies(moved)
-    assert copies.column_names == ["copy", "duplicate_of"] and copies["duplicate_of"].to_pylist() == ["a"]
+    assert copies.column_names == ["copy", "id", "duplicate_of"] and copies["duplicate_of"].to_pylist() == ["a"]
     out = mark_exact_duplicates(block, copies)
     assert out["reason"].to_pylist() == ["", "exact duplicate", ""]
     assert out["duplicate_of"].to_pylist() == ["", "a", ""]
