@@ -53,6 +53,12 @@ def test_words_are_counted_in_any_layout_of_a_column():
     buffers = [pa.py_buffer(b) for b in (validity, offsets, b"a bc d")]
     null_with_bytes = pa.Array.from_buffers(pa.large_string(), 2, buffers)
     assert arrow_text.word_counts(null_with_bytes).to_pylist() == [2, 0]
+    # over a MiB of text: counted in runs of rows (arrow_text.row_runs), a longer row a run alone
+    long = ["w " * 300_000, "a\u3000b c", None, "", " x " * 200_000, "y\u2028z", "tail end"]
+    column = pa.array(long, pa.large_string())
+    runs = arrow_text.row_runs(column)
+    assert len(runs) > 1 and pa.concat_arrays(runs).equals(column)
+    assert arrow_text.word_counts(column).to_pylist() == [len((t or "").split()) for t in long]
 
 
 def arrow_chain(path: Path, filters: list) -> list[tuple]:

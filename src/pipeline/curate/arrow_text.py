@@ -56,7 +56,7 @@ def word_counts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     rows holding one of Python's non-ASCII spaces (U+0085, U+00A0, U+3000, ...) are split by Arrow instead."""
     counts = []
     for chunk in texts.chunks if isinstance(texts, pa.ChunkedArray) else [texts]:
-        chunk_counts = _byte_word_counts(chunk)
+        chunk_counts = np.concatenate([np.zeros(0, np.int64), *map(_byte_word_counts, row_runs(chunk))])
         wide = pc.invert(pc.fill_null(pc.string_is_ascii(chunk), True))
         if pc.any(wide).as_py():
             rows = pc.indices_nonzero(wide)
@@ -65,6 +65,16 @@ def word_counts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
             chunk_counts[rows] = _split_word_counts(chunk.take(rows))
         counts.append(chunk_counts)
     return pa.array(np.concatenate(counts) if counts else [], pa.int64())
+
+
+def row_runs(texts: pa.Array, target_bytes: int = 1 << 20) -> list[pa.Array]:
+    """`texts` cut into runs of rows holding about `target_bytes` of text each (a longer row is a run alone):
+    numpy's temporaries over a run's bytes stay in cache and reuse memory the process has touched already.
+    Word counts of a whole 14 MB block took 3.4 times as long."""
+    _, ends = utf8_bytes(texts)
+    cuts = np.unique(np.searchsorted(ends, np.arange(target_bytes, ends[-1], target_bytes), side="right") - 1)
+    bounds = [0, *cuts[(cuts > 0) & (cuts < len(texts))].tolist(), len(texts)]
+    return [texts.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def _byte_word_counts(chunk: pa.Array) -> np.ndarray:
