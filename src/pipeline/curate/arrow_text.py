@@ -67,10 +67,11 @@ def word_counts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pa.array(np.concatenate(counts) if counts else [], pa.int64())
 
 
-def row_runs(texts: pa.Array, target_bytes: int = 1 << 20) -> list[pa.Array]:
-    """`texts` cut into runs of rows holding about `target_bytes` of text each (a longer row is a run alone):
+def row_runs(texts: pa.Array, target_bytes: int = 1 << 18) -> list[pa.Array]:
+    """`texts` cut into runs of rows holding at most `target_bytes` of text each (a longer row is a run alone):
     numpy's temporaries over a run's bytes stay in cache and reuse memory the process has touched already.
-    Word counts of a whole 14 MB block took 3.4 times as long."""
+    On 14 MB of bench/curate.py's text, word counts took 0.048 s whole, 0.019 s in runs of 1 MiB and 0.015 s
+    in runs of 256 KiB; shingle fingerprint sets 0.193, 0.184 and 0.140 s."""
     _, ends = utf8_bytes(texts)
     cuts = np.unique(np.searchsorted(ends, np.arange(target_bytes, ends[-1], target_bytes), side="right") - 1)
     bounds = [0, *cuts[(cuts > 0) & (cuts < len(texts))].tolist(), len(texts)]

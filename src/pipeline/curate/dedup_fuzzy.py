@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.config import DedupConfig
+from pipeline.curate.arrow_text import row_runs
 from pipeline.curate.minhash import mix64, shingle_hashes, signatures
 from pipeline.runtime import rows_per_batch
 
@@ -130,7 +131,21 @@ def unique_rows(pairs: np.ndarray) -> np.ndarray:
 
 def fingerprint_sets(texts, ngram: int) -> tuple[np.ndarray, np.ndarray]:
     """Each text's distinct 32-bit shingle fingerprints, sorted, concatenated; and each text's start
-    (with a final end). Two distinct shingles share a fingerprint with probability 2^-32."""
+    (with a final end). Two distinct shingles share a fingerprint with probability 2^-32. `texts`: Arrow
+    strings or a list of str. Computed over runs of ~256 KiB of text (row_runs), where numpy's
+    temporaries stay in cache."""
+    if not isinstance(texts, pa.Array):
+        texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else pa.array(texts, pa.large_string())
+    values, bounds, start = [], [], 0
+    for run in row_runs(texts):
+        run_values, run_bounds = _fingerprint_sets(run, ngram)
+        values.append(run_values)
+        bounds.append(run_bounds[:-1] + start)
+        start += len(run_values)
+    return np.concatenate([np.zeros(0, np.uint32), *values]), np.concatenate([*bounds, [start]]).astype(np.int64)
+
+
+def _fingerprint_sets(texts: pa.Array, ngram: int) -> tuple[np.ndarray, np.ndarray]:
     hashes, offsets = shingle_hashes(texts, ngram)
     doc = np.repeat(np.arange(len(offsets), dtype=np.uint64), np.diff(np.r_[offsets, len(hashes)]))
     tagged = (doc << np.uint64(32)) | (mix64(hashes) >> np.uint64(32))
