@@ -36,6 +36,39 @@ def test_every_code_point_is_space_split_stripped_and_normalized_as_python_does(
     assert arrow_text.is_blank(alone).to_pylist() == [not c.strip() for c in EVERY_CODE_POINT]
 
 
+def test_texts_of_inert_code_points_are_their_own_nfkc_and_are_left_alone():
+    """nfkc normalizes only the rows holding a code point outside _nfkc_inert: each inert one is assigned, its
+    own NFKC, of combining class 0 and the second of no canonical pair anywhere in Unicode, so that a text of
+    them passes NFKC's quick check; and a row mixing them with one that composes is normalized."""
+    import random
+    import unicodedata
+
+    outside = pa.compute.match_substring_regex(pa.array(EVERY_CODE_POINT), f"[^{arrow_text._nfkc_inert()}]")
+    inert = [c for c, out in zip(EVERY_CODE_POINT, outside.to_pylist()) if not out]
+    seconds = set(arrow_text.HANGUL_JAMO_THAT_COMPOSE)
+    for c in EVERY_CODE_POINT:
+        parts = unicodedata.decomposition(c).split()
+        if len(parts) == 2 and not parts[0].startswith("<"):
+            seconds.add(int(parts[1], 16))
+    assert len(inert) > 50_000 and not seconds & {ord(c) for c in inert}
+    assert all(unicodedata.normalize("NFKC", c) == c and not unicodedata.combining(c) for c in inert)
+    assert all(unicodedata.category(c) != "Cn" for c in inert)
+    pick = random.Random(19)
+    texts = ["".join(pick.choices(inert, k=12)) for _ in range(3000)]
+    assert all(unicodedata.is_normalized("NFKC", t) for t in texts)
+    mixed = [
+        *texts[:20],
+        "caf\u00e9 \u2014 \u201cok\u201d",
+        "e\u0301",
+        "\u1100\u1161",
+        "\u0b47\u0b3e x",
+        "\ufb01 \u00bd",
+    ]
+    assert arrow_text.nfkc(pa.array(mixed, pa.large_string())).to_pylist() == [
+        unicodedata.normalize("NFKC", t) for t in mixed
+    ]
+
+
 def test_the_space_class_is_what_python_calls_whitespace():
     assert [c for c in range(sys.maxunicode + 1) if chr(c).isspace()] == arrow_text.SPACE_CODES
 

@@ -6,7 +6,8 @@ word counts, emptiness) runs in Arrow's C++ instead of a Python loop per documen
   uses, spelled out as an RE2 class: RE2's own `\\s` is ASCII-only;
 - NFKC: Arrow's utf8proc may know a newer Unicode than this Python's `unicodedata`; the two agree on every
   character both know (Unicode's normalization stability), so only a text holding a code point this Python
-  calls unassigned is normalized by Python instead.
+  calls unassigned is normalized by Python instead; and a text made only of code points that NFKC leaves
+  alone wherever they stand (`_nfkc_inert`, which this Python's unicodedata decides) is not normalized.
 """
 
 from __future__ import annotations
@@ -141,15 +142,47 @@ def _holds(texts: pa.Array, pattern: str) -> bool:
 
 
 def nfkc(texts: pa.Array) -> pa.Array:
-    """unicodedata.normalize("NFKC") per row. ASCII text is its own NFKC: only the other rows are normalized,
-    by Arrow, or by Python where a row holds a code point this Python does not know."""
+    """unicodedata.normalize("NFKC") per row. A text of ASCII and other inert code points (_nfkc_inert) is its
+    own NFKC: only the other rows are normalized, by Arrow, or by Python where a row holds a code point this
+    Python does not know. On bench/curate.py's corpus, 0.78 -> 0.32 CPU-seconds: most of its non-ASCII text
+    is accented letters, dashes and quotes, which NFKC keeps."""
     other = pc.invert(pc.string_is_ascii(texts))
     if not pc.any(other).as_py():
         return texts
-    rows = texts.filter(other)
+    change = pc.replace_with_mask(other, other, pc.match_substring_regex(texts.filter(other), f"[^{_nfkc_inert()}]"))
+    if not pc.any(change).as_py():
+        return texts
+    rows = texts.filter(change)
     known = pc.invert(pc.match_substring_regex(rows, f"[{_unassigned()}]"))
     normalized = pc.utf8_normalize(rows, "NFKC") if pc.all(known).as_py() else _python_nfkc(rows, known)
-    return pc.replace_with_mask(texts, other, normalized)
+    return pc.replace_with_mask(texts, change, normalized)
+
+
+# Hangul's vowel and trailing jamo compose with the syllable before them by rule, not by a decomposition
+HANGUL_JAMO_THAT_COMPOSE = [*range(0x1161, 0x1176), *range(0x11A8, 0x11C3)]
+
+
+@cache
+def _nfkc_inert() -> str:
+    """An RE2 class body of the code points, ASCII and the rest of the BMP, that NFKC leaves as they are
+    wherever they stand: assigned, their own NFKC, of combining class 0, and never the second of a canonical
+    pair (which can compose with the code point before it). A text made of them is in NFKC: the quick check
+    of UAX #15 answers Yes for it. Built once per process from this Python's unicodedata (~0.03 s)."""
+    seconds = set(HANGUL_JAMO_THAT_COMPOSE)
+    for c in range(0x80, 0x10000):
+        parts = unicodedata.decomposition(chr(c)).split()
+        if len(parts) == 2 and not parts[0].startswith("<"):
+            seconds.add(int(parts[1], 16))
+    inert = [
+        c
+        for c in range(0x80, 0x10000)
+        if c not in seconds
+        and not 0xD800 <= c < 0xE000  # surrogates: never in UTF-8 text
+        and unicodedata.category(chr(c)) != "Cn"
+        and unicodedata.combining(chr(c)) == 0
+        and unicodedata.normalize("NFKC", chr(c)) == chr(c)
+    ]
+    return _ranges([*range(0x80), *inert])
 
 
 def _python_nfkc(texts: pa.Array, known: pa.Array) -> pa.Array:
