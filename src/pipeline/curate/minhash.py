@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.curate.arrow_text import utf8_bytes
+from pipeline.curate.arrow_text import run_bounds, utf8_bytes
 
 SEED = 1  # fixed: signatures must agree across workers and runs
 # text hashed at once: its scratch arrays take ~34 bytes per byte of text, and stay in cache at this size
@@ -77,12 +77,8 @@ def _chunks(texts):
     (a longer document is a run alone). Working chunk by chunk keeps every temporary small enough
     to be reused from the heap: fresh pages cost more here than the arithmetic done in them."""
     data, offsets = utf8_bytes(texts)
-    lo, n = 0, len(offsets) - 1
-    while lo < n:
-        hi = int(np.searchsorted(offsets, offsets[lo] + CHUNK_BYTES, side="right")) - 1
-        hi = min(max(hi, lo + 1), n)
+    for lo, hi in run_bounds(offsets, CHUNK_BYTES):
         yield lo, data[offsets[lo] : offsets[hi]], offsets[lo : hi + 1] - offsets[lo]
-        lo = hi
 
 
 def word_hashes(texts) -> tuple[np.ndarray, np.ndarray]:
